@@ -1,0 +1,256 @@
+"""EM-INF settings: one validated, immutable record, the authors' presets, and the
+parsers that build it from keyword arguments, dicts (per request) and flat keys.
+
+Every value is checked on construction; an invalid one raises :class:`ValueError`
+naming the field and its allowed range, so per-request settings fail in vLLM's
+``validate_params`` (an HTTP 400) and never inside the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+Mode = Literal["logits", "temperature"]
+MODES: tuple[str, ...] = ("logits", "temperature")
+
+#: The key under which EM-INF settings travel in ``SamplingParams.extra_args`` and in
+#: a request body; also the prefix of the flat ``vllm_xargs`` keys (``em_inf_lr``...).
+REQUEST_KEY = "em_inf"
+FLAT_PREFIX = REQUEST_KEY + "_"
+
+
+@dataclasses.dataclass(frozen=True)
+class EMInfConfig:
+    """Settings of one EM-INF application (engine-wide default or one request).
+
+    Attributes:
+        mode: ``"logits"``, the paper's EM-INF (Adam steps on the logits), or
+            ``"temperature"``, its adaptive-temperature variant (Algorithm 1).
+        threshold: entropy (nats) below which a row is left alone; ``delta``.
+        kl_weight: weight of ``KL(p0 || q)`` in the logits-mode loss; ``lam``.
+        lr: Adam learning rate of the logits mode; ``eta``.
+        steps: most Adam steps per decoding step in the logits mode; ``n``.
+        alpha: temperature mode: target entropy is ``max(threshold, alpha * H0)``.
+        t_min, t_max: temperature mode: the interval the solved temperature lies in.
+    """
+
+    mode: Mode = "logits"
+    threshold: float = 0.3
+    kl_weight: float = 0.05
+    lr: float = 0.1
+    steps: int = 3
+    alpha: float = 0.85
+    t_min: float = 0.01
+    t_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_field(field.name, getattr(self, field.name))
+        if self.t_min > self.t_max:
+            raise ValueError(
+                f"em_inf: 't_min' ({self.t_min}) must not exceed 't_max' ({self.t_max})"
+            )
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> EMInfConfig:
+        """The named preset (see :data:`PRESETS`) with ``overrides`` applied."""
+        if preset not in PRESETS:
+            raise ValueError(
+                f"em_inf: unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
+            )
+        return PRESETS[preset].replace(**overrides)
+
+    def replace(self, **overrides: Any) -> EMInfConfig:
+        """A copy with ``overrides`` applied; unknown keys are rejected."""
+        unknown = sorted(set(overrides) - set(FIELD_NAMES))
+        if unknown:
+            raise ValueError(
+                f"em_inf: unknown setting(s) {unknown}; allowed: "
+                f"{['preset', *FIELD_NAMES]}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def updated(self, settings: Mapping[str, Any]) -> EMInfConfig:
+        """Apply a settings dict (optionally naming a ``preset``) on top of ``self``.
+
+        A ``preset`` key replaces ``self`` by that preset before the other keys
+        apply, so ``{"preset": "math", "lr": 0.05}`` means "math, but lr 0.05".
+        """
+        if not isinstance(settings, Mapping):
+            raise ValueError(
+                f"em_inf: settings must be an object/dict, got "
+                f"{type(settings).__name__}"
+            )
+        settings = dict(settings)
+        base = self
+        if "preset" in settings:
+            base = EMInfConfig.from_preset(_check_preset_name(settings.pop("preset")))
+        return base.replace(**settings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EMInfConfig))
+
+# (type, low, high, low inclusive, high inclusive) per numeric field.
+_RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
+    "threshold": (float, 0.0, math.inf, True, False),
+    "kl_weight": (float, 0.0, math.inf, True, False),
+    "lr": (float, 0.0, math.inf, False, False),
+    "steps": (int, 0, 1000, True, True),
+    "alpha": (float, 0.0, 1.0, False, True),
+    "t_min": (float, 0.0, math.inf, False, False),
+    "t_max": (float, 0.0, math.inf, False, False),
+}
+
+
+def _describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    left = "[" if low_in else "("
+    right = "]" if high_in else ")"
+    return f"{left}{low:g}, {high:g}{right}"
+
+
+def _check_field(name: str, value: Any) -> None:
+    if name == "mode":
+        if value not in MODES:
+            raise ValueError(f"em_inf: 'mode' must be one of {list(MODES)}, got {value!r}")
+        return
+    kind, low, high, low_in, high_in = _RANGES[name]
+    allowed = _describe_range(low, high, low_in, high_in)
+    # bool is an int subclass; True as a learning rate is a client bug, not 1.0.
+    numeric = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise ValueError(
+            f"em_inf: {name!r} must be {'an integer' if kind is int else 'a number'} "
+            f"in {allowed}, got {value!r} ({type(value).__name__})"
+        )
+    ok_low = value >= low if low_in else value > low
+    ok_high = value <= high if high_in else value < high
+    if not (ok_low and ok_high) or (kind is float and math.isnan(value)):
+        raise ValueError(f"em_inf: {name!r} must be in {allowed}, got {value!r}")
+
+
+def _check_preset_name(value: Any) -> str:
+    if not isinstance(value, str) or value not in PRESETS:
+        raise ValueError(
+            f"em_inf: unknown preset {value!r}; choose one of {sorted(PRESETS)}"
+        )
+    return value
+
+
+#: The authors' settings (delta, lam, eta, n), from their public scripts; see
+#: docs in README.md ("Presets"). Temperature-mode fields keep Algorithm 1's values
+#: except ``threshold``, which the logits mode shares.
+PRESETS: dict[str, EMInfConfig] = {
+    # README entry point of the authors' code: their general default.
+    "default": EMInfConfig(threshold=0.3, kl_weight=0.05, lr=0.1, steps=3),
+    # Fallback defaults inside the authors' sampler.
+    "sampler": EMInfConfig(threshold=0.3, kl_weight=0.001, lr=0.1, steps=5),
+    # MATH500, AMC, AIME and LeetCode runs.
+    "math": EMInfConfig(threshold=0.1, kl_weight=0.001, lr=0.1, steps=3),
+    "code": EMInfConfig(threshold=0.1, kl_weight=0.001, lr=0.1, steps=3),
+    # Minerva and OlympiadBench through the Qwen-Math harness.
+    "qwen-math": EMInfConfig(threshold=0.3, kl_weight=0.01, lr=0.05, steps=3),
+    # UGPhysics.
+    "physics": EMInfConfig(threshold=0.1, kl_weight=0.0, lr=0.1, steps=5),
+    # SciCode: the authors swept (0.05-0.5, 0.001-0.01, 0.01-0.1, 3-5); this is the
+    # middle of that sweep, not a single published point.
+    "scicode": EMInfConfig(threshold=0.1, kl_weight=0.001, lr=0.05, steps=5),
+    # Algorithm 1 (adaptive temperature) with the authors' defaults.
+    "adaptive-temperature": EMInfConfig(
+        mode="temperature", threshold=1e-5, alpha=0.85, t_min=0.01, t_max=1.0
+    ),
+}
+
+PRESET_SOURCES: dict[str, str] = {
+    "default": "authors' README entry point (general default)",
+    "sampler": "fallback defaults inside the authors' sampler",
+    "math": "authors' MATH500 / AMC / AIME runs",
+    "code": "authors' LeetCode runs",
+    "qwen-math": "authors' Minerva / OlympiadBench runs (Qwen-Math harness)",
+    "physics": "authors' UGPhysics runs",
+    "scicode": "middle of the authors' SciCode sweep",
+    "adaptive-temperature": "Algorithm 1 (adaptive temperature), authors' defaults",
+}
+
+
+def make_config(preset: str | None = None, **settings: Any) -> EMInfConfig:
+    """Keyword form: ``make_config(preset="math", threshold=0.2)``."""
+    base = EMInfConfig.from_preset(_check_preset_name(preset or "default"))
+    return base.replace(**settings)
+
+
+def parse_request(
+    extra_args: Mapping[str, Any] | None, default: EMInfConfig | None
+) -> EMInfConfig | None:
+    """The settings one request asks for, or ``None`` where EM-INF is off for it.
+
+    Args:
+        extra_args: ``SamplingParams.extra_args``. Recognised:
+            ``{"em_inf": {...settings...}}``, ``{"em_inf": true | false | "on" |
+            "off" | 1 | 0}``, and flat keys ``em_inf_<field>`` / ``em_inf_preset``
+            (what the OpenAI server's ``vllm_xargs`` can carry). Other keys belong to
+            vLLM and are ignored.
+        default: the engine-wide settings, or ``None`` where EM-INF is opt-in.
+
+    Raises:
+        ValueError: on any invalid setting, naming it.
+    """
+    if not extra_args:
+        return default
+    switch = extra_args.get(REQUEST_KEY)
+    settings: dict[str, Any] = {}
+    if isinstance(switch, Mapping):
+        settings.update(switch)
+        switch = True
+    elif switch is not None:
+        switch = _parse_switch(switch)
+    for key, value in extra_args.items():
+        if key.startswith(FLAT_PREFIX):
+            name = key[len(FLAT_PREFIX) :]
+            if name not in ("preset", *FIELD_NAMES):
+                raise ValueError(
+                    f"em_inf: unknown setting {key!r}; allowed flat keys: "
+                    f"{[FLAT_PREFIX + n for n in ('preset', *FIELD_NAMES)]}"
+                )
+            settings[name] = _coerce_flat(name, value)
+    if switch is False:
+        if settings:
+            raise ValueError(
+                f"em_inf: EM-INF is turned off for this request but settings "
+                f"{sorted(settings)} were given"
+            )
+        return None
+    if switch is None and not settings:
+        return default
+    return (default or PRESETS["default"]).updated(settings)
+
+
+def _parse_switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
+        return value.lower() in ("on", "true")
+    raise ValueError(
+        f"em_inf: 'em_inf' must be an object of settings, true/false, 'on'/'off' "
+        f"or 1/0, got {value!r}"
+    )
+
+
+def _coerce_flat(name: str, value: Any) -> Any:
+    """Flat keys may arrive as strings (e.g. from a query string); convert them."""
+    if not isinstance(value, str) or name in ("preset", "mode"):
+        return value
+    try:
+        return int(value) if name == "steps" else float(value)
+    except ValueError:
+        raise ValueError(
+            f"em_inf: {FLAT_PREFIX + name!r} must be numeric, got {value!r}"
+        ) from None

@@ -1,0 +1,102 @@
+"""Public batched EM-INF: ``[B, V]`` logits in, processed float32 ``[B, V]`` out.
+
+Each parameter is a Python number (shared by all rows) or a ``[B]`` tensor (one value
+per row). Rows are independent; a row already at or below its threshold comes back
+bit-identical (as float32), ``-inf`` entries stay ``-inf``, and no NaN is produced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from em_inf import torch_backend
+
+Param = float | int | torch.Tensor
+
+
+def em_inf(
+    logits: torch.Tensor,
+    *,
+    threshold: Param,
+    kl_weight: Param,
+    lr: Param,
+    steps: Param,
+) -> torch.Tensor:
+    """EM-INF (the paper's logits mode) on a batch.
+
+    Args:
+        logits: ``[B, V]`` float tensor of raw, unscaled logits; ``-inf`` = masked.
+        threshold: entropy (nats) at or below which a row stops (``delta``).
+        kl_weight: weight of ``KL(p0 || q)`` (``lam``).
+        lr: Adam learning rate (``eta``).
+        steps: most Adam steps (``n``); integer.
+
+    Returns:
+        A new float32 ``[B, V]`` tensor on ``logits``' device.
+    """
+    out = _float32_copy(logits)
+    rows = out.shape[0]
+    return torch_backend.em_inf_(
+        out,
+        _per_row("threshold", threshold, rows, out.device, torch.float32),
+        _per_row("kl_weight", kl_weight, rows, out.device, torch.float32),
+        _per_row("lr", lr, rows, out.device, torch.float32),
+        _per_row("steps", steps, rows, out.device, torch.int64),
+    )
+
+
+def adaptive_temperature(
+    logits: torch.Tensor,
+    *,
+    threshold: Param,
+    alpha: Param,
+    t_min: Param,
+    t_max: Param,
+) -> torch.Tensor:
+    """The paper's adaptive-temperature variant on a batch: each row with entropy
+    ``H0 > threshold`` is divided by the ``T`` in ``[t_min, t_max]`` that gives
+    entropy ``max(threshold, alpha * H0)`` (within 1e-4 nats, or the nearer end of
+    the interval when the target is out of reach).
+
+    Args:
+        logits: ``[B, V]`` float tensor of raw, unscaled logits; ``-inf`` = masked.
+
+    Returns:
+        A new float32 ``[B, V]`` tensor on ``logits``' device.
+    """
+    out = _float32_copy(logits)
+    rows = out.shape[0]
+    return torch_backend.adaptive_temperature_(
+        out,
+        _per_row("threshold", threshold, rows, out.device, torch.float32),
+        _per_row("alpha", alpha, rows, out.device, torch.float32),
+        _per_row("t_min", t_min, rows, out.device, torch.float32),
+        _per_row("t_max", t_max, rows, out.device, torch.float32),
+    )
+
+
+def _float32_copy(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"logits must be a [B, V] tensor, got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    return logits.to(torch.float32, copy=True).contiguous()
+
+
+def _per_row(
+    name: str, value: Param, rows: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A scalar or ``[B]`` parameter as a ``[B, 1]`` tensor of ``dtype`` on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.shape not in ((rows,), ()):
+            raise ValueError(
+                f"{name} must be a number or a [B] = [{rows}] tensor, "
+                f"got shape {tuple(value.shape)}"
+            )
+        return value.to(device=device, dtype=dtype).expand(rows).reshape(rows, 1)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number or a tensor, got {value!r}")
+    return torch.full((rows, 1), value, device=device, dtype=dtype)

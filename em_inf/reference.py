@@ -1,0 +1,108 @@
+"""The authors' per-row algorithms, written the slow, obvious way: the test oracle and
+the benchmark baseline. Nothing here is batched or fused, on purpose.
+
+* :func:`em_inf_row`: EM-INF on one row of logits with autograd and
+  ``torch.optim.Adam``, the loss ``H(q) + kl_weight * KL(p0 || q)``, the threshold
+  checked before each step (the paper's loop).
+* :func:`adaptive_temperature_row`: the paper's Algorithm 1, a bisection on the
+  temperature.
+
+Both take a 1-D tensor and compute in its dtype (pass float64 for an oracle). One
+deliberate difference from the published loop: it turns tokens masked to ``-inf``
+into NaN (``0 * log 0`` in its KL term); here the loop runs on the row's finite
+entries only and masked entries stay ``-inf``, which is what the published loop
+computes for every finite entry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of ``softmax(logits)`` over the last dim; ``-inf``-safe."""
+    logq = torch.log_softmax(logits, dim=-1)
+    return -(logq.exp() * logq.masked_fill(logq == -torch.inf, 0.0)).sum(-1)
+
+
+def em_inf_row(
+    logits: torch.Tensor,
+    *,
+    threshold: float,
+    kl_weight: float,
+    lr: float,
+    steps: int,
+) -> torch.Tensor:
+    """EM-INF on one row, as published.
+
+    Args:
+        logits: ``[V]`` floating tensor, raw (unscaled) logits; ``-inf`` = masked.
+
+    Returns:
+        ``[V]`` tensor of the same dtype: the optimised logits, or an unchanged copy
+        when the row's entropy is already below ``threshold``.
+    """
+    out = logits.detach().clone()
+    finite = torch.isfinite(out)
+    z0 = out[finite]
+    z = z0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    p0 = torch.softmax(z0, dim=-1)
+    log_p0 = torch.log_softmax(z0, dim=-1)
+    with torch.enable_grad():
+        for _ in range(steps):
+            log_q = torch.log_softmax(z, dim=-1)
+            q = log_q.exp()
+            ent = -(q * log_q).sum()
+            if ent.item() < threshold:
+                break
+            kl = (p0 * (log_p0 - log_q)).sum()
+            loss = ent + kl_weight * kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    out[finite] = z.detach()
+    return out
+
+
+def adaptive_temperature_row(
+    logits: torch.Tensor,
+    *,
+    threshold: float,
+    alpha: float,
+    t_min: float,
+    t_max: float,
+    max_iter: int = 100,
+    tol: float = 0.1,
+) -> torch.Tensor:
+    """Algorithm 1 on one row: bisect ``T`` in ``[t_min, t_max]`` until
+    ``|H(softmax(z / T)) - max(threshold, alpha * H0)| < tol``.
+
+    The authors use ``max_iter=100, tol=0.1``; a test oracle passes a tiny ``tol``.
+
+    Args:
+        logits: ``[V]`` floating tensor, raw logits; ``-inf`` = masked.
+
+    Returns:
+        ``[V]`` tensor ``logits / T``, or an unchanged copy when ``H0 <= threshold``.
+    """
+    z = logits.detach().clone()
+    h0 = entropy(z).item()
+    if h0 <= threshold:
+        return z
+    target = max(threshold, alpha * h0)
+    lo, hi = t_min, t_max
+    temp = (lo + hi) / 2
+    for _ in range(max_iter):
+        temp = (lo + hi) / 2
+        ent = entropy(z / temp).item()
+        if abs(ent - target) < tol:
+            break
+        if ent > target:
+            hi = temp
+        else:
+            lo = temp
+    return z / temp

@@ -1,0 +1,144 @@
+"""Batched EM-INF in plain PyTorch: the CPU path and the GPU fallback.
+
+Every row of a ``[B, V]`` batch is independent: its own parameters, entropy and early
+stop. Gradients are closed-form (ALGORITHM.md):
+
+    g = -q * (log q + H) + kl_weight * (q - p0)
+
+followed by a textbook Adam step. Masked tokens (``-inf``) have ``q = p0 = 0``, hence
+``g = m = v = 0`` and an update of exactly 0: they stay ``-inf``.
+
+All inputs here are already validated by :mod:`em_inf.functional`: ``logits`` is a
+float32 ``[B, V]`` tensor owned by the caller (modified in place), and every parameter
+is a ``[B, 1]`` tensor on the same device (``steps`` as int64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from em_inf.reference import ADAM_BETAS, ADAM_EPS
+
+_NEG_BIG = torch.finfo(torch.float32).min
+
+
+def _log_softmax_and_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, V]`` logits -> (``log q`` with ``-inf`` clamped to a finite floor,
+    entropy ``[b, 1]``). The clamp keeps ``q * log q = 0`` for masked tokens."""
+    log_q = torch.log_softmax(z, dim=-1).clamp_(min=_NEG_BIG)
+    ent = -(log_q.exp() * log_q).sum(-1, keepdim=True)
+    return log_q, ent
+
+
+def em_inf_(
+    logits: torch.Tensor,
+    threshold: torch.Tensor,
+    kl_weight: torch.Tensor,
+    lr: torch.Tensor,
+    steps: torch.Tensor,
+) -> torch.Tensor:
+    """EM-INF in place on ``logits`` (float32 ``[B, V]``); returns ``logits``.
+
+    Rows whose entropy starts below ``threshold`` (or with ``steps == 0``) are not
+    touched at all; the others run on a compacted sub-batch.
+    """
+    log_q, ent = _log_softmax_and_entropy(logits)
+    rows = ((ent >= threshold) & (steps > 0)).squeeze(1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return logits
+    z = logits[rows]
+    log_q, ent = log_q[rows], ent[rows]
+    threshold, kl_weight, lr, steps = (
+        threshold[rows], kl_weight[rows], lr[rows], steps[rows]
+    )
+    p0 = log_q.exp()
+    use_kl = bool((kl_weight != 0).any())
+    exp_avg = torch.zeros_like(z)
+    exp_avg_sq = torch.zeros_like(z)
+    beta1, beta2 = ADAM_BETAS
+    active = torch.ones_like(ent, dtype=torch.bool)
+    for t in range(1, int(steps.max()) + 1):
+        if t > 1:
+            log_q, ent = _log_softmax_and_entropy(z)
+        active &= (ent >= threshold) & (steps >= t)
+        if not bool(active.any()):
+            break
+        q = log_q.exp()
+        # g = -q * (log q + H) + kl_weight * (q - p0), built in the log_q buffer.
+        grad = log_q.add_(ent).mul_(q).neg_()
+        if use_kl:
+            grad.add_((q - p0).mul_(kl_weight))
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(ADAM_EPS)
+        update = torch.div(exp_avg, denom).mul_(lr / (1 - beta1**t))
+        z.sub_(update.mul_(active))
+    logits[rows] = z
+    return logits
+
+
+def adaptive_temperature_(
+    logits: torch.Tensor,
+    threshold: torch.Tensor,
+    alpha: torch.Tensor,
+    t_min: torch.Tensor,
+    t_max: torch.Tensor,
+    *,
+    tol: float = 1e-5,
+    max_passes: int = 60,
+) -> torch.Tensor:
+    """Adaptive temperature in place on ``logits`` (float32 ``[B, V]``).
+
+    Solves ``H(b) = max(threshold, alpha * H0)`` for the inverse temperature ``b``
+    in ``[1 / t_max, 1 / t_min]`` with Newton's method on ``u = log b``, safeguarded
+    by a bracket (a step that leaves it is replaced by bisection). ``H`` is
+    non-increasing in ``b`` and ``dH/du = -b^2 Var_q(z)``; each pass needs one
+    read of the row for ``log sum exp(b z)``, ``E_q[z]`` and ``E_q[z^2]``. A target
+    outside the reachable range gives the nearer end of the interval.
+    Rows with ``H0 <= threshold`` are not touched.
+    """
+    zmax = logits.amax(dim=-1, keepdim=True)
+    shifted = logits - zmax  # <= 0; -inf stays -inf
+    finite = torch.isfinite(shifted)
+    zfin = torch.where(finite, shifted, 0.0)
+
+    def entropy_and_slope(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = torch.exp(shifted * b)  # masked -> 0
+        s = e.sum(-1, keepdim=True)
+        ez = (e * zfin).sum(-1, keepdim=True) / s
+        ez2 = (e * zfin * zfin).sum(-1, keepdim=True) / s
+        ent = torch.log(s) - b * ez
+        var = (ez2 - ez * ez).clamp_(min=0.0)
+        return ent, -(b * b) * var
+
+    one = torch.ones_like(threshold)
+    h0, _ = entropy_and_slope(one)
+    rows = (h0 > threshold).squeeze(1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return logits
+    shifted, zfin = shifted[rows], zfin[rows]
+    target = torch.maximum(threshold[rows], alpha[rows] * h0[rows])
+    lo = -torch.log(t_max[rows])  # u = log b, H decreasing in u
+    hi = -torch.log(t_min[rows])
+    u = torch.zeros_like(target).clamp_(lo, hi)  # start at T = 1, or the nearer end
+    done = torch.zeros_like(target, dtype=torch.bool)
+    lo_seen = torch.zeros_like(done)  # whether lo / hi are evaluated points yet
+    hi_seen = torch.zeros_like(done)
+    for _ in range(max_passes):
+        ent, slope = entropy_and_slope(torch.exp(u))
+        err = ent - target  # > 0: the root lies at larger u
+        lo, lo_seen = torch.where(err > 0, u, lo), lo_seen | (err > 0)
+        hi, hi_seen = torch.where(err < 0, u, hi), hi_seen | (err < 0)
+        # Converged, or the root is pinned at an end of [1/t_max, 1/t_min].
+        done |= (err.abs() < tol) | (hi - lo < 1e-7)
+        if bool(done.all()):
+            break
+        newton = u - err / slope
+        inside = (newton > lo) & (newton < hi)  # False for NaN / inf too
+        # Outside the bracket: try the end it points to once, then bisect.
+        fallback = torch.where(
+            (err > 0) & ~hi_seen, hi, torch.where((err < 0) & ~lo_seen, lo, (lo + hi) / 2)
+        )
+        u = torch.where(done, u, torch.where(inside, newton, fallback))
+    logits[rows] = logits[rows] * torch.exp(u)
+    return logits
