@@ -1,0 +1,306 @@
+"""End-to-end cost of EM-INF in vLLM: decode throughput and per-token latency of ONE
+engine serving requests with EM-INF on and off (a per-request switch).
+
+For each model, one ``vllm.LLM(model, logits_processors=[EMInf])`` is started; for
+each batch size B, B distinct chat prompts are generated with ``ignore_eos=True`` and
+a fixed ``max_tokens`` at temperature 0.1, once with ``extra_args={"em_inf": {...}}``
+(default ``{"preset": "math"}``) and once with ``{"em_inf": False}``. On and off
+alternate (on, off, off, on, on, ...) so that drifting load from other processes hits
+both alike; the reported ratio on/off compares medians from the same run.
+
+Per run, from vLLM's per-request timestamps (``disable_log_stats=False``):
+decode time = last token - first token of each request; inter-token latency =
+decode time / (tokens - 1); decode throughput = B * (tokens - 1) / (latest last
+token - earliest first token). Wall time of the whole ``generate`` call is kept too.
+
+Models: ``smollm2`` (SmolLM2-135M-Instruct, vocabulary 49,152, from
+``em_inf.models.prepare_default_model()``), ``tiny`` (a 2-layer random Qwen2 with
+Qwen2.5's 151,936 vocabulary, where the logits, not the model, dominate), or a path.
+
+Usage::
+
+    python bench/e2e.py --quick                       # ~5 minutes on 2 CPU cores
+    python bench/e2e.py                               # batch 1, 8, 32; both models
+    python bench/e2e.py --models /path/to/model --batch 8 --em-inf '{"lr": 0.05}'
+
+Writes ``bench/results/e2e_<device>.json`` (``--out``) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/e2e.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOPICS = (
+    "the water cycle",
+    "how a bicycle works",
+    "the history of paper",
+    "volcanoes",
+    "why the sky is blue",
+    "honey bees",
+    "the Roman roads",
+    "how vaccines work",
+    "black holes",
+    "the printing press",
+    "photosynthesis",
+    "the Great Wall",
+    "how bread rises",
+    "electric motors",
+    "coral reefs",
+    "the first computers",
+    "how rainbows form",
+    "the Silk Road",
+    "tides",
+    "how airplanes fly",
+    "the immune system",
+    "glaciers",
+    "the invention of the telephone",
+    "deserts",
+    "how magnets work",
+    "the Moon landing",
+    "earthquakes",
+    "how plants drink water",
+    "the number zero",
+    "solar panels",
+    "migrating birds",
+    "the human heart",
+)
+
+
+def chat_prompts(tokenizer: Any, batch: int) -> list[dict[str, list[int]]]:
+    """``batch`` distinct chat prompts, tokenized with the model's template."""
+    prompts = []
+    for i in range(batch):
+        topic = TOPICS[i % len(TOPICS)]
+        suffix = "" if i < len(TOPICS) else f" (version {i // len(TOPICS) + 1})"
+        messages = [{"role": "user", "content": f"Explain {topic} in detail.{suffix}"}]
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        prompts.append(
+            {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        )
+    return prompts
+
+
+def run_metrics(outputs: list[Any], wall: float) -> dict[str, float]:
+    """Decode throughput and latency of one ``generate`` call from its outputs."""
+    firsts, lasts, itls, tokens = [], [], [], 0
+    for output in outputs:
+        stats = output.metrics
+        generated = len(output.outputs[0].token_ids)
+        tokens += generated
+        if stats is None or generated < 2:
+            continue
+        firsts.append(stats.first_token_ts)
+        lasts.append(stats.last_token_ts)
+        itls.append((stats.last_token_ts - stats.first_token_ts) / (generated - 1))
+    decode_tokens = tokens - len(outputs)  # tokens after each request's first
+    if firsts:
+        span = max(lasts) - min(firsts)
+        itl_ms = 1e3 * statistics.median(itls)
+    else:  # no per-request timestamps: fall back to wall time
+        span = wall
+        itl_ms = 1e3 * wall / max(1, tokens / len(outputs))
+    return {
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "decode_tokens_per_s": decode_tokens / span if span > 0 else float("nan"),
+        "inter_token_latency_ms": itl_ms,
+        "end_to_end_tokens_per_s": tokens / wall,
+    }
+
+
+def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def bench_model(
+    model: str, label: str, args: argparse.Namespace, device: str
+) -> list[dict[str, Any]]:
+    """Start one engine for ``model`` and measure every batch size with it."""
+    import vllm
+    from vllm import SamplingParams
+
+    from em_inf import EMInf
+
+    engine_args: dict[str, Any] = {
+        "max_model_len": args.max_model_len,
+        "seed": 0,
+        "disable_log_stats": False,
+        "max_num_seqs": max(args.batch),
+    }
+    if device == "cpu":
+        engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
+    engine_args.update(json.loads(args.engine_args))
+    started = time.time()
+    llm = vllm.LLM(model=model, logits_processors=[EMInf], **engine_args)
+    load_s = time.time() - started
+    tokenizer = llm.get_tokenizer()
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    em_inf_on = json.loads(args.em_inf)
+
+    def params(on: bool, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=args.temperature,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            seed=0,
+            extra_args={"em_inf": em_inf_on if on else False},
+        )
+
+    def generate(prompts: list, on: bool, max_tokens: int) -> dict[str, float]:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params(on, max_tokens), use_tqdm=False)
+        wall = time.perf_counter() - start
+        lengths = {len(o.outputs[0].token_ids) for o in outputs}
+        if lengths != {max_tokens}:
+            raise RuntimeError(
+                f"expected {max_tokens} tokens per request, got {lengths}"
+            )
+        return run_metrics(outputs, wall)
+
+    warm = chat_prompts(tokenizer, min(8, max(args.batch)))
+    for on in (True, False):  # warm-up: compilation, caches, first-call costs
+        generate(warm, on, 8)
+    rows = []
+    for batch in args.batch:
+        prompts = chat_prompts(tokenizer, batch)
+        runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+        for rep in range(args.repeats):
+            order = ("on", "off") if rep % 2 == 0 else ("off", "on")
+            for which in order:
+                runs[which].append(generate(prompts, which == "on", args.max_tokens))
+        on, off = _median_of(runs["on"]), _median_of(runs["off"])
+        paired = [
+            a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+            for a, b in zip(runs["on"], runs["off"], strict=True)
+        ]
+        row = {
+            "model": label,
+            "model_path": model,
+            "vocab": vocab,
+            "batch": batch,
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "on": on,
+            "off": off,
+            "throughput_ratio_on_off": on["decode_tokens_per_s"]
+            / off["decode_tokens_per_s"],
+            "throughput_ratio_per_repeat": paired,
+            "latency_ratio_on_off": on["inter_token_latency_ms"]
+            / off["inter_token_latency_ms"],
+            "runs": runs,
+            "engine_load_s": load_s,
+        }
+        rows.append(row)
+        print(
+            f"{label:12s} B={batch:3d}  off {off['decode_tokens_per_s']:7.1f} tok/s "
+            f"{off['inter_token_latency_ms']:7.1f} ms/tok | on "
+            f"{on['decode_tokens_per_s']:7.1f} tok/s "
+            f"{on['inter_token_latency_ms']:7.1f} ms/tok | on/off throughput "
+            f"{100 * row['throughput_ratio_on_off']:.1f}%",
+            flush=True,
+        )
+    llm.llm_engine.engine_core.shutdown()  # before the next model's engine starts
+    return rows
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(path, label) for ``smollm2``, ``tiny`` or a path / hub id."""
+    from em_inf import models
+
+    if name == "smollm2":
+        return str(models.prepare_default_model()), "SmolLM2-135M"
+    if name == "tiny":
+        return str(models.tiny_model_dir(151_936)), "tiny-V151936"
+    return name, Path(name.rstrip("/")).name or name
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "tiny"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument(
+        "--em-inf",
+        default='{"preset": "math"}',
+        help="JSON settings of the 'on' requests",
+    )
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--engine-args", default="{}", help="JSON, more vllm.LLM args")
+    parser.add_argument(
+        "--quick", action="store_true", help="batch 1 and 8, 16 tokens, 2 repeats"
+    )
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch = [b for b in args.batch if b <= 8] or [1, 8]
+        args.max_tokens = min(args.max_tokens, 16)
+        args.repeats = min(args.repeats, 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    started = time.time()
+    rows = []
+    for name in args.models:  # one engine at a time
+        path, label = resolve_model(name)
+        rows += bench_model(path, label, args, device)
+    import vllm
+
+    result = {
+        "kind": "e2e",
+        "command": "python bench/e2e.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+        "seconds": round(time.time() - started, 1),
+        "environment": {
+            "device": torch.cuda.get_device_name()
+            if device == "cuda"
+            else f"CPU x{os.cpu_count()}",
+            "platform": platform.platform(),
+            "vllm": vllm.__version__,
+            "torch": torch.__version__,
+            "loadavg_end": list(os.getloadavg()),
+        },
+        "em_inf_on": json.loads(args.em_inf),
+        "temperature": args.temperature,
+        "rows": rows,
+    }
+    out = args.out or Path(__file__).resolve().parent / "results" / f"e2e_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    if not args.no_plot:
+        from bench.plots import plot_e2e
+
+        plot_e2e(result, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Latency of the ways to apply EM-INF to one ``[B, V]`` batch of logits.
+
+Implementations (all timed in one process on the same inputs, interleaved call by
+call so that load from other processes hits them alike):
+
+* ``reference``: the authors' per-row loop (:mod:`em_inf.reference`, autograd +
+  ``torch.optim.Adam`` / bisection with their tolerance 0.1), float32, CPU.
+* ``torch``: :mod:`em_inf.functional` on CPU tensors (the batched torch path).
+* ``torch-cuda``: the same torch path on CUDA tensors (GPU only), called through
+  :mod:`em_inf.torch_backend` so that it never dispatches to Triton.
+* ``triton``: :mod:`em_inf.functional` on CUDA tensors, which dispatches to the
+  Triton kernels of :mod:`em_inf.kernels` (GPU only).
+
+Grid: B in {1, 8, 64}, V in {49,152 (SmolLM2), 151,936 (Qwen2.5)}; the logits mode
+(preset ``default``: threshold 0.3, kl_weight 0.05, lr 0.1) at 3 and 5 steps, and the
+adaptive-temperature mode (preset ``adaptive-temperature``). Inputs are Gaussian
+logits with a per-row scale in [2, 5]: every row starts far above the threshold, so
+every step runs (the worst case). Reported per cell: median, 20th and 80th percentile
+of the call time, the speed-up over ``reference`` from the same run, the achieved
+bandwidth against the floor of one read and one write of the logits
+(``2 * B * V * 4`` bytes), and the largest difference from the reference output.
+
+Usage::
+
+    python bench/latency.py --quick          # CPU, ~2 minutes on 2 cores
+    python bench/latency.py                  # CPU, full grid
+    python bench/latency.py --out bench/results/latency_gpu.json   # on a GPU box
+
+Writes JSON (``--out``) and a PNG next to it (``bench/plots.py`` redraws it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # `python bench/latency.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from em_inf import functional, reference, torch_backend  # noqa: E402
+from em_inf.config import PRESETS  # noqa: E402
+
+VOCABS = (49_152, 151_936)
+BATCHES = (1, 8, 64)
+STEPS = (3, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One cell of the grid: a mode (and step count) at one shape."""
+
+    mode: str  # "logits" or "temperature"
+    batch: int
+    vocab: int
+    steps: int | None  # logits mode only
+
+    @property
+    def label(self) -> str:
+        steps = f", steps {self.steps}" if self.steps else ""
+        return f"{self.mode}{steps}, B={self.batch}, V={self.vocab}"
+
+
+def make_logits(batch: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """[batch, vocab] float32 Gaussian logits; row ``i`` scaled by ``s_i in [2, 5]``."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 2 + 3 * torch.rand(batch, 1, generator=generator)
+    return torch.randn(batch, vocab, generator=generator) * scale
+
+
+def _logits_params(steps: int) -> dict:
+    preset = PRESETS["default"]
+    return {
+        "threshold": preset.threshold,
+        "kl_weight": preset.kl_weight,
+        "lr": preset.lr,
+        "steps": steps,
+    }
+
+
+def _temperature_params() -> dict:
+    preset = PRESETS["adaptive-temperature"]
+    return {
+        "threshold": preset.threshold,
+        "alpha": preset.alpha,
+        "t_min": preset.t_min,
+        "t_max": preset.t_max,
+    }
+
+
+def implementations(
+    case: Case, logits: torch.Tensor, cuda: bool
+) -> dict[str, Callable]:
+    """Zero-argument callables, each computing the case's output from ``logits``."""
+    if case.mode == "logits":
+        params = _logits_params(case.steps)
+
+        def ref() -> torch.Tensor:
+            return torch.stack([reference.em_inf_row(row, **params) for row in logits])
+
+        def batched(x: torch.Tensor) -> torch.Tensor:
+            return functional.em_inf(x, **params)
+
+        def torch_path(x: torch.Tensor) -> torch.Tensor:
+            out = x.clone()
+            rows = x.shape[0]
+            col = {
+                k: torch.full((rows, 1), float(v), device=x.device)
+                for k, v in params.items()
+            }
+            col["steps"] = col["steps"].long()
+            return torch_backend.em_inf_(out, **col)
+    else:
+        params = _temperature_params()
+
+        def ref() -> torch.Tensor:
+            return torch.stack(
+                [reference.adaptive_temperature_row(row, **params) for row in logits]
+            )
+
+        def batched(x: torch.Tensor) -> torch.Tensor:
+            return functional.adaptive_temperature(x, **params)
+
+        def torch_path(x: torch.Tensor) -> torch.Tensor:
+            out = x.clone()
+            rows = x.shape[0]
+            col = {
+                k: torch.full((rows, 1), float(v), device=x.device)
+                for k, v in params.items()
+            }
+            return torch_backend.adaptive_temperature_(out, **col)
+
+    impls: dict[str, Callable] = {"reference": ref, "torch": lambda: batched(logits)}
+    if cuda:
+        on_gpu = logits.cuda()
+        impls["torch-cuda"] = lambda: torch_path(on_gpu)
+        impls["triton"] = lambda: batched(on_gpu)
+    return impls
+
+
+def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Tensor]:
+    """Seconds one call takes (device-synchronised), and its output."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(case: Case, repeats: int, cuda: bool, skip_reference: bool) -> list[dict]:
+    """Time every implementation on one case; one row per implementation."""
+    logits = make_logits(case.batch, case.vocab)
+    impls = implementations(case, logits, cuda)
+    if skip_reference:
+        impls.pop("reference")
+    names = list(impls)
+    outputs: dict[str, torch.Tensor] = {}
+    for name in names:  # warm-up (and Triton compilation)
+        _, outputs[name] = _timed(impls[name], cuda)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            seconds, _ = _timed(impls[name], cuda)
+            times[name].append(seconds)
+    ref_median = statistics.median(times["reference"]) if "reference" in times else None
+    min_bytes = 2 * case.batch * case.vocab * 4
+    rows = []
+    for name in names:
+        samples = sorted(times[name])
+        median = statistics.median(samples)
+        q20, q80 = (samples[int(q * (len(samples) - 1))] for q in (0.2, 0.8))
+        diff = None
+        if "reference" in outputs and name != "reference" and case.mode == "logits":
+            diff = float((outputs[name].cpu() - outputs["reference"]).abs().max())
+        rows.append(
+            {
+                "mode": case.mode,
+                "batch": case.batch,
+                "vocab": case.vocab,
+                "steps": case.steps,
+                "impl": name,
+                "device": "cuda" if name in ("torch-cuda", "triton") else "cpu",
+                "median_ms": 1e3 * median,
+                "p20_ms": 1e3 * q20,
+                "p80_ms": 1e3 * q80,
+                "repeats": len(samples),
+                "speedup_vs_reference": ref_median / median if ref_median else None,
+                "achieved_GBps": min_bytes / median / 1e9,
+                "max_abs_diff_vs_reference": diff,
+            }
+        )
+    return rows
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(cuda: bool) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
+    parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("logits", "temperature"),
+        default=["logits", "temperature"],
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per cell")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="B in {1, 8}, 3 repeats: a CPU smoke run of about two minutes",
+    )
+    parser.add_argument(
+        "--no-reference-above",
+        type=int,
+        default=64,
+        help="skip the per-row reference loop for B above this (it is slow)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch = [b for b in args.batch if b <= 8] or [1, 8]
+        args.repeats = min(args.repeats, 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = args.device == "auto" and torch.cuda.is_available()
+    out = args.out or Path(__file__).resolve().parent / "results" / (
+        "latency_gpu.json" if cuda else "latency_cpu.json"
+    )
+    cases = []
+    for mode in args.modes:
+        for vocab in args.vocab:
+            for batch in args.batch:
+                for steps in args.steps if mode == "logits" else [None]:
+                    cases.append(Case(mode, batch, vocab, steps))
+    started = time.time()
+    rows = []
+    for case in cases:
+        skip_reference = case.batch > args.no_reference_above
+        case_rows = measure(case, args.repeats, cuda, skip_reference)
+        rows += case_rows
+        summary = "  ".join(
+            f"{r['impl']} {r['median_ms']:.2f} ms"
+            + (
+                f" ({r['speedup_vs_reference']:.1f}x)"
+                if r["impl"] != "reference" and r["speedup_vs_reference"]
+                else ""
+            )
+            for r in case_rows
+        )
+        print(f"{case.label:45s} {summary}", flush=True)
+    result = {
+        "kind": "latency",
+        "command": "python bench/latency.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+        "seconds": round(time.time() - started, 1),
+        "environment": {**environment(cuda), "loadavg_end": list(os.getloadavg())},
+        "params": {
+            "logits": _logits_params(0) | {"steps": args.steps},
+            "temperature": _temperature_params(),
+            "inputs": "Gaussian logits, per-row scale uniform in [2, 5], seed 0",
+        },
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    if not args.no_plot:
+        try:
+            from bench.plots import plot_latency
+        except ImportError as error:  # e.g. no matplotlib on a bare GPU box
+            print(f"no plot ({error}); redraw with: python -m bench.plots {out}")
+        else:
+            png = out.with_suffix(".png")
+            plot_latency(result, png)
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
