@@ -118,7 +118,9 @@ def _describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str
 def _check_field(name: str, value: Any) -> None:
     if name == "mode":
         if value not in MODES:
-            raise ValueError(f"em_inf: 'mode' must be one of {list(MODES)}, got {value!r}")
+            raise ValueError(
+                f"em_inf: 'mode' must be one of {list(MODES)}, got {value!r}"
+            )
         return
     kind, low, high, low_in, high_in = _RANGES[name]
     allowed = _describe_range(low, high, low_in, high_in)

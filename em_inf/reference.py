@@ -23,7 +23,7 @@ ADAM_EPS = 1e-8
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` over the last dim; ``-inf``-safe."""
+    """Entropy (nats) of ``softmax(logits)`` over the last dim; ``-inf``-safe."""
     logq = torch.log_softmax(logits, dim=-1)
     return -(logq.exp() * logq.masked_fill(logq == -torch.inf, 0.0)).sum(-1)
 

@@ -22,12 +22,28 @@ from em_inf.reference import ADAM_BETAS, ADAM_EPS
 _NEG_BIG = torch.finfo(torch.float32).min
 
 
-def _log_softmax_and_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[b, V]`` logits -> (``log q`` with ``-inf`` clamped to a finite floor,
-    entropy ``[b, 1]``). The clamp keeps ``q * log q = 0`` for masked tokens."""
-    log_q = torch.log_softmax(z, dim=-1).clamp_(min=_NEG_BIG)
-    ent = -(log_q.exp() * log_q).sum(-1, keepdim=True)
-    return log_q, ent
+def _softmax_stats(
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``[b, V]`` logits: ``(zs, q, mean, entropy)``.
+
+    ``zs = z - max(z)`` with ``-inf`` clamped to a finite floor (so ``q * zs = 0``
+    for masked tokens), ``q = softmax(z)``, ``mean = E_q[zs]`` and
+    ``entropy = log sum exp(zs) - E_q[zs]``, both ``[b, 1]``.
+
+    The gradient is then formed as ``q * (mean - zs)``, equal to
+    ``-q * (log q + H)``. Precision matters here: Adam divides by ``|g|``, so the
+    relative error of ``g`` on tokens near the mean shows up in the logits. Raw
+    logits near 30 cost ``30 * 2^-24`` of absolute error in ``z - E_q[z]``; shifted
+    by the row max the top tokens sit near 0, and flat rows never subtract two
+    large numbers (``log q + H`` would, at ``H ~ log V``).
+    """
+    zs = (z - z.amax(dim=-1, keepdim=True)).clamp_(min=_NEG_BIG)
+    q = torch.exp(zs)
+    total = q.sum(-1, keepdim=True)
+    q.div_(total)
+    mean = (q * zs).sum(-1, keepdim=True)
+    return zs, q, mean, torch.log(total) - mean
 
 
 def em_inf_(
@@ -42,16 +58,19 @@ def em_inf_(
     Rows whose entropy starts below ``threshold`` (or with ``steps == 0``) are not
     touched at all; the others run on a compacted sub-batch.
     """
-    log_q, ent = _log_softmax_and_entropy(logits)
+    zs, q, mean, ent = _softmax_stats(logits)
     rows = ((ent >= threshold) & (steps > 0)).squeeze(1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return logits
     z = logits[rows]
-    log_q, ent = log_q[rows], ent[rows]
+    zs, q, mean, ent = zs[rows], q[rows], mean[rows], ent[rows]
     threshold, kl_weight, lr, steps = (
-        threshold[rows], kl_weight[rows], lr[rows], steps[rows]
+        threshold[rows],
+        kl_weight[rows],
+        lr[rows],
+        steps[rows],
     )
-    p0 = log_q.exp()
+    p0 = q
     use_kl = bool((kl_weight != 0).any())
     exp_avg = torch.zeros_like(z)
     exp_avg_sq = torch.zeros_like(z)
@@ -59,13 +78,12 @@ def em_inf_(
     active = torch.ones_like(ent, dtype=torch.bool)
     for t in range(1, int(steps.max()) + 1):
         if t > 1:
-            log_q, ent = _log_softmax_and_entropy(z)
+            zs, q, mean, ent = _softmax_stats(z)
         active &= (ent >= threshold) & (steps >= t)
         if not bool(active.any()):
             break
-        q = log_q.exp()
-        # g = -q * (log q + H) + kl_weight * (q - p0), built in the log_q buffer.
-        grad = log_q.add_(ent).mul_(q).neg_()
+        # g = -q * (log q + H) + kl_weight * (q - p0), as q * (E_q[zs] - zs) + ...
+        grad = zs.neg_().add_(mean).mul_(q)
         if use_kl:
             grad.add_((q - p0).mul_(kl_weight))
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -84,7 +102,7 @@ def adaptive_temperature_(
     t_min: torch.Tensor,
     t_max: torch.Tensor,
     *,
-    tol: float = 1e-5,
+    tol: float = 1e-9,
     max_passes: int = 60,
 ) -> torch.Tensor:
     """Adaptive temperature in place on ``logits`` (float32 ``[B, V]``).
@@ -93,26 +111,33 @@ def adaptive_temperature_(
     in ``[1 / t_max, 1 / t_min]`` with Newton's method on ``u = log b``, safeguarded
     by a bracket (a step that leaves it is replaced by bisection). ``H`` is
     non-increasing in ``b`` and ``dH/du = -b^2 Var_q(z)``; each pass needs one
-    read of the row for ``log sum exp(b z)``, ``E_q[z]`` and ``E_q[z^2]``. A target
+    read of the row for ``sum exp(b z)``, ``E_q[z]`` and ``E_q[z^2]``. A target
     outside the reachable range gives the nearer end of the interval.
     Rows with ``H0 <= threshold`` are not touched.
-    """
-    zmax = logits.amax(dim=-1, keepdim=True)
-    shifted = logits - zmax  # <= 0; -inf stays -inf
-    finite = torch.isfinite(shifted)
-    zfin = torch.where(finite, shifted, 0.0)
 
-    def entropy_and_slope(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    The reductions run in float64: ``z / T`` puts the temperature's relative error
+    on every logit times ``|z / T|`` (hundreds in the tail of a confident row), so
+    ``T`` must be exact to ~1e-7, past what float32 sums resolve. Newton converges
+    quadratically, so the tight ``tol`` costs one or two passes (typically 3-5 in
+    all, against ~20 for bisection to the same precision).
+    """
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)).double()  # -inf stays
+    zfin = torch.where(torch.isfinite(shifted), shifted, 0.0)
+
+    def entropy_and_slope(
+        shifted: torch.Tensor, zfin: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         e = torch.exp(shifted * b)  # masked -> 0
         s = e.sum(-1, keepdim=True)
         ez = (e * zfin).sum(-1, keepdim=True) / s
         ez2 = (e * zfin * zfin).sum(-1, keepdim=True) / s
-        ent = torch.log(s) - b * ez
         var = (ez2 - ez * ez).clamp_(min=0.0)
-        return ent, -(b * b) * var
+        return torch.log(s) - b * ez, -(b * b) * var
 
-    one = torch.ones_like(threshold)
-    h0, _ = entropy_and_slope(one)
+    threshold, alpha, t_min, t_max = (
+        x.double() for x in (threshold, alpha, t_min, t_max)
+    )
+    h0, _ = entropy_and_slope(shifted, zfin, torch.ones_like(threshold))
     rows = (h0 > threshold).squeeze(1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return logits
@@ -125,20 +150,22 @@ def adaptive_temperature_(
     lo_seen = torch.zeros_like(done)  # whether lo / hi are evaluated points yet
     hi_seen = torch.zeros_like(done)
     for _ in range(max_passes):
-        ent, slope = entropy_and_slope(torch.exp(u))
+        ent, slope = entropy_and_slope(shifted, zfin, torch.exp(u))
         err = ent - target  # > 0: the root lies at larger u
         lo, lo_seen = torch.where(err > 0, u, lo), lo_seen | (err > 0)
         hi, hi_seen = torch.where(err < 0, u, hi), hi_seen | (err < 0)
         # Converged, or the root is pinned at an end of [1/t_max, 1/t_min].
-        done |= (err.abs() < tol) | (hi - lo < 1e-7)
+        done |= (err.abs() < tol) | (hi - lo < 1e-12)
         if bool(done.all()):
             break
         newton = u - err / slope
         inside = (newton > lo) & (newton < hi)  # False for NaN / inf too
         # Outside the bracket: try the end it points to once, then bisect.
         fallback = torch.where(
-            (err > 0) & ~hi_seen, hi, torch.where((err < 0) & ~lo_seen, lo, (lo + hi) / 2)
+            (err > 0) & ~hi_seen,
+            hi,
+            torch.where((err < 0) & ~lo_seen, lo, (lo + hi) / 2),
         )
         u = torch.where(done, u, torch.where(inside, newton, fallback))
-    logits[rows] = logits[rows] * torch.exp(u)
+    logits[rows] = logits[rows] * torch.exp(u).float()
     return logits

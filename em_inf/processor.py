@@ -1,0 +1,202 @@
+"""``EMInf``: the vLLM logits processor, for both of vLLM's model runners.
+
+One class implements both processor interfaces (vLLM's loaders check ``issubclass``
+against the interface of the runner in use), as two thin method groups over one core
+(:mod:`em_inf.core`):
+
+* Model Runner V1 (CPU; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``):
+  ``__init__(vllm_config, device, is_pin_memory)``, ``update_state``, ``apply(logits)``,
+  ``is_argmax_invariant``.
+* Model Runner V2 (CUDA): ``__init__(vllm_config, req_states)``, ``add_request``,
+  ``apply_staged_writes``, ``apply(logits, ctx)``.
+
+Settings, lowest precedence first: the package default preset; the class's own
+configuration (``EMInf(preset="math", threshold=0.2)`` returns a configured
+subclass); the engine's ``additional_config={"em_inf": {...}}``; each request's
+``SamplingParams.extra_args`` (see :func:`em_inf.config.parse_request`).
+``"enabled": False`` (class or engine) makes EM-INF opt-in per request.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import logging
+from abc import ABCMeta
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from vllm.v1.sample.logits_processor.interface import (
+    BatchUpdate,
+    MoveDirectionality,
+)
+from vllm.v1.sample.logits_processor.interface import (
+    LogitsProcessor as V1LogitsProcessor,
+)
+from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+    LogitsProcessor as V2LogitsProcessor,
+)
+
+from em_inf.config import PRESETS, REQUEST_KEY, EMInfConfig, make_config, parse_request
+from em_inf.core import SlotSettings, apply_to_rows
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+logger = logging.getLogger(__name__)
+
+
+def engine_settings(
+    base: EMInfConfig, base_enabled: bool, additional: Mapping[str, Any] | None
+) -> tuple[EMInfConfig, bool]:
+    """Apply an engine's ``additional_config["em_inf"]`` on top of a class's settings.
+
+    Returns:
+        ``(settings, enabled)``.
+
+    Raises:
+        ValueError: naming the bad key, when the engine settings are invalid.
+    """
+    if not additional:
+        return base, base_enabled
+    if not isinstance(additional, Mapping):
+        raise ValueError(
+            f"additional_config[{REQUEST_KEY!r}] must be an object, got {additional!r}"
+        )
+    additional = dict(additional)
+    enabled = additional.pop("enabled", base_enabled)
+    if not isinstance(enabled, bool):
+        raise ValueError(
+            f"additional_config[{REQUEST_KEY!r}]['enabled'] must be true or false, "
+            f"got {enabled!r}"
+        )
+    return base.updated(additional), enabled
+
+
+class _ConfigurableMeta(ABCMeta):
+    """Lets ``EMInf(**settings)`` (no engine arguments) return a configured class,
+    while vLLM's ``EMInf(vllm_config, ...)`` builds an instance as usual."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            return super().__call__(*args, **kwargs)
+        return _configured_class(tuple(sorted(kwargs.items())))
+
+
+class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
+    """EM-INF as a vLLM logits processor (both model runners).
+
+    Use it as ``LLM(model, logits_processors=[EMInf])``, as
+    ``--logits-processors em_inf:EMInf``, or configured:
+    ``EMInf(preset="math", threshold=0.2, enabled=True)``.
+    """
+
+    #: Settings every instance of this class starts from (before ``additional_config``).
+    settings: EMInfConfig = PRESETS["default"]
+    #: Whether requests that say nothing get EM-INF.
+    enabled: bool = True
+
+    def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
+        additional = (vllm_config.additional_config or {}).get(REQUEST_KEY)
+        default, enabled = engine_settings(self.settings, self.enabled, additional)
+        self._default: EMInfConfig | None = default if enabled else None
+        self._slots = SlotSettings(vllm_config.scheduler_config.max_num_seqs)
+
+    # -- shared ----------------------------------------------------------------
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Reject invalid per-request settings at admission (an HTTP 400)."""
+        parse_request(sampling_params.extra_args, cls.settings)
+
+    def _request_settings(self, params: SamplingParams | Any) -> EMInfConfig | None:
+        extra_args = getattr(params, "extra_args", None)
+        try:
+            return parse_request(extra_args, self._default)
+        except ValueError as err:
+            # Only reachable when a request is valid against the class settings
+            # (validate_params) but not against this engine's (e.g. t_min > t_max).
+            logger.error("EM-INF disabled for a request with bad settings: %s", err)
+            return None
+
+    def apply(
+        self, logits: torch.Tensor, ctx: LogitsContext | None = None
+    ) -> torch.Tensor:
+        """Process this step's ``[N, V]`` float32 logits in place (both runners)."""
+        if ctx is None:  # V1: row i is persistent-batch slot i
+            row_slots = np.arange(logits.shape[0])
+        elif len(ctx.idx_mapping_np) == logits.shape[0]:  # V2, one row per request
+            row_slots = ctx.idx_mapping_np
+        else:  # V2 with speculative rows: needs the device mapping once
+            row_slots = ctx.expanded_idx_mapping.cpu().numpy()
+        return apply_to_rows(logits, row_slots, self._slots)
+
+    # -- Model Runner V1 ----------------------------------------------------------
+    def is_argmax_invariant(self) -> bool:
+        """False: EM-INF must see unscaled logits, before greedy argmax and
+        temperature, and it can change the argmax."""
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._slots.set(index, None)
+        for index, params, _prompt_ids, _output_ids in batch_update.added:
+            self._slots.set(index, self._request_settings(params))
+        for src, dst, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self._slots.swap(src, dst)
+            else:
+                self._slots.move(src, dst)
+                self._slots.set(src, None)
+
+    # -- Model Runner V2 ----------------------------------------------------------
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        settings = self._request_settings(sampling_params)
+        self._slots.set(req_idx, settings)
+        return settings is not None
+
+    def apply_staged_writes(self) -> None:
+        """Nothing staged: settings are host-side and read at ``apply``."""
+
+
+_CONFIGURED: dict[tuple[tuple[str, Any], ...], type[EMInf]] = {}
+
+
+def _configured_class(options: tuple[tuple[str, Any], ...]) -> type[EMInf]:
+    """The ``EMInf`` subclass for ``options`` (one class per distinct options)."""
+    if options not in _CONFIGURED:
+        kwargs = dict(options)
+        enabled = kwargs.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ValueError(f"EMInf: 'enabled' must be True or False, got {enabled!r}")
+        settings = make_config(**kwargs)
+        name = "EMInf[" + ", ".join(f"{k}={v!r}" for k, v in options) + "]"
+        cls = _ConfigurableMeta(
+            name,
+            (EMInf,),
+            {
+                "settings": settings,
+                "enabled": enabled,
+                "_options": options,
+                "__module__": __name__,
+                "__qualname__": name,
+            },
+        )
+        _CONFIGURED[options] = cls
+    return _CONFIGURED[options]
+
+
+def _reduce_class(cls: type) -> Any:
+    """Pickle configured classes by their options, so they survive the trip to
+    vLLM's engine process (spawned) and are rebuilt there; others by name."""
+    options = cls.__dict__.get("_options")
+    if options is None:
+        return cls.__qualname__
+    return _configured_class, (options,)
+
+
+copyreg.pickle(_ConfigurableMeta, _reduce_class)
