@@ -3,13 +3,27 @@
 Each parameter is a Python number (shared by all rows) or a ``[B]`` tensor (one value
 per row). Rows are independent; a row already at or below its threshold comes back
 bit-identical (as float32), ``-inf`` entries stay ``-inf``, and no NaN is produced.
+
+Backends: CUDA tensors run the fused Triton kernels of :mod:`em_inf.kernels` (when
+``triton`` is installed), CPU tensors the PyTorch code of :mod:`em_inf.torch_backend`.
+The environment variable ``EM_INF_BACKEND`` (``triton`` | ``torch`` | ``auto``, read at
+every call) forces one; the kernels run on CPU tensors only under Triton's
+interpreter (``TRITON_INTERPRET=1``, set before ``em_inf.kernels`` is first imported).
+Triton is imported lazily, on the first kernel call, never at import time.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from em_inf import torch_backend
+
+#: Environment variable that forces a backend: ``triton``, ``torch`` or ``auto``.
+BACKEND_ENV = "EM_INF_BACKEND"
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 Param = float | int | torch.Tensor
 
@@ -36,6 +50,8 @@ def em_inf(
     """
     out = _float32_copy(logits)
     rows = out.shape[0]
+    if backend_for(out.device) == "triton":
+        return _em_inf_triton(out, threshold, kl_weight, lr, steps)
     return torch_backend.em_inf_(
         out,
         _per_row("threshold", threshold, rows, out.device, torch.float32),
@@ -66,6 +82,8 @@ def adaptive_temperature(
     """
     out = _float32_copy(logits)
     rows = out.shape[0]
+    if backend_for(out.device) == "triton":
+        return _adaptive_temperature_triton(out, threshold, alpha, t_min, t_max)
     return torch_backend.adaptive_temperature_(
         out,
         _per_row("threshold", threshold, rows, out.device, torch.float32),
@@ -100,3 +118,78 @@ def _per_row(
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number or a tensor, got {value!r}")
     return torch.full((rows, 1), value, device=device, dtype=dtype)
+
+
+def backend_for(device: torch.device | str) -> str:
+    """``"triton"`` or ``"torch"``: the backend a call on ``device`` takes now.
+
+    ``EM_INF_BACKEND`` decides when set to ``triton`` or ``torch``; otherwise
+    (``auto`` or unset) CUDA takes Triton when it is installed, everything else torch.
+
+    Raises:
+        ValueError: on an unknown ``EM_INF_BACKEND``, or ``triton`` forced on CPU
+            tensors without ``TRITON_INTERPRET=1``.
+    """
+    device = torch.device(device)
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV} must be one of {list(BACKENDS)}, got {choice!r}"
+        )
+    if choice == "auto":
+        has_triton = importlib.util.find_spec("triton") is not None
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if choice == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+            raise ValueError(
+                f"{BACKEND_ENV}=triton on {device.type} tensors needs Triton's "
+                f"interpreter: set TRITON_INTERPRET=1 before em_inf.kernels is imported"
+            )
+    return choice
+
+
+def _per_slot(
+    name: str, value: Param, rows: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A scalar or ``[B]`` parameter as a contiguous ``[B]`` tensor (slot = row)."""
+    return _per_row(name, value, rows, device, dtype).reshape(rows).contiguous()
+
+
+def _max_steps(steps: Param, steps_per_row: torch.Tensor) -> int:
+    if isinstance(steps, torch.Tensor):
+        return int(steps_per_row.max()) if steps_per_row.numel() else 0
+    return int(steps)
+
+
+def _em_inf_triton(
+    out: torch.Tensor, threshold: Param, kl_weight: Param, lr: Param, steps: Param
+) -> torch.Tensor:
+    from em_inf.kernels import em_inf_rows_
+
+    rows, device = out.shape[0], out.device
+    steps_per_row = _per_slot("steps", steps, rows, device, torch.int32)
+    return em_inf_rows_(
+        out,
+        torch.arange(rows, dtype=torch.int32, device=device),
+        _per_slot("threshold", threshold, rows, device, torch.float32),
+        _per_slot("kl_weight", kl_weight, rows, device, torch.float32),
+        _per_slot("lr", lr, rows, device, torch.float32),
+        steps_per_row,
+        max_steps=_max_steps(steps, steps_per_row),
+    )
+
+
+def _adaptive_temperature_triton(
+    out: torch.Tensor, threshold: Param, alpha: Param, t_min: Param, t_max: Param
+) -> torch.Tensor:
+    from em_inf.kernels import adaptive_temperature_rows_
+
+    rows, device = out.shape[0], out.device
+    return adaptive_temperature_rows_(
+        out,
+        torch.arange(rows, dtype=torch.int32, device=device),
+        _per_slot("threshold", threshold, rows, device, torch.float32),
+        _per_slot("alpha", alpha, rows, device, torch.float32),
+        _per_slot("t_min", t_min, rows, device, torch.float32),
+        _per_slot("t_max", t_max, rows, device, torch.float32),
+    )

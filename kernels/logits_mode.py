@@ -1,0 +1,274 @@
+"""EM-INF's ``logits`` mode as Triton kernels: Adam steps on ``H(q) + lam KL(p0||q)``.
+
+Design (one decoding step, ``n`` = the largest ``steps`` of the batch):
+
+* ``n + 1`` launches of one kernel over a 2-D grid ``(rows, chunks)``, a chunk
+  being ``BLOCK`` consecutive logits of one row (``kernels._common.plan_chunks``).
+  Pass ``k < n`` computes, for every chunk, the partial softmax statistics of
+  ``z_k`` (the logits after ``k`` Adam steps): chunk max ``m_c``,
+  ``s_c = sum exp(z - m_c)`` and ``w_c = sum exp(z - m_c) (z - m_c)``. The last pass
+  writes ``z_s`` (``s`` = the steps the row actually takes) in place.
+* Why several launches: step ``k + 1`` needs ``logsumexp(z_k)`` and ``H(z_k)``, two
+  reductions over the whole row; a row is split over many programs (so batch 1
+  still fills the card), and programs of one launch cannot wait for each other
+  without a grid-wide barrier (which also deadlocks Triton's sequential CPU
+  interpreter). The kernel boundary is that barrier; ``n + 1`` launches is the
+  minimum for ``n`` dependent reductions plus the write.
+* No ``[B, V]`` scratch: the logits keep ``z0`` until the last pass, and every
+  program rebuilds its chunk's ``z_k``, Adam moments ``m, v`` and ``p0`` in
+  registers from ``z0`` and the per-row scalars ``(logsumexp, H)`` of earlier
+  passes (ALGORITHM.md, "Cost model"). Those scalars are re-derived by each program
+  from the chunk partials, a ``[N, n, 3, chunks]`` float32 buffer (V / BLOCK times
+  smaller than the logits; 2.3 MB at B = 1024, n = 5, BLOCK = 4096).
+* Early exits: a row whose slot is ``-1``, whose ``steps`` is 0, or whose entropy
+  fell below its threshold before step ``k + 1`` returns before touching its
+  logits in every later pass; a row below the threshold from the start is never
+  written (bit-identical).
+
+Memory traffic per decoding step, ``n`` steps, ``B x V`` float32 logits
+(``4 B V`` bytes): ``n`` read passes for the statistics, one read + one write for
+the result, i.e. ``(n + 2) * 4 B V`` bytes against the floor ``2 * 4 B V``; the
+re-reads hit L2 while the batch fits in it (50 MB on an H100: B <= ~64 at
+V = 151,936). Compute: pass ``k`` replays ``k`` Adam steps per element, each about
+a dozen FP32 instructions and three MUFU ops (exp, sqrt, reciprocal), so the
+replay, not DRAM, bounds large batches with many steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from em_inf.kernels._common import (
+    check_logits,
+    check_row_slot,
+    check_slot_param,
+    next_power_of_2,
+    plan_chunks,
+)
+
+from em_inf.reference import ADAM_BETAS, ADAM_EPS
+
+_PHASE_FIRST, _PHASE_MIDDLE, _PHASE_FINAL = 0, 1, 2
+
+
+@triton.jit
+def _row_stats(p_part, n_chunks, C_POW2: tl.constexpr):
+    """One row's softmax statistics at one pass, from its chunk partials.
+
+    ``p_part`` points at ``[3, n_chunks]`` float32: chunk max ``m_c``,
+    ``s_c = sum exp(z - m_c)``, ``w_c = sum exp(z - m_c) (z - m_c)``. With the row
+    max ``M`` and ``d_c = m_c - M``: ``S = sum e^{d_c} s_c`` and
+    ``W = sum e^{d_c} (w_c + d_c s_c) = sum exp(z - M) (z - M)``.
+
+    Returns ``(M, log S, E_q[z - M] = W / S, H = log S - W / S)``, so that
+    ``log q = (z - M) - log S`` and ``log q + H = (z - M) - E_q[z - M]``: the
+    gradient is formed from differences of small numbers, never from
+    ``logsumexp`` and ``H`` separately (at |z| ~ 10 their float32 rounding, ~1e-6,
+    is as large as ``log q + H`` on a nearly flat row). An all ``-inf`` row gives
+    ``(0, 0, 0, 0)``; ``-inf - 0`` stays ``-inf`` (``-inf - -inf`` would be NaN).
+    """
+    o_c = tl.arange(0, C_POW2)
+    m_c = o_c < n_chunks
+    b_max = tl.load(p_part + o_c, mask=m_c, other=float("-inf"))  # [C_POW2]
+    b_sum = tl.load(p_part + n_chunks + o_c, mask=m_c, other=0.0)
+    b_wsum = tl.load(p_part + 2 * n_chunks + o_c, mask=m_c, other=0.0)
+    row_max = tl.max(b_max, axis=0)
+    shift = tl.where(row_max > float("-inf"), row_max, 0.0)
+    has = b_max > float("-inf")
+    b_d = tl.where(has, b_max - shift, 0.0)
+    b_scale = tl.where(has, tl.exp(b_d), 0.0)
+    s = tl.sum(b_scale * b_sum, axis=0)
+    w = tl.sum(b_scale * (b_wsum + b_d * b_sum), axis=0)
+    has_mass = s > 0
+    s = tl.where(has_mass, s, 1.0)
+    log_s = tl.log(s)
+    mean_y = w / s
+    return shift, log_s, mean_y, log_s - mean_y
+
+
+@triton.jit
+def _em_inf_pass_kernel(
+    p_logits,  # float32 [N, V], row stride `row_stride`; z0 in, result out
+    row_stride,
+    n_cols,
+    p_row_slot,  # int32/int64 [N]: slot of each row, -1 = leave the row alone
+    p_threshold,  # float32 [S]
+    p_kl_weight,  # float32 [S]
+    p_lr,  # float32 [S]
+    p_steps,  # int32/int64 [S]
+    p_part,  # float32 [N, max_steps, 3, n_chunks]: chunk partials of each pass
+    max_steps,
+    n_chunks,
+    pass_idx,  # this pass: statistics of z_{pass_idx}, or the write when FINAL
+    BLOCK: tl.constexpr,
+    C_POW2: tl.constexpr,
+    PHASE: tl.constexpr,  # 0: stats of z0; 1: stats of z_k, k >= 1; 2: write
+    BETA1: tl.constexpr,
+    BETA2: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    i_row = tl.program_id(0).to(tl.int64)
+    i_chunk = tl.program_id(1)
+    slot = tl.load(p_row_slot + i_row).to(tl.int64)
+    if slot < 0:
+        return
+    n_steps = tl.minimum(tl.load(p_steps + slot).to(tl.int32), max_steps)
+    if PHASE != 2:
+        if n_steps <= pass_idx:  # this row needs no statistics of z_{pass_idx}
+            return
+    threshold = tl.load(p_threshold + slot)
+    part_row_size = max_steps * 3 * n_chunks
+    p_part_row = p_part + i_row * part_row_size
+
+    # Steps the row takes so far: step j + 1 runs while H(z_j) >= threshold.
+    # Partials of pass j exist exactly when steps 1..j all ran; the loop stops at
+    # the first failed check, so it reads no others.
+    if PHASE == 2:
+        n_check = n_steps
+    else:
+        n_check = pass_idx
+    n_taken = tl.full([], 0, tl.int32)
+    go = n_check > 0
+    while go:
+        p_part_j = p_part_row + n_taken * 3 * n_chunks
+        _, _, _, h_j = _row_stats(p_part_j, n_chunks, C_POW2)
+        passed = h_j >= threshold
+        n_taken += passed.to(tl.int32)
+        go = passed & (n_taken < n_check)
+    if PHASE == 2:
+        if n_taken == 0:  # below the threshold from the start: never written
+            return
+    else:
+        if n_taken < pass_idx:  # stopped early: no more statistics needed
+            return
+
+    o_v = i_chunk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    m_v = o_v < n_cols
+    p_row = p_logits + i_row * row_stride
+    b_z0 = tl.load(p_row + o_v, mask=m_v, other=float("-inf"))  # [BLOCK]
+    b_finite = b_z0 > float("-inf")
+    b_z = b_z0
+
+    if PHASE != 0:
+        # Replay Adam steps 1..n_apply of this chunk in registers.
+        if PHASE == 2:
+            n_apply = n_taken
+        else:
+            n_apply = pass_idx
+        lam = tl.load(p_kl_weight + slot)
+        lr = tl.load(p_lr + slot)
+        shift0, log_s0, mean_y0, _ = _row_stats(p_part_row, n_chunks, C_POW2)
+        # Step 1: q = p0, so g = -p0 (log p0 + H0) = -p0 (y0 - E[y0]), y = z - M;
+        # with m = (1 - b1) g and v = (1 - b2) g^2 the bias-corrected update is
+        # lr * g / (|g| + eps). Masked entries get y := 0 and q := 0, so g = 0.
+        b_y = tl.where(b_finite, b_z0 - shift0, 0.0)
+        b_p0 = tl.where(b_finite, tl.exp(b_y - log_s0), 0.0)
+        b_g = -b_p0 * (b_y - mean_y0)
+        b_m = (1.0 - BETA1) * b_g
+        b_v = (1.0 - BETA2) * b_g * b_g
+        b_z = b_z0 - lr * b_g / (tl.abs(b_g) + EPS)
+        b_lam_p0 = lam * b_p0
+        beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
+        beta2_pow = tl.full([], BETA2, tl.float32)
+        for j in range(1, n_apply):
+            shift_j, log_s_j, mean_y_j, _ = _row_stats(
+                p_part_row + j * 3 * n_chunks, n_chunks, C_POW2
+            )
+            # g = -q (log q + H) + lam (q - p0) = q (lam - (y - E[y])) - lam p0
+            b_y = tl.where(b_finite, b_z - shift_j, 0.0)
+            b_q = tl.where(b_finite, tl.exp(b_y - log_s_j), 0.0)
+            b_g = b_q * (lam - (b_y - mean_y_j)) - b_lam_p0
+            b_m = BETA1 * b_m + (1.0 - BETA1) * b_g
+            b_v = BETA2 * b_v + (1.0 - BETA2) * b_g * b_g
+            beta1_pow = beta1_pow * BETA1
+            beta2_pow = beta2_pow * BETA2
+            step_size = lr / (1.0 - beta1_pow)
+            inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - beta2_pow)
+            b_z = b_z - step_size * b_m / (tl.sqrt(b_v) * inv_sqrt_bc2 + EPS)
+
+    if PHASE == 2:
+        tl.store(p_row + o_v, b_z, mask=m_v)
+    else:
+        # Chunk partials of z_{pass_idx} (online softmax, one chunk).
+        chunk_max = tl.max(b_z, axis=0)
+        shift = tl.where(chunk_max > float("-inf"), chunk_max, 0.0)
+        b_y = tl.where(b_finite, b_z - shift, 0.0)
+        b_e = tl.where(b_finite, tl.exp(b_y), 0.0)
+        p_out = p_part_row + pass_idx * 3 * n_chunks + i_chunk
+        tl.store(p_out, chunk_max)
+        tl.store(p_out + n_chunks, tl.sum(b_e, axis=0))
+        tl.store(p_out + 2 * n_chunks, tl.sum(b_e * b_y, axis=0))
+
+
+def em_inf_rows_(
+    logits: torch.Tensor,
+    row_slot: torch.Tensor,
+    threshold: torch.Tensor,
+    kl_weight: torch.Tensor,
+    lr: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    max_steps: int | None = None,
+) -> torch.Tensor:
+    """EM-INF (logits mode) in place on a batch, per-row parameters read by slot.
+
+    Args:
+        logits: float32 ``[N, V]`` raw logits (contiguous along V), modified in place;
+            ``-inf`` = masked, stays ``-inf``.
+        row_slot: int32/int64 ``[N]``: the parameter slot of each row (vLLM's
+            ``expanded_idx_mapping``); ``-1`` leaves the row untouched.
+        threshold, kl_weight, lr: float32 ``[S]`` per-slot ``delta``, ``lam``, ``eta``.
+        steps: int32/int64 ``[S]`` per-slot most Adam steps ``n``.
+        max_steps: host-side upper bound of ``steps`` over the rows' slots; it sets
+            the number of launches (``max_steps + 1``). Pass it (vLLM keeps the
+            per-slot values on the host) to avoid a device sync; ``None`` reads
+            ``steps.max()`` from the device. Slots with more steps are cut to it.
+
+    Returns:
+        ``logits``. Rows whose entropy starts below their threshold, rows with
+        ``steps == 0`` and rows with slot ``-1`` are bit-identical.
+    """
+    check_logits(logits)
+    check_row_slot(row_slot, logits)
+    for name, value in (("threshold", threshold), ("kl_weight", kl_weight), ("lr", lr)):
+        check_slot_param(name, value, logits, (torch.float32,))
+    check_slot_param("steps", steps, logits, (torch.int32, torch.int64))
+    if max_steps is None:
+        max_steps = int(steps.max()) if steps.numel() else 0
+    n_rows, n_cols = logits.shape
+    if n_rows == 0 or n_cols == 0 or max_steps <= 0:
+        return logits
+    block, num_warps = plan_chunks(n_rows, n_cols, logits.device)
+    n_chunks = -(-n_cols // block)
+    partials = torch.empty(
+        (n_rows, max_steps, 3, n_chunks), dtype=torch.float32, device=logits.device
+    )
+    grid = (n_rows, n_chunks)
+    for pass_idx in range(max_steps + 1):
+        if pass_idx == max_steps:
+            phase = _PHASE_FINAL
+        else:
+            phase = _PHASE_FIRST if pass_idx == 0 else _PHASE_MIDDLE
+        _em_inf_pass_kernel[grid](
+            logits,
+            logits.stride(0),
+            n_cols,
+            row_slot,
+            threshold,
+            kl_weight,
+            lr,
+            steps,
+            partials,
+            max_steps,
+            n_chunks,
+            pass_idx,
+            BLOCK=block,
+            C_POW2=max(16, next_power_of_2(n_chunks)),
+            PHASE=phase,
+            BETA1=ADAM_BETAS[0],
+            BETA2=ADAM_BETAS[1],
+            EPS=ADAM_EPS,
+            num_warps=num_warps,
+        )
+    return logits

@@ -1,0 +1,329 @@
+"""The Triton kernels (``em_inf.kernels``) against the float64 oracle, on CPU.
+
+The kernels run under Triton's interpreter, which must be switched on before the
+kernels module is first imported; this module does that itself. Run it in its own
+pytest process (``pytest tests/test_kernels.py``) so that no other test module has
+imported ``em_inf.kernels`` without the interpreter first.
+
+Every kernel call allocates its scratch with ``torch.empty``; the ``poisoned_empty``
+fixture fills such buffers with NaN, so reading a partial no program wrote shows up
+as NaN in the output.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before em_inf.kernels imports triton
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
+
+from em_inf import functional, reference  # noqa: E402
+from em_inf.reference import entropy  # noqa: E402
+from tests.oracle import (  # noqa: E402
+    adaptive_temperature_oracle,
+    assert_matches,
+    em_inf_oracle,
+)
+from tests.test_functional import mask_randomly, random_logits  # noqa: E402
+
+QWEN_VOCAB = 151_936
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` returning NaN-filled float tensors for the test's duration."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(torch.nan)
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture(autouse=True)
+def quiet_interpreter():
+    """The interpreter evaluates both sides of ``tl.where`` with numpy; underflow in
+    ``exp`` is expected there. Anything else numpy flags fails the test."""
+    with np.errstate(all="raise", under="ignore"):
+        yield
+
+
+def _slot_params(slots: int, **values) -> dict[str, torch.Tensor]:
+    """Per-slot ``[S]`` tensors (float32; ``steps`` int32) from numbers or lists."""
+    out = {}
+    for name, value in values.items():
+        dtype = torch.int32 if name == "steps" else torch.float32
+        out[name] = torch.as_tensor(value, dtype=dtype).expand(slots).contiguous()
+    return out
+
+
+def _row_oracle(oracle, logits, row_slot, params):
+    """The oracle on every row with a slot, with that slot's parameters."""
+    expected = logits.double().clone()
+    for row, slot in enumerate(row_slot.tolist()):
+        if slot >= 0:
+            row_params = {
+                k: (int(v[slot]) if k == "steps" else v[slot].item())
+                for k, v in params.items()
+            }
+            expected[row] = oracle(logits[row : row + 1], **row_params)[0]
+    return expected
+
+
+def _run_em_inf(logits, row_slot, params, **kwargs):
+    out = logits.clone()
+    returned = em_inf_rows_(out, row_slot, **params, **kwargs)
+    assert returned is out
+    return out
+
+
+# -- logits mode ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, vocab, scale, steps, masked",
+    [
+        (2, QWEN_VOCAB, 3.0, 3, 0.0),
+        (1, 152_064, 2.0, 5, 0.1),
+        (3, 49_152, 1.0, 5, 0.0),
+        (4, 32_003, 8.0, 3, 0.3),
+        (5, 257, 2.0, 4, 0.0),
+        (3, 4_097, 0.5, 2, 0.5),
+    ],
+)
+def test_logits_kernel_matches_float64_reference(rows, vocab, scale, steps, masked):
+    logits = random_logits(rows, vocab, scale=scale)
+    if masked:
+        logits = mask_randomly(logits, masked)
+    params = _slot_params(rows, threshold=0.3, kl_weight=0.05, lr=0.1, steps=steps)
+    row_slot = torch.arange(rows, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params)
+    assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
+
+
+def test_logits_kernel_reads_parameters_through_row_slot():
+    """Rows map to slots out of order, two rows share a slot (speculative decoding),
+    slot -1 rows stay bit-identical; every slot has its own parameters, some with
+    thresholds that stop rows early and ``steps`` from 0 to 6."""
+    slots, vocab = 6, 6_001
+    row_slot = torch.tensor([3, -1, 0, 5, 3, 1, -1, 2, 4], dtype=torch.int64)
+    logits = random_logits(row_slot.numel(), vocab, scale=2.5)
+    params = {
+        "threshold": torch.rand(slots) * 3,
+        "kl_weight": torch.rand(slots) * 0.1,
+        "lr": torch.rand(slots) * 0.2 + 0.01,
+        "steps": torch.tensor([0, 6, 3, 1, 5, 4], dtype=torch.int32),
+    }
+    out = _run_em_inf(logits, row_slot, params)
+    untouched = row_slot < 0
+    assert torch.equal(out[untouched], logits[untouched])
+    expected = _row_oracle(em_inf_oracle, logits, row_slot, params)
+    assert_matches(out[~untouched], expected[~untouched])
+    assert torch.equal(out[row_slot == 0], logits[row_slot == 0])  # steps 0
+
+
+def test_logits_kernel_stops_a_row_once_its_entropy_falls_below_threshold():
+    logits = random_logits(1, 20_000, scale=1.5)
+    h0 = entropy(logits.double())[0].item()
+    one_step = reference.em_inf_row(
+        logits[0].double(), threshold=0.0, kl_weight=0.0, lr=0.5, steps=1
+    )
+    h1 = entropy(one_step).item()
+    assert h1 < h0 - 0.05
+    threshold = (h0 + h1) / 2  # step 1 runs, the check before step 2 stops the row
+    params = _slot_params(1, threshold=threshold, kl_weight=0.0, lr=0.5, steps=5)
+    out = _run_em_inf(logits, torch.zeros(1, dtype=torch.int32), params)
+    assert_matches(out, one_step[None])
+
+
+def test_logits_kernel_rows_below_threshold_come_back_bit_identical():
+    logits = random_logits(6, 10_000, scale=2.0)
+    logits[::2, 7] = 60.0  # near one-hot: entropy far below the threshold
+    below = entropy(logits) < 0.3
+    assert below[::2].all() and not below[1::2].any()
+    params = _slot_params(6, threshold=0.3, kl_weight=0.05, lr=0.1, steps=3)
+    out = _run_em_inf(logits, torch.arange(6, dtype=torch.int32), params)
+    assert torch.equal(out[below], logits[below])
+    assert not torch.equal(out[~below], logits[~below])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.999])
+def test_logits_kernel_keeps_masked_tokens_masked(fraction):
+    logits = mask_randomly(random_logits(3, 20_000), fraction)
+    params = _slot_params(3, threshold=0.1, kl_weight=0.001, lr=0.1, steps=3)
+    row_slot = torch.arange(3, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(logits))
+    assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
+
+
+def test_logits_kernel_leaves_fully_masked_rows_alone_without_nan():
+    logits = random_logits(2, 5_000)
+    logits[1] = -torch.inf
+    params = _slot_params(2, threshold=0.0, kl_weight=0.05, lr=0.1, steps=3)
+    out = _run_em_inf(logits, torch.arange(2, dtype=torch.int32), params)
+    assert not torch.isnan(out).any()
+    assert torch.isneginf(out[1]).all()
+
+
+@pytest.mark.parametrize("scale", [1e-4, 50.0, 1e3])
+def test_logits_kernel_extreme_logit_ranges(scale):
+    logits = random_logits(2, 30_000, scale=scale)
+    params = _slot_params(2, threshold=0.1, kl_weight=0.01, lr=0.05, steps=5)
+    row_slot = torch.arange(2, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params)
+    assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
+
+
+def test_logits_kernel_max_steps_caps_every_row():
+    logits = random_logits(2, 3_000)
+    params = _slot_params(2, threshold=0.0, kl_weight=0.05, lr=0.1, steps=[5, 1])
+    row_slot = torch.arange(2, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params, max_steps=2)
+    capped = dict(params, steps=torch.tensor([2, 1], dtype=torch.int32))
+    assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, capped))
+
+
+# -- temperature mode ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, vocab, scale", [(1, QWEN_VOCAB, 3.0), (3, 49_152, 1.0), (6, 999, 6.0)]
+)
+def test_temperature_kernel_matches_bisection(rows, vocab, scale):
+    logits = mask_randomly(random_logits(rows, vocab, scale=scale), 0.2)
+    params = _slot_params(rows, threshold=1e-5, alpha=0.85, t_min=0.01, t_max=1.0)
+    row_slot = torch.arange(rows, dtype=torch.int32)
+    out = logits.clone()
+    adaptive_temperature_rows_(out, row_slot, **params)
+    expected = _row_oracle(adaptive_temperature_oracle, logits, row_slot, params)
+    assert_matches(out, expected)
+
+
+def test_temperature_kernel_reaches_target_entropy_per_slot():
+    slots, vocab = 8, 20_000
+    row_slot = torch.tensor([4, 0, -1, 7, 1, 2, 3, 6, 5, 2, -1], dtype=torch.int32)
+    logits = random_logits(row_slot.numel(), vocab, scale=2.0)
+    params = {
+        "threshold": torch.rand(slots) * 3,
+        "alpha": torch.rand(slots) * 0.9 + 0.05,
+        "t_min": torch.full((slots,), 1e-3),
+        "t_max": torch.rand(slots) * 0.5 + 0.75,
+    }
+    params["threshold"][6] = 50.0  # above every row's entropy: untouched
+    out = logits.clone()
+    adaptive_temperature_rows_(out, row_slot, **params)
+    assert not torch.isnan(out).any()
+    h0 = entropy(logits.double())
+    for row, slot in enumerate(row_slot.tolist()):
+        if slot < 0 or h0[row] <= params["threshold"][slot]:
+            assert torch.equal(out[row], logits[row]), row
+            continue
+        a_h0 = params["alpha"][slot].item() * h0[row].item()
+        target = max(params["threshold"][slot].item(), a_h0)
+        reached = entropy(out[row].double()).item()
+        # The target is out of reach above t_max: the row is divided by t_max.
+        top = entropy(logits[row].double() / params["t_max"][slot].item()).item()
+        if top < target:
+            torch.testing.assert_close(out[row], logits[row] / params["t_max"][slot])
+        else:
+            assert abs(reached - target) < 1e-4, (row, reached, target)
+
+
+def test_temperature_kernel_clamps_to_t_min_when_target_out_of_reach():
+    logits = torch.randn(2, 1_000) * 1e-3  # nearly uniform: entropy ~ log(1000)
+    params = _slot_params(2, threshold=0.0, alpha=0.1, t_min=0.5, t_max=1.0)
+    out = logits.clone()
+    adaptive_temperature_rows_(out, torch.arange(2, dtype=torch.int32), **params)
+    torch.testing.assert_close(out, logits / 0.5, rtol=1e-6, atol=0.0)
+
+
+def test_temperature_kernel_leaves_fully_masked_rows_alone():
+    logits = random_logits(2, 3_000)
+    logits[0] = -torch.inf
+    params = _slot_params(2, threshold=0.0, alpha=0.5, t_min=0.01, t_max=1.0)
+    out = logits.clone()
+    adaptive_temperature_rows_(out, torch.arange(2, dtype=torch.int32), **params)
+    assert torch.isneginf(out[0]).all()
+    assert not torch.isnan(out).any()
+    assert entropy(out[1:].double()).item() < entropy(logits[1:].double()).item()
+
+
+# -- argument checks ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(logits=torch.zeros(2, 8, dtype=torch.float64)), "float32"),
+        (dict(logits=torch.zeros(8, 2).t()), "contiguous"),
+        (dict(row_slot=torch.zeros(3, dtype=torch.int32)), "row_slot"),
+        (dict(row_slot=torch.zeros(2)), "row_slot"),
+        (dict(lr=torch.zeros(1, 1)), "lr"),
+        (dict(steps=torch.zeros(1)), "steps"),
+    ],
+)
+def test_logits_kernel_rejects_bad_arguments_naming_them(change, message):
+    args = dict(
+        logits=torch.zeros(2, 8),
+        row_slot=torch.zeros(2, dtype=torch.int32),
+        **_slot_params(1, threshold=0.3, kl_weight=0.05, lr=0.1, steps=3),
+    )
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        em_inf_rows_(**args)
+
+
+# -- dispatch through em_inf.functional ------------------------------------------------
+
+
+def test_functional_with_triton_backend_matches_reference(monkeypatch):
+    monkeypatch.setenv("EM_INF_BACKEND", "triton")
+    assert functional.backend_for("cpu") == "triton"
+    logits = mask_randomly(random_logits(4, 7_000, scale=2.0), 0.1)
+    em_params = dict(
+        threshold=torch.tensor([0.3, 0.1, 50.0, 0.2]),
+        kl_weight=0.01,
+        lr=torch.tensor([0.1, 0.05, 0.1, 0.2]),
+        steps=torch.tensor([3, 5, 3, 0]),
+    )
+    out = functional.em_inf(logits, **em_params)
+    assert_matches(out, em_inf_oracle(logits, **em_params))
+    t_params = dict(threshold=1e-5, alpha=torch.tensor([0.85, 0.5, 0.3, 0.9]))
+    t_params |= dict(t_min=0.01, t_max=1.0)
+    out = functional.adaptive_temperature(logits, **t_params)
+    assert_matches(out, adaptive_temperature_oracle(logits, **t_params))
+
+
+def test_functional_backend_choice(monkeypatch):
+    monkeypatch.delenv("EM_INF_BACKEND", raising=False)
+    assert functional.backend_for("cpu") == "torch"
+    monkeypatch.setenv("EM_INF_BACKEND", "torch")
+    assert functional.backend_for("cpu") == "torch"
+    monkeypatch.setenv("EM_INF_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="EM_INF_BACKEND"):
+        functional.em_inf(torch.zeros(1, 4), threshold=0, kl_weight=0, lr=1, steps=1)
+    monkeypatch.setenv("EM_INF_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        functional.backend_for("cpu")
+
+
+def test_importing_em_inf_functional_does_not_import_triton():
+    code = (
+        "import sys, em_inf, em_inf.functional; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert 'em_inf.kernels' not in sys.modules"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
