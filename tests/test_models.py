@@ -215,7 +215,12 @@ def test_default_model_answers_a_chat_question_greedily(default_model):
     model = AutoModelForCausalLM.from_pretrained(default_model)
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     assert model.dtype == torch.bfloat16
-    input_ids = _chat_input_ids(tokenizer, "What is the capital of France?")
+    # The bare question "What is the capital of France?" is a near tie between
+    # "The capital ..." and "L'..." as first token (log-probs -1.74 vs -1.99 here;
+    # vLLM's bf16 logits tie exactly and pick "L'Étoile..."), so the question asks
+    # for a sentence: "The" then leads by 1.6 nats under both.
+    question = "What is the capital of France? Answer in one sentence."
+    input_ids = _chat_input_ids(tokenizer, question)
 
     with torch.no_grad():
         output = model.generate(
@@ -226,7 +231,7 @@ def test_default_model_answers_a_chat_question_greedily(default_model):
         )
 
     answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-    assert "Paris" in answer
+    assert answer.startswith("The capital of France is Paris")
     assert output[0, -1].item() == tokenizer.eos_token_id  # stopped by itself
 
 
