@@ -1,0 +1,230 @@
+"""The ``EMInf`` processor through vLLM's real interface classes, without an engine:
+the V2 adapter (CUDA's runner, driven here with CPU tensors), V1 batch bookkeeping,
+configured classes, engine-wide settings."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.config import VllmConfig
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1Interface
+from vllm.v1.worker.gpu.sample.logits_processor import (
+    LogitsContext,
+    LogitsProcRequestState,
+)
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
+
+from em_inf import PRESETS, EMInf
+from tests.oracle import assert_matches, em_inf_oracle
+from tests.test_functional import random_logits
+
+VOCAB = 3_001
+
+
+def make_config(em_inf=None, max_num_seqs=8) -> VllmConfig:
+    config = VllmConfig(additional_config={"em_inf": em_inf} if em_inf else {})
+    config.scheduler_config.max_num_seqs = max_num_seqs
+    return config
+
+
+def v2_processor(cls=EMInf, **config) -> EMInf:
+    state = LogitsProcRequestState(
+        device=torch.device("cpu"),
+        max_num_reqs=8,
+        vocab_size=VOCAB,
+        all_token_ids=None,
+        prompt_len=None,
+        prefill_len=None,
+        total_len=None,
+    )
+    return cls(make_config(**config), state)
+
+
+def v2_context(row_slots) -> LogitsContext:
+    slots = torch.tensor(row_slots, dtype=torch.int32)
+    return LogitsContext(
+        expanded_idx_mapping=slots,
+        idx_mapping=slots,
+        idx_mapping_np=np.asarray(row_slots, dtype=np.int32),
+        expanded_local_pos=torch.zeros_like(slots),
+        input_ids=torch.zeros_like(slots),
+        pos=torch.zeros_like(slots),
+        seq_lens_upper_bound_np=np.ones(len(row_slots), dtype=np.int32),
+    )
+
+
+def params(extra_args=None) -> SamplingParams:
+    return SamplingParams(extra_args=extra_args)
+
+
+def expected_rows(logits, configs):
+    """Oracle per row: ``configs[i]`` is a logits-mode EMInfConfig or None (off)."""
+    return torch.cat(
+        [
+            row[None].double()
+            if cfg is None
+            else em_inf_oracle(
+                row[None],
+                threshold=cfg.threshold,
+                kl_weight=cfg.kl_weight,
+                lr=cfg.lr,
+                steps=cfg.steps,
+            )
+            for row, cfg in zip(logits, configs, strict=True)
+        ]
+    )
+
+
+def test_one_class_serves_both_runner_interfaces():
+    assert issubclass(EMInf, V1Interface) and issubclass(EMInf, V2Interface)
+    configured = EMInf(preset="math")
+    assert issubclass(configured, V1Interface) and issubclass(configured, V2Interface)
+
+
+def test_v2_rows_follow_their_slots_settings():
+    proc = v2_processor()
+    math = PRESETS["math"]
+    assert proc.add_request(5, params({"em_inf": {"preset": "math"}}))
+    assert not proc.add_request(2, params({"em_inf": False}))
+    assert proc.add_request(0, params(None))  # engine default: "default" preset
+    row_slots = [2, 5, 0, 5]  # rows are reordered against slots every step
+    logits = random_logits(4, VOCAB)
+    out = proc.apply(logits.clone(), v2_context(row_slots))
+    expected = expected_rows(logits, [None, math, PRESETS["default"], math])
+    assert_matches(out, expected)
+    assert torch.equal(out[0], logits[0])
+
+
+def test_v2_recycled_slot_forgets_its_previous_request():
+    proc = v2_processor()
+    proc.add_request(1, params({"em_inf": {"preset": "physics"}}))
+    assert not proc.add_request(1, params({"em_inf": "off"}))
+    logits = random_logits(1, VOCAB)
+    out = proc.apply(logits.clone(), v2_context([1]))
+    assert torch.equal(out, logits)
+
+
+def test_v2_speculative_rows_use_the_expanded_mapping():
+    proc = v2_processor()
+    proc.add_request(3, params({"em_inf": {"preset": "math"}}))
+    proc.add_request(4, params({"em_inf": False}))
+    ctx = v2_context([3, 4])
+    expanded = torch.tensor([3, 3, 3, 4], dtype=torch.int32)  # 3 rows for slot 3
+    ctx = LogitsContext(**{**ctx.__dict__, "expanded_idx_mapping": expanded})
+    logits = random_logits(4, VOCAB)
+    out = proc.apply(logits.clone(), ctx)
+    math = PRESETS["math"]
+    assert_matches(out, expected_rows(logits, [math, math, math, None]))
+
+
+def test_v2_warmup_request_without_extra_args_gets_the_engine_default():
+    proc = v2_processor(em_inf={"enabled": False})
+    assert not proc.add_request(0, params(None))
+    proc = v2_processor(em_inf={"preset": "physics"})
+    assert proc.add_request(0, params(None))
+
+
+def test_v1_batch_updates_remove_add_and_move_slots():
+    proc = EMInf(make_config(), torch.device("cpu"), False)
+    assert not proc.is_argmax_invariant()
+    math, physics = PRESETS["math"], PRESETS["physics"]
+    proc.update_state(
+        BatchUpdate(
+            batch_size=3,
+            removed=[],
+            added=[
+                (0, params({"em_inf": {"preset": "math"}}), [1], []),
+                (1, params({"em_inf": False}), [1], []),
+                (2, params({"em_inf": {"preset": "physics"}}), [1], []),
+            ],
+            moved=[],
+        )
+    )
+    proc.update_state(None)  # no change this step
+    # Request 1 finishes; 2 moves into its place; then 0 and 1 swap.
+    proc.update_state(
+        BatchUpdate(
+            batch_size=2,
+            removed=[1],
+            added=[],
+            moved=[
+                (2, 1, MoveDirectionality.UNIDIRECTIONAL),
+                (0, 1, MoveDirectionality.SWAP),
+            ],
+        )
+    )
+    logits = random_logits(2, VOCAB)
+    out = proc.apply(logits.clone())
+    assert_matches(out, expected_rows(logits, [physics, math]))
+
+
+def test_configured_class_applies_its_settings_under_engine_overrides():
+    cls = EMInf(preset="physics", lr=0.05)
+    assert cls is EMInf(lr=0.05, preset="physics")
+    assert cls.settings == PRESETS["physics"].replace(lr=0.05)
+    proc = v2_processor(cls, em_inf={"steps": 2})
+    proc.add_request(0, params(None))
+    logits = random_logits(1, VOCAB)
+    out = proc.apply(logits.clone(), v2_context([0]))
+    assert_matches(out, expected_rows(logits, [cls.settings.replace(steps=2)]))
+
+
+def test_configured_class_off_by_default_makes_em_inf_opt_in():
+    proc = v2_processor(EMInf(enabled=False))
+    assert not proc.add_request(0, params(None))
+    assert proc.add_request(1, params({"em_inf": True}))
+
+
+def test_configured_class_survives_pickling_into_a_fresh_process():
+    cls = EMInf(preset="math", threshold=0.25, enabled=False)
+    payload = pickle.dumps(cls)
+    code = (
+        "import pickle, sys; cls = pickle.loads(sys.stdin.buffer.read()); "
+        "print(cls.settings.threshold, cls.settings.kl_weight, cls.enabled)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], input=payload, capture_output=True, check=True
+    )
+    assert result.stdout.decode().split() == ["0.25", "0.001", "False"]
+    assert pickle.loads(pickle.dumps(EMInf)) is EMInf
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(preset="nope"), "preset"),
+        (dict(lr=0), "lr"),
+        (dict(enabled="yes"), "enabled"),
+        (dict(learning_rate=0.1), "learning_rate"),
+    ],
+)
+def test_configured_class_rejects_bad_settings(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EMInf(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "em_inf, field",
+    [
+        ({"threshold": -1}, "threshold"),
+        ({"enabled": "no"}, "enabled"),
+        ({"preset": "fast"}, "preset"),
+        ({"step": 3}, "step"),
+    ],
+)
+def test_bad_engine_settings_fail_at_engine_start(em_inf, field):
+    with pytest.raises(ValueError, match=field):
+        v2_processor(em_inf=em_inf)
+
+
+def test_validate_params_names_the_bad_field():
+    with pytest.raises(ValueError, match="kl_weight"):
+        EMInf.validate_params(params({"em_inf": {"kl_weight": -0.5}}))
+    EMInf.validate_params(params({"kv_transfer_params": {"x": 1}}))  # not ours
