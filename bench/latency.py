@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # `python bench/latency.py`: make the repo importable
@@ -183,7 +184,7 @@ def measure(case: Case, repeats: int, cuda: bool, skip_reference: bool) -> list[
     for name in names:
         samples = sorted(times[name])
         median = statistics.median(samples)
-        q20, q80 = (samples[int(q * (len(samples) - 1))] for q in (0.2, 0.8))
+        q20, q80 = (float(q) for q in np.quantile(samples, [0.2, 0.8]))
         diff = None
         if "reference" in outputs and name != "reference" and case.mode == "logits":
             diff = float((outputs[name].cpu() - outputs["reference"]).abs().max())

@@ -1,0 +1,82 @@
+"""bench/latency.py and bench/e2e.py helpers, run for real on small shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import latency
+from bench.plots import main as plots_main
+
+
+def test_inputs_are_reproducible_and_far_above_every_threshold():
+    logits = latency.make_logits(4, 5000, seed=3)
+    assert logits.shape == (4, 5000) and logits.dtype == torch.float32
+    assert torch.equal(logits, latency.make_logits(4, 5000, seed=3))
+    log_q = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    assert bool((entropy > 1.0).all())  # every row runs every step
+
+
+@pytest.mark.parametrize("mode,steps", [("logits", 3), ("temperature", None)])
+def test_measure_times_every_implementation_on_the_same_case(mode, steps):
+    case = latency.Case(mode, batch=3, vocab=2048, steps=steps)
+    rows = latency.measure(case, repeats=2, cuda=False, skip_reference=False)
+    assert [r["impl"] for r in rows] == ["reference", "torch"]
+    ref, fast = rows
+    for row in rows:
+        assert row["repeats"] == 2
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["achieved_GBps"] > 0
+    assert ref["speedup_vs_reference"] == pytest.approx(1.0)
+    assert fast["speedup_vs_reference"] == pytest.approx(
+        ref["median_ms"] / fast["median_ms"]
+    )
+    if mode == "logits":  # the batched path agrees with the per-row loop
+        assert fast["max_abs_diff_vs_reference"] < 1e-3
+
+
+def test_latency_cli_writes_json_and_a_plot_drawn_from_it(tmp_path):
+    out = tmp_path / "latency.json"
+    argv = ["--batch", "2", "--vocab", "1024", "--steps", "3", "--repeats", "1"]
+    assert latency.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "latency"
+    cells = {(r["mode"], r["impl"]) for r in result["rows"]}
+    assert cells == {
+        (mode, impl)
+        for mode in ("logits", "temperature")
+        for impl in ("reference", "torch")
+    }
+    png = out.with_suffix(".png")
+    png.unlink()
+    assert plots_main([str(out)]) == 0  # redraw from the JSON alone
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_e2e_metrics_come_from_vllm_request_timestamps():
+    pytest.importorskip("vllm")
+    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    from bench.e2e import run_metrics
+
+    def output(first: float, last: float, tokens: int) -> RequestOutput:
+        stats = RequestStateStats(first_token_ts=first, last_token_ts=last)
+        completion = CompletionOutput(
+            index=0,
+            text="",
+            token_ids=list(range(tokens)),
+            cumulative_logprob=None,
+            logprobs=None,
+        )
+        return RequestOutput("r", None, [1], None, [completion], True, metrics=stats)
+
+    # Two requests of 11 tokens: 10 decode steps each, 0.5 s and 1.0 s of decoding.
+    metrics = run_metrics([output(1.0, 1.5, 11), output(1.0, 2.0, 11)], wall=2.5)
+    assert metrics["generated_tokens"] == 22
+    assert metrics["decode_tokens_per_s"] == pytest.approx(20 / 1.0)
+    assert metrics["inter_token_latency_ms"] == pytest.approx(75.0)  # median of 50, 100
+    assert metrics["end_to_end_tokens_per_s"] == pytest.approx(22 / 2.5)
