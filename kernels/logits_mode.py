@@ -65,8 +65,10 @@ def _row_stats(p_part, n_chunks, C_POW2: tl.constexpr):
     ``log q = (z - M) - log S`` and ``log q + H = (z - M) - E_q[z - M]``: the
     gradient is formed from differences of small numbers, never from
     ``logsumexp`` and ``H`` separately (at |z| ~ 10 their float32 rounding, ~1e-6,
-    is as large as ``log q + H`` on a nearly flat row). An all ``-inf`` row gives
-    ``(0, 0, 0, 0)``; ``-inf - 0`` stays ``-inf`` (``-inf - -inf`` would be NaN).
+    is as large as ``log q + H`` on a nearly flat row). Where the pass wrote the
+    marker ``m_c = +inf`` (the row had stopped), ``H = -1``: below every threshold.
+    An all ``-inf`` row gives
+    ``M = log S = 0``; ``-inf - 0`` stays ``-inf`` (``-inf - -inf`` would be NaN).
     """
     o_c = tl.arange(0, C_POW2)
     m_c = o_c < n_chunks
@@ -74,20 +76,20 @@ def _row_stats(p_part, n_chunks, C_POW2: tl.constexpr):
     b_sum = tl.load(p_part + n_chunks + o_c, mask=m_c, other=0.0)
     b_wsum = tl.load(p_part + 2 * n_chunks + o_c, mask=m_c, other=0.0)
     row_max = tl.max(b_max, axis=0)
-    shift = tl.where(row_max > float("-inf"), row_max, 0.0)
-    has = b_max > float("-inf")
+    live = row_max < float("inf")
+    shift = tl.where((row_max > float("-inf")) & live, row_max, 0.0)
+    has = (b_max > float("-inf")) & (b_max < float("inf"))
     b_d = tl.where(has, b_max - shift, 0.0)
     b_scale = tl.where(has, tl.exp(b_d), 0.0)
     s = tl.sum(b_scale * b_sum, axis=0)
     w = tl.sum(b_scale * (b_wsum + b_d * b_sum), axis=0)
-    has_mass = s > 0
-    s = tl.where(has_mass, s, 1.0)
+    s = tl.where(s > 0, s, 1.0)
     log_s = tl.log(s)
     mean_y = w / s
-    return shift, log_s, mean_y, log_s - mean_y
+    return shift, log_s, mean_y, tl.where(live, log_s - mean_y, -1.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pass_idx"])
 def _em_inf_pass_kernel(
     p_logits,  # float32 [N, V], row stride `row_stride`; z0 in, result out
     row_stride,
@@ -114,34 +116,31 @@ def _em_inf_pass_kernel(
     if slot < 0:
         return
     n_steps = tl.minimum(tl.load(p_steps + slot).to(tl.int32), max_steps)
-    if PHASE != 2:
-        if n_steps <= pass_idx:  # this row needs no statistics of z_{pass_idx}
+    if PHASE == 2:
+        if n_steps <= 0:
             return
-    threshold = tl.load(p_threshold + slot)
-    part_row_size = max_steps * 3 * n_chunks
-    p_part_row = p_part + i_row * part_row_size
+    else:
+        if n_steps <= pass_idx:  # the row needs no statistics of z_{pass_idx}
+            return
+    p_part_row = p_part + i_row * (max_steps * 3 * n_chunks)
+    p_part_out = p_part_row + pass_idx * 3 * n_chunks + i_chunk
 
-    # Steps the row takes so far: step j + 1 runs while H(z_j) >= threshold.
-    # Partials of pass j exist exactly when steps 1..j all ran; the loop stops at
-    # the first failed check, so it reads no others.
-    if PHASE == 2:
-        n_check = n_steps
-    else:
-        n_check = pass_idx
-    n_taken = tl.full([], 0, tl.int32)
-    go = n_check > 0
-    while go:
-        p_part_j = p_part_row + n_taken * 3 * n_chunks
-        _, _, _, h_j = _row_stats(p_part_j, n_chunks, C_POW2)
-        passed = h_j >= threshold
-        n_taken += passed.to(tl.int32)
-        go = passed & (n_taken < n_check)
-    if PHASE == 2:
-        if n_taken == 0:  # below the threshold from the start: never written
+    # Step j + 1 runs while H(z_j) >= threshold. Pass k checks H(z_{k-1}) (one
+    # combine of chunk partials); a row that stopped before writes the marker
+    # m_c = +inf instead of statistics, so later passes see the stop in pass k - 1
+    # alone and never read statistics that were not computed.
+    threshold = tl.load(p_threshold + slot)
+    if PHASE == 1:
+        p_prev = p_part_row + (pass_idx - 1) * 3 * n_chunks
+        _, _, _, h_prev = _row_stats(p_prev, n_chunks, C_POW2)
+        if h_prev < threshold:
+            tl.store(p_part_out, float("inf"))
             return
-    else:
-        if n_taken < pass_idx:  # stopped early: no more statistics needed
-            return
+    if PHASE != 0:
+        shift0, log_s0, mean_y0, h0 = _row_stats(p_part_row, n_chunks, C_POW2)
+        if PHASE == 2:
+            if h0 < threshold:  # below the threshold from the start: never written
+                return
 
     o_v = i_chunk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     m_v = o_v < n_cols
@@ -151,14 +150,15 @@ def _em_inf_pass_kernel(
     b_z = b_z0
 
     if PHASE != 0:
-        # Replay Adam steps 1..n_apply of this chunk in registers.
+        # Replay Adam steps 1..k of this chunk in registers (k = pass_idx, or the
+        # row's steps in the last pass, where a row that stops on the way keeps
+        # the z of its last step).
         if PHASE == 2:
-            n_apply = n_taken
+            n_apply = n_steps
         else:
             n_apply = pass_idx
         lam = tl.load(p_kl_weight + slot)
         lr = tl.load(p_lr + slot)
-        shift0, log_s0, mean_y0, _ = _row_stats(p_part_row, n_chunks, C_POW2)
         # Step 1: q = p0, so g = -p0 (log p0 + H0) = -p0 (y0 - E[y0]), y = z - M;
         # with m = (1 - b1) g and v = (1 - b2) g^2 the bias-corrected update is
         # lr * g / (|g| + eps). Masked entries get y := 0 and q := 0, so g = 0.
@@ -171,10 +171,11 @@ def _em_inf_pass_kernel(
         b_lam_p0 = lam * b_p0
         beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
         beta2_pow = tl.full([], BETA2, tl.float32)
+        active = tl.full([], 1, tl.int1)
         for j in range(1, n_apply):
-            shift_j, log_s_j, mean_y_j, _ = _row_stats(
-                p_part_row + j * 3 * n_chunks, n_chunks, C_POW2
-            )
+            p_part_j = p_part_row + j * 3 * n_chunks
+            shift_j, log_s_j, mean_y_j, h_j = _row_stats(p_part_j, n_chunks, C_POW2)
+            active = active & (h_j >= threshold)
             # g = -q (log q + H) + lam (q - p0) = q (lam - (y - E[y])) - lam p0
             b_y = tl.where(b_finite, b_z - shift_j, 0.0)
             b_q = tl.where(b_finite, tl.exp(b_y - log_s_j), 0.0)
@@ -185,7 +186,8 @@ def _em_inf_pass_kernel(
             beta2_pow = beta2_pow * BETA2
             step_size = lr / (1.0 - beta1_pow)
             inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - beta2_pow)
-            b_z = b_z - step_size * b_m / (tl.sqrt(b_v) * inv_sqrt_bc2 + EPS)
+            b_step = step_size * b_m / (tl.sqrt(b_v) * inv_sqrt_bc2 + EPS)
+            b_z = tl.where(active, b_z - b_step, b_z)
 
     if PHASE == 2:
         tl.store(p_row + o_v, b_z, mask=m_v)
@@ -195,10 +197,9 @@ def _em_inf_pass_kernel(
         shift = tl.where(chunk_max > float("-inf"), chunk_max, 0.0)
         b_y = tl.where(b_finite, b_z - shift, 0.0)
         b_e = tl.where(b_finite, tl.exp(b_y), 0.0)
-        p_out = p_part_row + pass_idx * 3 * n_chunks + i_chunk
-        tl.store(p_out, chunk_max)
-        tl.store(p_out + n_chunks, tl.sum(b_e, axis=0))
-        tl.store(p_out + 2 * n_chunks, tl.sum(b_e * b_y, axis=0))
+        tl.store(p_part_out, chunk_max)
+        tl.store(p_part_out + n_chunks, tl.sum(b_e, axis=0))
+        tl.store(p_part_out + 2 * n_chunks, tl.sum(b_e * b_y, axis=0))
 
 
 def em_inf_rows_(

@@ -132,18 +132,24 @@ def test_logits_kernel_reads_parameters_through_row_slot():
     assert torch.equal(out[row_slot == 0], logits[row_slot == 0])  # steps 0
 
 
-def test_logits_kernel_stops_a_row_once_its_entropy_falls_below_threshold():
-    logits = random_logits(1, 20_000, scale=1.5)
-    h0 = entropy(logits.double())[0].item()
-    one_step = reference.em_inf_row(
-        logits[0].double(), threshold=0.0, kl_weight=0.0, lr=0.5, steps=1
-    )
-    h1 = entropy(one_step).item()
-    assert h1 < h0 - 0.05
-    threshold = (h0 + h1) / 2  # step 1 runs, the check before step 2 stops the row
-    params = _slot_params(1, threshold=threshold, kl_weight=0.0, lr=0.5, steps=5)
-    out = _run_em_inf(logits, torch.zeros(1, dtype=torch.int32), params)
-    assert_matches(out, one_step[None])
+@pytest.mark.parametrize("stop_after", [1, 2, 4])
+def test_logits_kernel_stops_a_row_once_its_entropy_falls_below_threshold(stop_after):
+    logits = random_logits(2, 20_000, scale=1.5)
+    trajectory = [logits[0].double()] + [
+        reference.em_inf_row(
+            logits[0].double(), threshold=0.0, kl_weight=0.0, lr=0.5, steps=k
+        )
+        for k in range(1, stop_after + 1)
+    ]
+    h = [entropy(z).item() for z in trajectory]
+    assert all(a > b + 0.01 for a, b in zip(h, h[1:], strict=False))
+    # Steps 1..stop_after run; the check before the next one stops the row.
+    threshold = (h[stop_after - 1] + h[stop_after]) / 2
+    params = _slot_params(1, threshold=threshold, kl_weight=0.0, lr=0.5, steps=6)
+    row_slot = torch.tensor([0, -1], dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params)
+    assert_matches(out[:1], trajectory[-1][None])
+    assert torch.equal(out[1], logits[1])
 
 
 def test_logits_kernel_rows_below_threshold_come_back_bit_identical():
