@@ -228,3 +228,13 @@ def test_validate_params_names_the_bad_field():
     with pytest.raises(ValueError, match="kl_weight"):
         EMInf.validate_params(params({"em_inf": {"kl_weight": -0.5}}))
     EMInf.validate_params(params({"kv_transfer_params": {"x": 1}}))  # not ours
+
+
+def test_vllm_loaders_accept_the_qualified_name():
+    from vllm.v1.sample.logits_processor import _load_custom_logitsprocs
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import (
+        _load_v2_logitsprocs_by_fqcns,
+    )
+
+    assert _load_custom_logitsprocs(("em_inf:EMInf",)) == [EMInf]
+    assert _load_v2_logitsprocs_by_fqcns(["em_inf:EMInf"]) == [EMInf]
