@@ -4,6 +4,11 @@ decoding step for every row that uses EM-INF.
 A *slot* is where vLLM keeps a request between steps: the persistent-batch index on
 Model Runner V1, the request-state slot on V2. Settings live in host (numpy) arrays
 indexed by slot, so deciding which rows to process never syncs with the device.
+
+Two paths, chosen by :func:`em_inf.functional.backend_for`: on CUDA the Triton
+kernels process the batch in place, reading each row's settings through a row -> slot
+index from per-slot device tensors (mirrored from the host arrays when they change);
+elsewhere the rows that use EM-INF are gathered and run through the PyTorch path.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class SlotSettings:
     _ARRAYS = ("enabled", "temperature_mode", "steps", *_FLOAT_FIELDS)
 
     def __init__(self, num_slots: int) -> None:
+        self.version = 0  # bumped on every change; device mirrors compare it
+        self._mirror: tuple[int, torch.device, dict[str, torch.Tensor]] | None = None
         self.enabled = np.zeros(num_slots, dtype=bool)
         self.temperature_mode = np.zeros(num_slots, dtype=bool)
         self.steps = np.zeros(num_slots, dtype=np.int64)
@@ -52,6 +59,7 @@ class SlotSettings:
     def set(self, slot: int, config: EMInfConfig | None) -> None:
         """Give ``slot`` the settings ``config``; ``None`` turns EM-INF off there."""
         self._ensure(slot)
+        self.version += 1
         self.enabled[slot] = config is not None
         if config is None:
             return
@@ -63,13 +71,26 @@ class SlotSettings:
     def move(self, src: int, dst: int) -> None:
         """Copy ``src``'s entry to ``dst`` (``src`` keeps a stale copy)."""
         self._ensure(max(src, dst))
+        self.version += 1
         for array in self._arrays():
             array[dst] = array[src]
 
     def swap(self, a: int, b: int) -> None:
         self._ensure(max(a, b))
+        self.version += 1
         for array in self._arrays():
             array[[a, b]] = array[[b, a]]
+
+    def on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The per-slot arrays as ``[num_slots]`` tensors on ``device`` (float32;
+        ``steps`` int64), copied again only after a change."""
+        if self._mirror is None or self._mirror[:2] != (self.version, device):
+            tensors = {
+                name: torch.from_numpy(getattr(self, name)).to(device)
+                for name in ("steps", *self._FLOAT_FIELDS)
+            }
+            self._mirror = (self.version, device, tensors)
+        return self._mirror[2]
 
 
 def apply_to_rows(
@@ -88,6 +109,8 @@ def apply_to_rows(
     enabled = settings.enabled[row_slots]
     if not enabled.any():
         return logits
+    if functional.backend_for(logits.device) == "triton":
+        return _apply_kernels(logits, row_slots, enabled, settings)
     temperature_mode = settings.temperature_mode[row_slots]
     for use_temperature in (False, True):
         rows = np.flatnonzero(enabled & (temperature_mode == use_temperature))
@@ -121,4 +144,44 @@ def apply_to_rows(
             logits.copy_(out)
         else:
             logits.index_copy_(0, index, out)
+    return logits
+
+
+def _apply_kernels(
+    logits: torch.Tensor,
+    row_slots: np.ndarray,
+    enabled: np.ndarray,
+    settings: SlotSettings,
+) -> torch.Tensor:
+    """One in-place kernel launch sequence per mode present in the batch; rows of
+    the other mode, or without EM-INF, get slot ``-1`` (untouched)."""
+    from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
+
+    table = settings.on_device(logits.device)
+    temperature_mode = settings.temperature_mode[row_slots]
+    for use_temperature in (False, True):
+        in_mode = enabled & (temperature_mode == use_temperature)
+        if not in_mode.any():
+            continue
+        row_slot = torch.from_numpy(np.where(in_mode, row_slots, -1).astype(np.int32))
+        row_slot = row_slot.to(logits.device, non_blocking=True)
+        if use_temperature:
+            adaptive_temperature_rows_(
+                logits,
+                row_slot,
+                table["threshold"],
+                table["alpha"],
+                table["t_min"],
+                table["t_max"],
+            )
+        else:
+            em_inf_rows_(
+                logits,
+                row_slot,
+                table["threshold"],
+                table["kl_weight"],
+                table["lr"],
+                table["steps"],
+                max_steps=int(settings.steps[row_slots[in_mode]].max()),
+            )
     return logits
