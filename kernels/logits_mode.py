@@ -50,6 +50,11 @@ from em_inf.kernels._common import (
 from em_inf.reference import ADAM_BETAS, ADAM_EPS
 
 _PHASE_FIRST, _PHASE_MIDDLE, _PHASE_FINAL = 0, 1, 2
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+#: Stand-in for masked logits inside the kernel, and the level below which a value
+#: counts as masked (never stored back).
+MASKED: tl.constexpr = tl.constexpr(-1.0e38)
+MASKED_CUT: tl.constexpr = tl.constexpr(-1.0e37)
 
 
 @triton.jit
@@ -145,29 +150,39 @@ def _em_inf_pass_kernel(
     o_v = i_chunk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     m_v = o_v < n_cols
     p_row = p_logits + i_row * row_stride
-    b_z0 = tl.load(p_row + o_v, mask=m_v, other=float("-inf"))  # [BLOCK]
-    b_finite = b_z0 > float("-inf")
-    b_z = b_z0
+    # Masked entries (-inf, and any "masking" value below -1e38 such as
+    # float32's min) become the finite MASKED: exp2 of MASKED * log2(e) is 0 and
+    # every product with it stays finite, so their q, p0, g and update are exactly
+    # 0 without a select per step; they are never stored back.
+    b_z = tl.maximum(tl.load(p_row + o_v, mask=m_v, other=float("-inf")), MASKED)
 
     if PHASE != 0:
         # Replay Adam steps 1..k of this chunk in registers (k = pass_idx, or the
         # row's steps in the last pass, where a row that stops on the way keeps
-        # the z of its last step).
+        # the z of its last step). Per step, with the row scalars of z_j
+        # (M_j = max, S_j = sum exp(z - M_j), E_j = E_q[z]):
+        #   q = exp2(z log2(e) - log2(e) (M_j + log S_j))
+        #   g = -q (log q + H) + lam (q - p0) = q (lam + E_j - z) - lam p0
+        # Adam moments are kept scaled, m' = m / (1 - b1) and v' = v / (1 - b2),
+        # so each update is one FMA; the bias-corrected step is
+        #   z -= lr a_t m' / (c_t sqrt(v') + eps),
+        #   a_t = (1 - b1) / (1 - b1^t),  c_t = sqrt((1 - b2) / (1 - b2^t)),
+        # with 1 / x as rsqrt(x * x) (one MUFU op, no IEEE division fix-ups).
+        # Cost per element and step: 3 MUFU ops (exp2, sqrt, rsqrt), ~10 FMA-pipe.
         if PHASE == 2:
             n_apply = n_steps
         else:
             n_apply = pass_idx
         lam = tl.load(p_kl_weight + slot)
         lr = tl.load(p_lr + slot)
-        # Step 1: q = p0, so g = -p0 (log p0 + H0) = -p0 (y0 - E[y0]), y = z - M;
-        # with m = (1 - b1) g and v = (1 - b2) g^2 the bias-corrected update is
-        # lr * g / (|g| + eps). Masked entries get y := 0 and q := 0, so g = 0.
-        b_y = tl.where(b_finite, b_z0 - shift0, 0.0)
-        b_p0 = tl.where(b_finite, tl.exp(b_y - log_s0), 0.0)
-        b_g = -b_p0 * (b_y - mean_y0)
-        b_m = (1.0 - BETA1) * b_g
-        b_v = (1.0 - BETA2) * b_g * b_g
-        b_z = b_z0 - lr * b_g / (tl.abs(b_g) + EPS)
+        # Step 1: q = p0 and lam (q - p0) = 0; m' = g, v' = g^2, a_1 = c_1 = 1:
+        # z1 = z0 - lr g / (|g| + eps).
+        b_p0 = tl.exp2(b_z * LOG2E - (shift0 + log_s0) * LOG2E)
+        b_g = b_p0 * ((shift0 + mean_y0) - b_z)
+        b_m = b_g
+        b_v = b_g * b_g
+        b_den = tl.abs(b_g) + EPS
+        b_z = b_z - lr * b_g * tl.math.rsqrt(b_den * b_den)
         b_lam_p0 = lam * b_p0
         beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
         beta2_pow = tl.full([], BETA2, tl.float32)
@@ -176,30 +191,34 @@ def _em_inf_pass_kernel(
             p_part_j = p_part_row + j * 3 * n_chunks
             shift_j, log_s_j, mean_y_j, h_j = _row_stats(p_part_j, n_chunks, C_POW2)
             active = active & (h_j >= threshold)
-            # g = -q (log q + H) + lam (q - p0) = q (lam - (y - E[y])) - lam p0
-            b_y = tl.where(b_finite, b_z - shift_j, 0.0)
-            b_q = tl.where(b_finite, tl.exp(b_y - log_s_j), 0.0)
-            b_g = b_q * (lam - (b_y - mean_y_j)) - b_lam_p0
-            b_m = BETA1 * b_m + (1.0 - BETA1) * b_g
-            b_v = BETA2 * b_v + (1.0 - BETA2) * b_g * b_g
             beta1_pow = beta1_pow * BETA1
             beta2_pow = beta2_pow * BETA2
-            step_size = lr / (1.0 - beta1_pow)
-            inv_sqrt_bc2 = 1.0 / tl.sqrt(1.0 - beta2_pow)
-            b_step = step_size * b_m / (tl.sqrt(b_v) * inv_sqrt_bc2 + EPS)
+            step_scale = lr * (1.0 - BETA1) / (1.0 - beta1_pow)  # lr a_t
+            c_t = tl.sqrt((1.0 - BETA2) / (1.0 - beta2_pow))
+            lam_plus_mean = lam + (shift_j + mean_y_j)
+            b_q = tl.exp2(b_z * LOG2E - (shift_j + log_s_j) * LOG2E)
+            b_g = b_q * (lam_plus_mean - b_z) - b_lam_p0
+            b_m = b_m * BETA1 + b_g
+            b_v = b_v * BETA2 + b_g * b_g
+            b_den = tl.sqrt(b_v) * c_t + EPS
+            b_step = step_scale * (b_m * tl.math.rsqrt(b_den * b_den))
             b_z = tl.where(active, b_z - b_step, b_z)
 
     if PHASE == 2:
-        tl.store(p_row + o_v, b_z, mask=m_v)
+        tl.store(p_row + o_v, b_z, mask=m_v & (b_z > MASKED_CUT))
     else:
-        # Chunk partials of z_{pass_idx} (online softmax, one chunk).
+        # Chunk partials of z_{pass_idx} (online softmax, one chunk); a chunk
+        # with no finite entry reports max -inf and zero sums.
         chunk_max = tl.max(b_z, axis=0)
-        shift = tl.where(chunk_max > float("-inf"), chunk_max, 0.0)
-        b_y = tl.where(b_finite, b_z - shift, 0.0)
-        b_e = tl.where(b_finite, tl.exp(b_y), 0.0)
-        tl.store(p_part_out, chunk_max)
-        tl.store(p_part_out + n_chunks, tl.sum(b_e, axis=0))
-        tl.store(p_part_out + 2 * n_chunks, tl.sum(b_e * b_y, axis=0))
+        has = chunk_max > MASKED_CUT
+        shift = tl.where(has, chunk_max, 0.0)
+        b_y = b_z - shift  # MASKED - shift: exp2 underflows to 0, e * y = 0
+        b_e = tl.exp2(b_y * LOG2E)
+        tl.store(p_part_out, tl.where(has, chunk_max, float("-inf")))
+        tl.store(p_part_out + n_chunks, tl.where(has, tl.sum(b_e, axis=0), 0.0))
+        tl.store(
+            p_part_out + 2 * n_chunks, tl.where(has, tl.sum(b_e * b_y, axis=0), 0.0)
+        )
 
 
 def em_inf_rows_(
