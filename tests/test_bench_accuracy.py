@@ -193,7 +193,7 @@ def test_markdown_and_plot_are_written_from_the_summary(tmp_path):
     table = report.markdown_table(summary)
     lines = table.strip().splitlines()
     assert len(lines) == 2 + 3  # header, rule, one row per setting
-    assert all(line.count("|") == 9 for line in lines)
+    assert all(line.count("|") == 10 for line in lines)
     accuracy = summary["gsm8k"]["em-inf"]["accuracy"]
     assert f"| gsm8k | em-inf | 200 | 3 | {100 * accuracy:.1f} (" in table
     path = tmp_path / "plot.png"

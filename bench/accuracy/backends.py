@@ -1,7 +1,8 @@
 """Where completions come from: one offline vLLM engine with the EM-INF processor, or
 an OpenAI-compatible server (``em-inf serve``) through the official ``openai`` client.
 
-Both take the same :class:`Request` list and return the texts in the same order; each
+Both take the same :class:`Request` list and return :class:`Completion` s in the
+same order; each
 request carries its own temperature, seed and EM-INF switch, so one engine serves every
 setting and the settings' requests share batches.
 """
@@ -33,10 +34,18 @@ class Request:
     max_tokens: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A response text and why it ended (``"stop"``, or ``"length"`` at max_tokens)."""
+
+    text: str
+    finish_reason: str | None
+
+
 class Backend(Protocol):
     description: dict[str, Any]
 
-    def generate(self, requests: list[Request]) -> list[str]: ...
+    def generate(self, requests: list[Request]) -> list[Completion]: ...
 
     def close(self) -> None: ...
 
@@ -72,7 +81,7 @@ class OfflineBackend:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return {"prompt_token_ids": ids}
 
-    def generate(self, requests: list[Request]) -> list[str]:
+    def generate(self, requests: list[Request]) -> list[Completion]:
         from vllm import SamplingParams
 
         prompts = [self._prompt(request.messages) for request in requests]
@@ -86,7 +95,10 @@ class OfflineBackend:
             for request in requests
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=True)
-        return [output.outputs[0].text for output in outputs]
+        return [
+            Completion(output.outputs[0].text, output.outputs[0].finish_reason)
+            for output in outputs
+        ]
 
     def close(self) -> None:
         del self.llm
@@ -127,7 +139,7 @@ class ServerBackend:
             "openai_version": openai.__version__,
         }
 
-    def _complete(self, request: Request) -> str:
+    def _complete(self, request: Request) -> Completion:
         response = self.client.chat.completions.create(
             model=self.model,
             messages=request.messages,
@@ -136,9 +148,10 @@ class ServerBackend:
             seed=request.seed,
             extra_body={REQUEST_KEY: request.setting.request_value()},
         )
-        return response.choices[0].message.content or ""
+        choice = response.choices[0]
+        return Completion(choice.message.content or "", choice.finish_reason)
 
-    def generate(self, requests: list[Request]) -> list[str]:
+    def generate(self, requests: list[Request]) -> list[Completion]:
         from tqdm import tqdm
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:

@@ -95,17 +95,20 @@ def _pct(value: float) -> str:
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
-    """One Markdown table: a row per (task, setting)."""
+    """One Markdown table: a row per (task, setting); the last column, the share of
+    responses cut at ``max_tokens``, is filled where the row has
+    ``truncated_fraction``."""
     lines = [
         "| task | setting | problems | seeds | accuracy % (95% CI) | per seed % "
-        "| vs baseline, points (95% CI) | McNemar p (per seed) |",
-        "|---|---|---:|---:|---|---|---|---|",
+        "| vs baseline, points (95% CI) | McNemar p (per seed) | hit max_tokens % |",
+        "|---|---|---:|---:|---|---|---|---|---:|",
     ]
     for task, rows in summary.items():
         for setting, row in rows.items():
             low, high = row["bootstrap95"]
             per_seed = ", ".join(_pct(s["accuracy"]) for s in row["per_seed"].values())
             versus, p_values = "", ""
+            cut = _pct(row["truncated_fraction"]) if "truncated_fraction" in row else ""
             if "vs_baseline" in row:
                 cmp_ = row["vs_baseline"]
                 d_low, d_high = cmp_["bootstrap95"]
@@ -117,7 +120,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {task} | {setting} | {row['problems']} | {len(row['seeds'])} "
                 f"| {_pct(row['accuracy'])} ({_pct(low)}-{_pct(high)}) | {per_seed} "
-                f"| {versus} | {p_values} |"
+                f"| {versus} | {p_values} | {cut} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.time() - started
     try:
         generation_started = time.time()
-        texts = backend.generate(requests)
+        completions = backend.generate(requests)
         generation_seconds = time.time() - generation_started
     finally:
         backend.close()
@@ -305,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_responses:
         args.save_responses.parent.mkdir(parents=True, exist_ok=True)
         response_file = args.save_responses.open("w")
-    for (task, setting, seed, index), text in zip(keys, texts, strict=True):
+    truncated: dict[str, dict[str, int]] = {
+        t: dict.fromkeys(names, 0) for t in problems
+    }
+    for (task, setting, seed, index), completion in zip(keys, completions, strict=True):
+        text = completion.text
+        truncated[task][setting] += completion.finish_reason == "length"
         problem = problems[task][index]
         predicted, correct = score(
             problem.kind, text, problem.gold, list(problem.options)
@@ -322,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gold": problem.gold,
                 "predicted": predicted,
                 "correct": correct,
+                "finish_reason": completion.finish_reason,
                 "response": text,
             }
             response_file.write(json.dumps(record) + "\n")
@@ -329,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         response_file.close()
 
     summary = report.summarize(outcomes, baseline)
+    for task, rows in summary.items():
+        for setting, row in rows.items():
+            row["truncated_fraction"] = truncated[task][setting] / max(
+                1, row["problems"] * len(row["seeds"])
+            )
     model_name = args.model or backend.description.get("model", "server")
     tag = args.tag or _default_tag(model_name)
     args.out_dir.mkdir(parents=True, exist_ok=True)
