@@ -1,0 +1,72 @@
+"""The ``em-inf`` command.
+
+``em-inf serve [MODEL] [vllm serve flags] [--em-inf-* flags]`` starts vLLM's
+OpenAI-compatible server with EM-INF in its sampler (see :mod:`em_inf.server`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from em_inf import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``em-inf`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from em_inf.server import vllm_compat
+    from em_inf.server.cli_args import make_serve_parser, serve_parser_class
+
+    # vLLM's CLI sets the engine processes' start method before anything else.
+    vllm_compat.get("cli_env_setup")()
+    parser = vllm_compat.get("FlexibleArgumentParser")(
+        prog="em-inf",
+        description="EM-INF (inference-time entropy minimization) for vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"em-inf {__version__}")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=serve_parser_class()
+    )
+    serve_parser = make_serve_parser(subparsers)
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    return serve(args, serve_parser)
+
+
+def serve(args, serve_parser) -> int:
+    """Run ``em-inf serve`` for parsed ``args``; blocks until the server stops."""
+    from em_inf.server import vllm_compat
+    from em_inf.server.launch import StartupError, prepare, run
+
+    configure_logging = vllm_compat.optional("configure_logging_from_args")
+    if configure_logging is not None:
+        configure_logging(args)
+    _show_em_inf_logs()
+    try:
+        settings = prepare(args, serve_parser)
+        run(args, settings)
+    except StartupError as error:
+        print(f"em-inf serve: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _show_em_inf_logs() -> None:
+    """vLLM configures only its own loggers; give em-inf's a handler of its own."""
+    em_inf_logger = logging.getLogger("em_inf")
+    if em_inf_logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[em-inf] %(levelname)s %(message)s"))
+    em_inf_logger.addHandler(handler)
+    em_inf_logger.setLevel(logging.INFO)
+    em_inf_logger.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""``em-inf serve``'s command line: vLLM's own ``vllm serve`` parser plus an EM-INF
+argument group, and the engine-wide settings those flags add up to."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from em_inf.config import FIELD_NAMES, MODES, PRESETS, REQUEST_KEY
+
+from . import vllm_compat
+
+GROUP_TITLE = "EM-INF"
+GROUP_DESCRIPTION = (
+    "Server-wide EM-INF defaults. Each request may override them with its "
+    "'em_inf' body field (or vllm_xargs em_inf_* keys). Unset flags take the "
+    "preset's value."
+)
+USAGE = "em-inf serve [MODEL] [vllm serve options] [--em-inf-* options]"
+DESCRIPTION = (
+    "Serve MODEL with vLLM's OpenAI-compatible API server and EM-INF "
+    "(inference-time entropy minimization) in its sampler. Every `vllm serve` "
+    "flag works unchanged. Without MODEL, serves SmolLM2-135M-Instruct, prepared "
+    "locally on first use."
+)
+
+EPILOG = (
+    "All vLLM flags:  em-inf serve --help=all\n"
+    "A flag group:    em-inf serve --help=ModelConfig   (case-insensitive)\n"
+    "A flag:          em-inf serve --help=max-model-len\n"
+    "Per-request settings and presets: GET /v1/em-inf on the running server.\n"
+)
+
+_DEFAULTS = PRESETS["default"]
+_FIELD_HELP: dict[str, str] = {
+    "mode": "'logits' (the paper's EM-INF: Adam steps on the logits) or "
+    "'temperature' (adaptive temperature, Algorithm 1).",
+    "threshold": "Entropy (nats) below which a token's distribution is left alone.",
+    "kl_weight": "Weight of KL(p0 || q) in the logits-mode loss.",
+    "lr": "Adam learning rate of the logits mode.",
+    "steps": "Most Adam steps per generated token (logits mode).",
+    "alpha": "Temperature mode: target entropy is max(threshold, alpha * H0).",
+    "t_min": "Temperature mode: lowest temperature.",
+    "t_max": "Temperature mode: highest temperature.",
+}
+
+
+def flag_name(field: str) -> str:
+    """``kl_weight`` -> ``--em-inf-kl-weight``."""
+    return "--em-inf-" + field.replace("_", "-")
+
+
+def _field_type(field: str) -> type:
+    return type(getattr(_DEFAULTS, field))
+
+
+def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the ``EM-INF`` argument group (``--em-inf-*``) to ``parser``."""
+    group = parser.add_argument_group(GROUP_TITLE, description=GROUP_DESCRIPTION)
+    group.add_argument(
+        "--em-inf-preset",
+        choices=sorted(PRESETS),
+        default=argparse.SUPPRESS,
+        help="Preset the defaults start from (default: 'default'). GET /v1/em-inf "
+        "lists every preset's values.",
+    )
+    group.add_argument(
+        "--em-inf-default",
+        choices=("on", "off"),
+        default=argparse.SUPPRESS,
+        help="'on' (default): requests that say nothing get EM-INF; 'off': EM-INF "
+        "is opt-in per request ('em_inf': true or an object of settings).",
+    )
+    for field in FIELD_NAMES:
+        kind = _field_type(field)
+        options: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "help": _FIELD_HELP[field],
+        }
+        if field == "mode":
+            options["choices"] = MODES
+        else:
+            options["type"] = kind
+            options["metavar"] = "INT" if kind is int else "FLOAT"
+        options["help"] += f" Preset 'default': {getattr(_DEFAULTS, field)}."
+        group.add_argument(flag_name(field), **options)
+    return group
+
+
+def engine_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``additional_config["em_inf"]`` for the engine: what ``--additional-config``
+    already says under ``"em_inf"``, with the ``--em-inf-*`` flags on top."""
+    additional = getattr(args, "additional_config", None) or {}
+    base = additional.get(REQUEST_KEY) if isinstance(additional, Mapping) else None
+    if base is not None and not isinstance(base, Mapping):
+        raise ValueError(
+            f"--additional-config: {REQUEST_KEY!r} must be an object, got {base!r}"
+        )
+    engine_config = dict(base or {})
+    # Unset flags are absent from ``args`` (their default is SUPPRESS).
+    if (preset := getattr(args, "em_inf_preset", None)) is not None:
+        engine_config["preset"] = preset
+    for field in FIELD_NAMES:
+        if (value := getattr(args, "em_inf_" + field, None)) is not None:
+            engine_config[field] = value
+    if (switch := getattr(args, "em_inf_default", None)) is not None:
+        engine_config["enabled"] = switch == "on"
+    return engine_config
+
+
+def make_serve_parser(
+    subparsers: argparse._SubParsersAction | None = None,
+) -> argparse.ArgumentParser:
+    """The ``serve`` parser: vLLM's serve flags (``make_arg_parser``) and EM-INF's.
+
+    Plain ``--help`` lists vLLM's flag groups (``--help=<group>`` / ``--help=all``
+    show their flags, as with ``vllm serve``) and shows the EM-INF group in full.
+    """
+    options = {"usage": USAGE, "description": DESCRIPTION}
+    if subparsers is None:
+        parser = serve_parser_class()(prog="em-inf serve", **options)
+    else:  # made with add_subparsers(parser_class=serve_parser_class())
+        parser = subparsers.add_parser(
+            "serve",
+            help="Serve a model with EM-INF (OpenAI-compatible API).",
+            **options,
+        )
+    parser = vllm_compat.get("make_arg_parser")(parser)
+    add_em_inf_arguments(parser)
+    parser.epilog = EPILOG
+    return parser
+
+
+def serve_parser_class() -> type[argparse.ArgumentParser]:
+    """vLLM's ``FlexibleArgumentParser``, with the EM-INF group in plain ``--help``."""
+    base = vllm_compat.get("FlexibleArgumentParser")
+
+    class ServeParser(base):  # type: ignore[misc, valid-type]
+        """vLLM's parser, whose plain ``--help`` also spells out the EM-INF flags."""
+
+        def format_help(self) -> str:
+            text = super().format_help()
+            if getattr(self, "_search_keyword", None) is not None:
+                return text
+            for group in self._action_groups:
+                if group.title == GROUP_TITLE:
+                    formatter = self._get_formatter()
+                    formatter.start_section(group.title)
+                    formatter.add_text(group.description)
+                    formatter.add_arguments(group._group_actions)
+                    formatter.end_section()
+                    text += "\n" + formatter.format_help()
+            return text
+
+    return ServeParser

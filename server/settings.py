@@ -1,0 +1,82 @@
+"""The server's EM-INF defaults: one record shared by the CLI, the request middleware,
+the ``GET /v1/em-inf`` route and (through ``additional_config``) the processor."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from em_inf.config import PRESET_SOURCES, PRESETS, REQUEST_KEY, EMInfConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Engine-wide EM-INF settings of one server.
+
+    Attributes:
+        engine_config: ``additional_config["em_inf"]`` as handed to the engine
+            (``preset``, overridden fields, ``enabled``).
+        config: the resolved default settings.
+        enabled: whether requests that say nothing about EM-INF get it; when
+            ``False`` it is opt-in per request.
+    """
+
+    engine_config: Mapping[str, Any]
+    config: EMInfConfig
+    enabled: bool
+
+    @classmethod
+    def from_engine_config(
+        cls, engine_config: Mapping[str, Any] | None
+    ) -> ServerSettings:
+        """Resolve ``additional_config["em_inf"]`` exactly as the processor does.
+
+        Raises:
+            ValueError: naming the bad key.
+        """
+        from em_inf.processor import EMInf, engine_settings
+
+        engine_config = dict(engine_config or {})
+        config, enabled = engine_settings(EMInf.settings, EMInf.enabled, engine_config)
+        return cls(engine_config=engine_config, config=config, enabled=enabled)
+
+    @property
+    def preset(self) -> str:
+        """The preset the defaults start from."""
+        return str(self.engine_config.get("preset", "default"))
+
+    @property
+    def request_default(self) -> EMInfConfig | None:
+        """What a request that says nothing runs with (``None``: EM-INF off)."""
+        return self.config if self.enabled else None
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON document of ``GET /v1/em-inf``."""
+        import em_inf
+
+        return {
+            "object": "em_inf.settings",
+            "version": em_inf.__version__,
+            "vllm_version": _vllm_version(),
+            "enabled_by_default": self.enabled,
+            "preset": self.preset,
+            "defaults": self.config.as_dict(),
+            "presets": {
+                name: {"settings": preset.as_dict(), "source": PRESET_SOURCES[name]}
+                for name, preset in PRESETS.items()
+            },
+            "request": {
+                "body_field": REQUEST_KEY,
+                "settings": ["preset", *EMInfConfig().as_dict()],
+                "switch": [True, False, "on", "off"],
+            },
+        }
+
+
+def _vllm_version() -> str | None:
+    try:
+        from vllm import __version__
+    except ImportError:  # the route is served by vLLM, so this is only defensive
+        return None
+    return str(__version__)

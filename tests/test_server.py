@@ -1,0 +1,708 @@
+"""``em-inf serve``: the real server process, driven by the official ``openai`` client.
+
+Two servers, one at a time (class-scoped fixtures):
+
+* the tiny random Qwen2 with a 512-token vocabulary, so a request can ask for the
+  logprobs of *every* token (``--max-logprobs -1``, ``top_logprobs=-1``) and the
+  test can run the float64 reference on the whole row. The server runs with
+  ``--logprobs-mode processed_logprobs``: vLLM then returns the log-softmax of the
+  logits *after* the logits processors (for greedy requests: after EM-INF and
+  nothing else; no penalties are set), i.e. exactly the distribution EM-INF
+  produced. A request with ``"em_inf": false`` returns the model's own distribution,
+  which is checked against transformers; the EM-INF rows are checked against
+  ``em_inf.reference`` applied to it. ``--dtype float32`` keeps the model's logits
+  comparable with transformers'.
+* the default model (SmolLM2-135M-Instruct, started with no MODEL argument) for a
+  realistic answer, with EM-INF opt-in (``--em-inf-default off``). Skipped when the
+  model is not prepared (``python -m em_inf.models default`` prepares it).
+
+Plus fast checks of the request translation and the command line, without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import urllib.request
+
+import openai
+import pytest
+import torch
+from em_inf.server.requests import EMInfRequestError, translate_body
+
+from em_inf import __version__, models
+from em_inf.config import PRESET_SOURCES, PRESETS, EMInfConfig
+from em_inf.reference import entropy
+from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
+from tests.server_helpers import running_server
+
+TINY_VOCAB = 512
+SERVER_THRESHOLD = 0.25  # --em-inf-threshold of the tiny server (preset 'default')
+SERVER_DEFAULT = PRESETS["default"].replace(threshold=SERVER_THRESHOLD)
+PROMPTS = (
+    "The capital of France is",
+    "Solve for x: 3x + 5 = 20.",
+    "def add(a, b):",
+    "Entropy minimization sharpens",
+    "The quick brown fox",
+    "Numbers: 0 1 2 3",
+    "A language model assigns",
+    "What is 12 + 30?",
+)
+MESSAGE = [{"role": "user", "content": PROMPTS[0]}]
+# Batched float32 numerics in the engine may differ from a lone request's in the
+# last bits; concurrent results are compared with this much more room.
+BATCHED_LOGIT_TOL = 1e-3
+BATCHED_TV_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def random_logits_settings(rng: random.Random) -> dict:
+    """Fresh logits-mode settings; thresholds sometimes above the row's entropy."""
+    return {
+        "threshold": rng.choice([0.0, rng.uniform(0.0, 4.0), 50.0]),
+        "kl_weight": rng.uniform(0.0, 0.2),
+        "lr": rng.uniform(0.01, 0.3),
+        "steps": rng.randint(0, 5),
+    }
+
+
+def row_from_top_logprobs(pairs) -> torch.Tensor:
+    """``[V]`` float32 logprobs from ``(\"token_id:<id>\", logprob)`` pairs (all V)."""
+    row = torch.full((TINY_VOCAB,), float("nan"), dtype=torch.float32)
+    for token, logprob in pairs:
+        row[int(token.removeprefix("token_id:"))] = logprob
+    assert not row.isnan().any(), "the server did not return every token's logprob"
+    return row
+
+
+def first_token_row(
+    client: openai.OpenAI, model: str, endpoint: str, prompt: str, extra: dict
+) -> torch.Tensor:
+    """The processed logprobs of the first generated token, all ``V`` of them."""
+    extra = {"return_tokens_as_token_ids": True, **extra}
+    if endpoint == "chat":
+        response = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=-1,
+            extra_body=extra,
+        )
+        top = response.choices[0].logprobs.content[0].top_logprobs
+        return row_from_top_logprobs((entry.token, entry.logprob) for entry in top)
+    response = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=-1,
+        extra_body=extra,
+    )
+    return row_from_top_logprobs(response.choices[0].logprobs.top_logprobs[0].items())
+
+
+def expected_row(plain: torch.Tensor, config: EMInfConfig | None) -> torch.Tensor:
+    """The reference's distribution (float64 logprobs) for ``config`` applied to the
+    model's own logprobs ``plain`` (EM-INF is shift-invariant in the logits)."""
+    logits = plain.double()[None]
+    if config is None:
+        return logits[0]
+    if config.mode == "temperature":
+        out = adaptive_temperature_oracle(
+            logits,
+            threshold=config.threshold,
+            alpha=config.alpha,
+            t_min=config.t_min,
+            t_max=config.t_max,
+        )
+    else:
+        out = em_inf_oracle(
+            logits,
+            threshold=config.threshold,
+            kl_weight=config.kl_weight,
+            lr=config.lr,
+            steps=config.steps,
+        )
+    return torch.log_softmax(out[0], dim=-1)
+
+
+def assert_row(actual: torch.Tensor, expected: torch.Tensor, **tolerances) -> None:
+    assert_matches(actual[None], expected[None], **tolerances)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+# ------------------------------------------------- request translation (no server)
+
+
+@pytest.mark.parametrize(
+    ("field", "xargs"),
+    [
+        ({"preset": "math", "lr": 0.05}, {"em_inf_preset": "math", "em_inf_lr": 0.05}),
+        ({"threshold": 0.2}, {"em_inf_threshold": 0.2}),
+        ({}, {"em_inf": "on"}),
+        (True, {"em_inf": "on"}),
+        (False, {"em_inf": "off"}),
+        ("off", {"em_inf": "off"}),
+    ],
+)
+def test_body_field_becomes_flat_vllm_xargs(field, xargs):
+    body = {"model": "m", "prompt": "p", "em_inf": field}
+    new_body, _ = translate_body(body, PRESETS["default"])
+    assert new_body == {"model": "m", "prompt": "p", "vllm_xargs": xargs}
+    assert body["em_inf"] == field, "the caller's body must not be modified"
+
+
+def test_body_field_joins_existing_vllm_xargs_and_resolves_settings():
+    body = {"em_inf": {"preset": "math"}, "vllm_xargs": {"em_inf_lr": 0.05, "x": "y"}}
+    new_body, settings = translate_body(body, PRESETS["default"])
+    assert new_body["vllm_xargs"] == {
+        "em_inf_lr": 0.05,
+        "x": "y",
+        "em_inf_preset": "math",
+    }
+    assert settings == PRESETS["math"].replace(lr=0.05)
+
+
+def test_bodies_without_em_inf_pass_through_untouched():
+    body = {"model": "m", "vllm_xargs": {"other": 1}}
+    assert translate_body(body, None) == (body, None)
+    assert translate_body(body, None)[0] is body
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"em_inf": {"threshold": -1}}, "'threshold'"),
+        ({"em_inf": {"stepz": 3}}, "stepz"),
+        ({"em_inf": {"steps": 2.5}}, "'steps'"),
+        ({"em_inf": {"preset": "nope"}}, "preset"),
+        ({"em_inf": {"t_min": 2.0, "t_max": 1.0}}, "'t_min'"),
+        ({"em_inf": "maybe"}, "'em_inf'"),
+        ({"em_inf": {"lr": 0.1}, "vllm_xargs": {"em_inf_lr": 0.2}}, "em_inf_lr"),
+        ({"em_inf": False, "vllm_xargs": {"em_inf_lr": 0.2}}, "turned off"),
+        ({"vllm_xargs": {"em_inf_alpha": 2.0}}, "'alpha'"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_field(body, named):
+    with pytest.raises(EMInfRequestError) as caught:
+        translate_body(body, PRESETS["default"])
+    assert named in caught.value.message
+
+
+# ------------------------------------------------------------ command line (no server)
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    from em_inf.server.cli_args import make_serve_parser
+
+    return make_serve_parser()
+
+
+def test_em_inf_flags_become_engine_settings_and_vllm_flags_pass_through(
+    serve_parser,
+):
+    from em_inf.server.cli_args import engine_config_from_args
+
+    args = serve_parser.parse_args(
+        [
+            "some/model",
+            "--em-inf-preset",
+            "math",
+            "--em-inf-lr",
+            "0.05",
+            "--em-inf-steps",
+            "4",
+            "--em-inf-default",
+            "off",
+            "--max-model-len",
+            "512",
+            "--tensor-parallel-size",
+            "2",
+            "--additional-config",
+            '{"em_inf": {"threshold": 0.2}, "other": 1}',
+        ]
+    )
+    assert engine_config_from_args(args) == {
+        "threshold": 0.2,
+        "preset": "math",
+        "lr": 0.05,
+        "steps": 4,
+        "enabled": False,
+    }
+    assert (args.model_tag, args.max_model_len, args.tensor_parallel_size) == (
+        "some/model",
+        512,
+        2,
+    )
+
+
+def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
+    text = serve_parser.format_help()
+    for expected in (
+        "EM-INF:",
+        "--em-inf-threshold",
+        "--em-inf-default",
+        "ModelConfig",
+    ):
+        assert expected in text
+
+
+# ------------------------------------------------------------- the tiny-model server
+
+
+@pytest.fixture(scope="class")
+def tiny_server(tmp_path_factory):
+    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
+    args = [
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--max-logprobs",
+        "-1",
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--em-inf-threshold",
+        str(SERVER_THRESHOLD),
+    ]
+    with running_server(args, log_path) as base_url:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        yield base_url, client, model, model_dir
+
+
+@pytest.fixture(scope="class")
+def plain_rows(tiny_server):
+    """Each prompt's first-token logprobs with EM-INF off (chat and completion)."""
+    _, client, model, _ = tiny_server
+    return {
+        (endpoint, prompt): first_token_row(
+            client, model, endpoint, prompt, {"em_inf": False}
+        )
+        for endpoint in ("chat", "completion")
+        for prompt in PROMPTS
+    }
+
+
+class TestTinyServer:
+    def test_models_and_health(self, tiny_server):
+        base_url, client, model, model_dir = tiny_server
+        assert model == str(model_dir)
+        with urllib.request.urlopen(base_url + "/health", timeout=30) as response:
+            assert response.status == 200
+
+    def test_em_inf_route_reports_defaults_presets_and_version(self, tiny_server):
+        info = get_json(tiny_server[0] + "/v1/em-inf")
+        assert info["version"] == __version__
+        assert info["enabled_by_default"] is True
+        assert info["defaults"] == SERVER_DEFAULT.as_dict()
+        assert set(info["presets"]) == set(PRESETS)
+        for name, preset in PRESETS.items():
+            assert info["presets"][name]["settings"] == preset.as_dict()
+            assert info["presets"][name]["source"] == PRESET_SOURCES[name]
+
+    def test_em_inf_false_returns_the_models_own_distribution(
+        self, tiny_server, plain_rows
+    ):
+        """Checked against transformers running the same checkpoint in float32."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _, client, model, model_dir = tiny_server
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        prompt = PROMPTS[1]
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids])).logits[0, -1].double()
+        assert_row(
+            plain_rows[("completion", prompt)],
+            torch.log_softmax(logits, -1),
+            logit_tol=BATCHED_LOGIT_TOL,
+            tv_tol=BATCHED_TV_TOL,
+        )
+
+    @pytest.mark.parametrize("endpoint", ["chat", "completion"])
+    def test_plain_request_gets_the_server_defaults(
+        self, tiny_server, plain_rows, endpoint
+    ):
+        _, client, model, _ = tiny_server
+        prompt = PROMPTS[0]
+        actual = first_token_row(client, model, endpoint, prompt, {})
+        plain = plain_rows[(endpoint, prompt)]
+        assert entropy(plain.double()) > SERVER_THRESHOLD, "test needs a real step"
+        assert_row(actual, expected_row(plain, SERVER_DEFAULT))
+        assert (actual - plain).abs().max() > 1e-2, "EM-INF changed nothing"
+
+    @pytest.mark.parametrize("spelling", ["body", "vllm_xargs"])
+    @pytest.mark.parametrize("endpoint", ["chat", "completion"])
+    def test_per_request_settings_match_the_reference(
+        self, tiny_server, plain_rows, endpoint, spelling
+    ):
+        _, client, model, _ = tiny_server
+        rng = random.Random()
+        for prompt in rng.sample(PROMPTS, 2):
+            settings = random_logits_settings(rng)
+            if spelling == "body":
+                extra = {"em_inf": settings}
+            else:
+                extra = {"vllm_xargs": {f"em_inf_{k}": v for k, v in settings.items()}}
+            actual = first_token_row(client, model, endpoint, prompt, extra)
+            config = SERVER_DEFAULT.replace(**settings)
+            try:
+                assert_row(actual, expected_row(plain_rows[(endpoint, prompt)], config))
+            except AssertionError as error:
+                raise AssertionError(f"{prompt!r} with {settings}: {error}") from None
+
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            {"em_inf": {"preset": "math"}},
+            {"em_inf": {"preset": "physics", "lr": 0.05}},
+            {"em_inf": {"preset": "adaptive-temperature"}},
+            {
+                "vllm_xargs": {
+                    "em_inf_preset": "adaptive-temperature",
+                    "em_inf_alpha": 0.5,
+                }
+            },
+            {"em_inf": {"mode": "temperature", "t_min": 0.5}},
+        ],
+    )
+    def test_presets_and_temperature_mode_match_the_reference(
+        self, tiny_server, plain_rows, extra
+    ):
+        _, client, model, _ = tiny_server
+        prompt = PROMPTS[3]
+        actual = first_token_row(client, model, "chat", prompt, extra)
+        settings = dict(extra.get("em_inf") or {})
+        for key, value in (extra.get("vllm_xargs") or {}).items():
+            settings[key.removeprefix("em_inf_")] = value
+        config = SERVER_DEFAULT.updated(settings)
+        assert_row(actual, expected_row(plain_rows[("chat", prompt)], config))
+
+    def test_off_switch_in_vllm_xargs_matches_em_inf_false(
+        self, tiny_server, plain_rows
+    ):
+        _, client, model, _ = tiny_server
+        prompt = PROMPTS[2]
+        off = first_token_row(
+            client, model, "chat", prompt, {"vllm_xargs": {"em_inf": "off"}}
+        )
+        assert torch.equal(off, plain_rows[("chat", prompt)])
+
+    def test_streaming_matches_non_streaming_with_usage(self, tiny_server):
+        _, client, model, _ = tiny_server
+        extra = {"em_inf": {"preset": "math", "steps": 2}, "ignore_eos": True}
+        whole = client.chat.completions.create(
+            model=model,
+            messages=MESSAGE,
+            max_tokens=12,
+            temperature=0.0,
+            extra_body=extra,
+        )
+        stream = client.chat.completions.create(
+            model=model,
+            messages=MESSAGE,
+            max_tokens=12,
+            temperature=0.0,
+            extra_body=extra,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert whole.usage.completion_tokens == 12
+
+        completion = client.completions.create(
+            model=model,
+            prompt=PROMPTS[4],
+            max_tokens=10,
+            temperature=0.0,
+            extra_body=extra,
+        )
+        pieces = client.completions.create(
+            model=model,
+            prompt=PROMPTS[4],
+            max_tokens=10,
+            temperature=0.0,
+            extra_body=extra,
+            stream=True,
+        )
+        assert "".join(p.choices[0].text for p in pieces) == completion.choices[0].text
+
+    def test_n_stop_and_usage_keep_working(self, tiny_server):
+        _, client, model, _ = tiny_server
+        extra = {"em_inf": {"threshold": 0.1}, "ignore_eos": True}
+        sampled = client.chat.completions.create(
+            model=model,
+            messages=MESSAGE,
+            max_tokens=6,
+            temperature=1.0,
+            n=3,
+            seed=7,
+            extra_body=extra,
+        )
+        assert len(sampled.choices) == 3
+        assert sampled.usage.completion_tokens == 3 * 6
+
+        reference = (
+            client.completions.create(
+                model=model,
+                prompt=PROMPTS[5],
+                max_tokens=16,
+                temperature=0.0,
+                extra_body=extra,
+            )
+            .choices[0]
+            .text
+        )
+        cut = next(
+            (
+                i
+                for i in range(1, len(reference) - 1)
+                if reference[i : i + 2].strip()
+                and reference.find(reference[i : i + 2]) == i
+            ),
+            None,
+        )
+        assert cut is not None, f"no usable stop string in {reference!r}"
+        stopped = client.completions.create(
+            model=model,
+            prompt=PROMPTS[5],
+            max_tokens=16,
+            temperature=0.0,
+            stop=[reference[cut : cut + 2]],
+            extra_body=extra,
+        ).choices[0]
+        assert stopped.finish_reason == "stop"
+        assert stopped.text == reference[:cut]
+
+    @pytest.mark.parametrize(
+        ("extra", "named"),
+        [
+            ({"em_inf": {"threshold": -1}}, "'threshold'"),
+            ({"em_inf": {"learning_rate": 0.1}}, "learning_rate"),
+            ({"em_inf": {"steps": 1.5}}, "'steps'"),
+            ({"em_inf": {"t_min": 2.0}}, "'t_min'"),
+            ({"em_inf": "sometimes"}, "'em_inf'"),
+            ({"vllm_xargs": {"em_inf_lr": "fast"}}, "em_inf_lr"),
+            ({"vllm_xargs": {"em_inf": "off", "em_inf_lr": 0.1}}, "turned off"),
+        ],
+    )
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_bad_settings_get_400_and_the_server_keeps_serving(
+        self, tiny_server, extra, named, stream
+    ):
+        _, client, model, _ = tiny_server
+        with pytest.raises(openai.BadRequestError) as caught:
+            response = client.chat.completions.create(
+                model=model,
+                messages=MESSAGE,
+                max_tokens=2,
+                extra_body=extra,
+                stream=stream,
+            )
+            if stream:
+                list(response)
+        assert caught.value.status_code == 400
+        error = caught.value.body
+        assert error["type"] == "BadRequestError"
+        assert named in error["message"]
+        after = client.chat.completions.create(
+            model=model,
+            messages=MESSAGE,
+            max_tokens=2,
+            extra_body={"em_inf": {"preset": "math"}, "ignore_eos": True},
+        )
+        assert after.choices[0].finish_reason == "length"
+
+    def test_32_concurrent_mixed_requests_each_get_their_own_settings(
+        self, tiny_server, plain_rows
+    ):
+        base_url, _, model, _ = tiny_server
+        rng = random.Random()
+        kinds = ("chat", "chat-stream", "completion", "completion-stream")
+        choices = [
+            None,
+            {},
+            {"preset": "math"},
+            {"preset": "adaptive-temperature"},
+        ]
+        jobs = []
+        for index in range(32):
+            # 16 requests: each kind with each of four settings; 16: fresh settings.
+            if index < 16:
+                settings = choices[index // 4]
+            else:
+                settings = random_logits_settings(rng)
+            jobs.append((kinds[index % 4], PROMPTS[index % 8], settings))
+
+        async def run_one(client, kind, prompt, settings):
+            extra = {
+                "return_tokens_as_token_ids": True,
+                "ignore_eos": True,
+                "em_inf": False if settings is None else settings,
+            }
+            if kind.startswith("chat"):
+                response = await client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=4,
+                    temperature=0.0,
+                    logprobs=True,
+                    top_logprobs=-1,
+                    extra_body=extra,
+                    stream=kind.endswith("stream"),
+                )
+                if kind.endswith("stream"):
+                    chunks = [c async for c in response if c.choices]
+                    tops = [
+                        t
+                        for c in chunks
+                        if c.choices[0].logprobs
+                        for t in c.choices[0].logprobs.content
+                    ]
+                    finish = chunks[-1].choices[0].finish_reason
+                else:
+                    tops = response.choices[0].logprobs.content
+                    finish = response.choices[0].finish_reason
+                first = [(t.token, t.logprob) for t in tops[0].top_logprobs]
+                return first, len(tops), finish
+            response = await client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=4,
+                temperature=0.0,
+                logprobs=-1,
+                extra_body=extra,
+                stream=kind.endswith("stream"),
+            )
+            if kind.endswith("stream"):
+                chunks = [c async for c in response if c.choices]
+                tops = [
+                    t
+                    for c in chunks
+                    if c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.top_logprobs
+                ]
+                finish = chunks[-1].choices[0].finish_reason
+            else:
+                tops = response.choices[0].logprobs.top_logprobs
+                finish = response.choices[0].finish_reason
+            return list(tops[0].items()), len(tops), finish
+
+        async def run_all():
+            client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused")
+            try:
+                return await asyncio.wait_for(
+                    asyncio.gather(*(run_one(client, *job) for job in jobs)), 300
+                )
+            finally:
+                await client.close()
+
+        results = asyncio.run(run_all())
+        for (kind, prompt, settings), (first, tokens, finish) in zip(
+            jobs, results, strict=True
+        ):
+            endpoint = "chat" if kind.startswith("chat") else "completion"
+            config = None if settings is None else SERVER_DEFAULT.updated(settings)
+            expected = expected_row(plain_rows[(endpoint, prompt)], config)
+            try:
+                assert (tokens, finish) == (4, "length")
+                assert_row(
+                    row_from_top_logprobs(first),
+                    expected,
+                    logit_tol=BATCHED_LOGIT_TOL,
+                    tv_tol=BATCHED_TV_TOL,
+                )
+            except AssertionError as error:
+                raise AssertionError(f"{kind} {prompt!r} {settings}: {error}") from None
+
+    def test_metrics_count_the_requests(self, tiny_server):
+        with urllib.request.urlopen(tiny_server[0] + "/metrics", timeout=30) as page:
+            text = page.read().decode()
+        finished = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vllm:request_success_total")
+        ]
+        assert sum(finished) > 0
+
+
+# ------------------------------------------------------- the default model (SmolLM2)
+
+# The bare question is a near tie between "The capital ..." and "L'..." as the first
+# token in bf16 (see tests/test_models.py); asking for a sentence gives "The" a clear
+# lead, so greedy decoding names Paris with and without EM-INF.
+PARIS_QUESTION = "What is the capital of France? Answer in one sentence."
+
+default_model_ready = pytest.mark.skipif(
+    not models.is_complete(models.default_model_dir()),
+    reason="default model not prepared: python -m em_inf.models default",
+)
+
+
+@pytest.fixture(scope="class")
+def default_server(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("default-server") / "server.log"
+    # processed_logprobs: logprobs of the distribution EM-INF produced (see above).
+    args = ["--em-inf-default", "off", "--logprobs-mode", "processed_logprobs"]
+    with running_server(args, log_path) as base_url:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+        yield base_url, client
+
+
+@default_model_ready
+class TestDefaultModelServer:
+    def test_serves_smollm2_by_its_name_with_em_inf_opt_in(self, default_server):
+        base_url, client = default_server
+        assert [m.id for m in client.models.list().data] == [models.DEFAULT_MODEL_NAME]
+        assert get_json(base_url + "/v1/em-inf")["enabled_by_default"] is False
+
+    @pytest.mark.parametrize("extra", [{}, {"em_inf": {"preset": "math"}}])
+    def test_chat_answer_names_paris(self, default_server, extra):
+        _, client = default_server
+        response = client.chat.completions.create(
+            model=models.DEFAULT_MODEL_NAME,
+            messages=[{"role": "user", "content": PARIS_QUESTION}],
+            max_tokens=32,
+            temperature=0.0,
+            extra_body=extra,
+        )
+        assert "Paris" in response.choices[0].message.content
+
+    def test_opt_in_server_leaves_plain_requests_alone(self, default_server):
+        _, client = default_server
+
+        def top(extra):
+            response = client.completions.create(
+                model=models.DEFAULT_MODEL_NAME,
+                prompt="Once upon a time",
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=20,
+                extra_body=extra,
+            )
+            return response.choices[0].logprobs.top_logprobs[0]
+
+        plain, off, on = top({}), top({"em_inf": False}), top({"em_inf": True})
+        assert plain == off
+        assert plain.keys() != on.keys() or any(
+            abs(plain[token] - on[token]) > 1e-3 for token in plain
+        )
