@@ -2,9 +2,10 @@
 
 It wraps vLLM's own FastAPI application and touches only POST requests to the
 generation routes (:data:`~em_inf.server.requests.GENERATION_PATHS`) whose body
-mentions ``em_inf``; every other request, and every response, passes through
-untouched, streaming included. Invalid settings are answered with HTTP 400 in the
-OpenAI error format and never reach vLLM's handlers or the engine.
+mentions ``em_inf`` (and refuses ``"em_inf"`` on routes that cannot carry it,
+rather than let vLLM drop it silently); every other request, and every response,
+passes through untouched, streaming included. Invalid settings are answered with
+HTTP 400 in the OpenAI error format and never reach vLLM's handlers or the engine.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from em_inf.config import EMInfConfig
 
 from .requests import (
     GENERATION_PATHS,
+    UNSUPPORTED_PATHS,
     EMInfRequestError,
     error_body,
+    refuse_unsupported,
     translate_body,
 )
 
@@ -51,7 +54,7 @@ class EMInfRequestMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or not scope["path"].endswith(GENERATION_PATHS)
+            or not scope["path"].endswith(GENERATION_PATHS + UNSUPPORTED_PATHS)
         ):
             await self.app(scope, receive, send)
             return
@@ -70,7 +73,11 @@ class EMInfRequestMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         try:
-            rewritten, _ = translate_body(decoded, self.default)
+            if scope["path"].endswith(UNSUPPORTED_PATHS):
+                refuse_unsupported(scope["path"], decoded)
+                rewritten = decoded
+            else:
+                rewritten, _ = translate_body(decoded, self.default)
         except EMInfRequestError as error:
             logger.info("EM-INF: refused a request: %s", error.message)
             await _send_json(send, 400, error_body(error))

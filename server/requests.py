@@ -35,6 +35,11 @@ GENERATION_PATHS: tuple[str, ...] = (
 )
 
 
+#: POST routes that take sampling parameters but no ``vllm_xargs``: an ``"em_inf"``
+#: field there would be dropped by vLLM, so it is refused instead.
+UNSUPPORTED_PATHS: tuple[str, ...] = ("/v1/chat/completions/batch",)
+
+
 class EMInfRequestError(ValueError):
     """Invalid EM-INF settings in a request; ``param`` names the body field."""
 
@@ -134,6 +139,17 @@ def translate_body(
     else:
         new_body.pop(XARGS_FIELD, None)
     return new_body, settings
+
+
+def refuse_unsupported(path: str, body: dict[str, Any]) -> None:
+    """Raise when ``body`` (for a route in :data:`UNSUPPORTED_PATHS`) asks for EM-INF
+    settings that route cannot pass to the engine."""
+    if REQUEST_KEY in body:
+        raise EMInfRequestError(
+            f"em_inf: per-request EM-INF settings are not supported on {path} (it "
+            "takes no vllm_xargs); send each conversation to /v1/chat/completions",
+            REQUEST_KEY,
+        )
 
 
 def error_body(error: EMInfRequestError) -> dict[str, Any]:

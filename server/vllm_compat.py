@@ -1,9 +1,10 @@
 """The pieces of vLLM's OpenAI-compatible server that ``em-inf serve`` builds on.
 
-vLLM moved its serving modules (``vllm.entrypoints.openai.*`` ->
-``vllm.entrypoints.launchers.*``, ``vllm.entrypoints.serve.*``); each name below is
-looked up at its current home first, then at the older ones, so one em-inf release
-runs on every vLLM in ``vllm>=0.32,<0.34``. Imports happen on first use: importing
+vLLM moves its serving modules (``vllm.entrypoints.openai.*`` ->
+``vllm.entrypoints.launchers.*`` / ``vllm.entrypoints.serve.*``, and on vLLM's
+development branch ``vllm.frontend.entrypoints.*``); each name below is looked up at
+the home of the vLLM em-inf is tested with (0.32) first, then at the others, so one
+em-inf release runs across ``vllm>=0.32,<0.34``. Imports happen on first use: importing
 this module costs nothing.
 """
 
@@ -17,42 +18,52 @@ from typing import Any
 _LOCATIONS: dict[str, tuple[str, ...]] = {
     "FlexibleArgumentParser": (
         "vllm.utils.argparse_utils:FlexibleArgumentParser",
+        "vllm.foundation.utilities.argparse_utils:FlexibleArgumentParser",
         "vllm.utils:FlexibleArgumentParser",
     ),
     "make_arg_parser": (
         "vllm.entrypoints.launchers.cli_args:make_arg_parser",
+        "vllm.frontend.entrypoints.launchers.cli_args:make_arg_parser",
         "vllm.entrypoints.openai.cli_args:make_arg_parser",
     ),
     "validate_parsed_serve_args": (
         "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args",
+        "vllm.frontend.entrypoints.launchers.cli_args:validate_parsed_serve_args",
         "vllm.entrypoints.openai.cli_args:validate_parsed_serve_args",
     ),
     "cli_env_setup": (
         "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
+        "vllm.frontend.entrypoints.serve.utils.api_utils:cli_env_setup",
         "vllm.entrypoints.utils:cli_env_setup",
     ),
     "build_app": (
         "vllm.entrypoints.launchers.app:build_app",
+        "vllm.frontend.entrypoints.launchers.app:build_app",
         "vllm.entrypoints.openai.api_server:build_app",
     ),
     "init_app_state": (
         "vllm.entrypoints.launchers.api_server.app_state:init_app_state",
+        "vllm.frontend.entrypoints.launchers.api_server.app_state:init_app_state",
         "vllm.entrypoints.openai.api_server:init_app_state",
     ),
     "build_async_engine_client": (
         "vllm.entrypoints.launchers.api_server.entry:build_async_engine_client",
+        "vllm.frontend.entrypoints.launchers.api_server.entry:build_async_engine_client",
         "vllm.entrypoints.openai.api_server:build_async_engine_client",
     ),
     "setup_server": (
         "vllm.entrypoints.launchers.launcher:setup_server",
+        "vllm.frontend.entrypoints.launchers.launcher:setup_server",
         "vllm.entrypoints.openai.api_server:setup_server",
     ),
     "serve_http": (
         "vllm.entrypoints.launchers.launcher:serve_http",
+        "vllm.frontend.entrypoints.launchers.launcher:serve_http",
         "vllm.entrypoints.launcher:serve_http",
     ),
     "get_uvicorn_log_config": (
         "vllm.entrypoints.launchers.utils.server_utils:get_uvicorn_log_config",
+        "vllm.frontend.entrypoints.launchers.utils.server_utils:get_uvicorn_log_config",
         "vllm.entrypoints.utils:get_uvicorn_log_config",
     ),
     "run_headless": ("vllm.entrypoints.cli.serve:run_headless",),

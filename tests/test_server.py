@@ -26,10 +26,15 @@ import json
 import random
 import urllib.request
 
+import httpx
 import openai
 import pytest
 import torch
-from em_inf.server.requests import EMInfRequestError, translate_body
+from em_inf.server.requests import (
+    EMInfRequestError,
+    refuse_unsupported,
+    translate_body,
+)
 
 from em_inf import __version__, models
 from em_inf.config import PRESET_SOURCES, PRESETS, EMInfConfig
@@ -198,6 +203,19 @@ def test_invalid_settings_are_refused_naming_the_field(body, named):
     with pytest.raises(EMInfRequestError) as caught:
         translate_body(body, PRESETS["default"])
     assert named in caught.value.message
+
+
+def test_batch_route_refuses_the_em_inf_field():
+    with pytest.raises(EMInfRequestError, match="not supported"):
+        refuse_unsupported("/v1/chat/completions/batch", {"em_inf": {"lr": 0.1}})
+    refuse_unsupported("/v1/chat/completions/batch", {"messages": []})
+
+
+def test_every_vllm_piece_em_inf_builds_on_is_found():
+    from em_inf.server import vllm_compat
+
+    for name in vllm_compat._LOCATIONS:
+        assert callable(vllm_compat.get(name)), name
 
 
 # ------------------------------------------------------------ command line (no server)
@@ -531,6 +549,37 @@ class TestTinyServer:
             extra_body={"em_inf": {"preset": "math"}, "ignore_eos": True},
         )
         assert after.choices[0].finish_reason == "length"
+
+    @pytest.mark.parametrize(
+        ("path", "body"),
+        [
+            ("/v1/responses", {"input": PROMPTS[0], "max_output_tokens": 4}),
+            ("/v1/messages", {"messages": MESSAGE, "max_tokens": 4}),
+        ],
+    )
+    def test_responses_and_messages_routes_take_em_inf_too(
+        self, tiny_server, path, body
+    ):
+        base_url, _, model, _ = tiny_server
+        body = {"model": model, **body}
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            good = http.post(path, json={**body, "em_inf": {"preset": "math"}})
+            bad = http.post(path, json={**body, "em_inf": {"lr": -0.1}})
+        assert good.status_code == 200, good.text
+        assert bad.status_code == 400
+        assert "'lr'" in bad.json()["error"]["message"]
+
+    def test_batch_chat_route_refuses_em_inf_instead_of_dropping_it(self, tiny_server):
+        base_url, _, model, _ = tiny_server
+        body = {"model": model, "messages": [MESSAGE, MESSAGE], "max_tokens": 2}
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            refused = http.post(
+                "/v1/chat/completions/batch", json={**body, "em_inf": False}
+            )
+            served = http.post("/v1/chat/completions/batch", json=body)
+        assert refused.status_code == 400
+        assert "/v1/chat/completions/batch" in refused.json()["error"]["message"]
+        assert served.status_code == 200, served.text
 
     def test_32_concurrent_mixed_requests_each_get_their_own_settings(
         self, tiny_server, plain_rows
