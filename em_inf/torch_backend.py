@@ -23,13 +23,14 @@ _NEG_BIG = torch.finfo(torch.float32).min
 
 
 def _softmax_stats(
-    z: torch.Tensor,
+    z: torch.Tensor, masked: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For ``[b, V]`` logits: ``(zs, q, mean, entropy)``.
 
-    ``zs = z - max(z)`` with ``-inf`` clamped to a finite floor (so ``q * zs = 0``
-    for masked tokens), ``q = softmax(z)``, ``mean = E_q[zs]`` and
-    ``entropy = log sum exp(zs) - E_q[zs]``, both ``[b, 1]``.
+    ``zs = z - max(z)`` (with ``-inf`` clamped to a finite floor when ``masked``,
+    so ``q * zs = 0`` for masked tokens), ``q = softmax(z)``, ``mean = E_q[zs]``
+    and ``entropy = log sum exp(zs) - E_q[zs]``, both ``[b, 1]``. Five passes over
+    the row: max, shift, exp, sum (then normalise), dot.
 
     The gradient is then formed as ``q * (mean - zs)``, equal to
     ``-q * (log q + H)``. Precision matters here: Adam divides by ``|g|``, so the
@@ -38,11 +39,13 @@ def _softmax_stats(
     by the row max the top tokens sit near 0, and flat rows never subtract two
     large numbers (``log q + H`` would, at ``H ~ log V``).
     """
-    zs = (z - z.amax(dim=-1, keepdim=True)).clamp_(min=_NEG_BIG)
+    zs = z - z.amax(dim=-1, keepdim=True)
+    if masked:
+        zs.clamp_(min=_NEG_BIG)
     q = torch.exp(zs)
     total = q.sum(-1, keepdim=True)
     q.div_(total)
-    mean = (q * zs).sum(-1, keepdim=True)
+    mean = torch.linalg.vecdot(q, zs).unsqueeze(-1)
     return zs, q, mean, torch.log(total) - mean
 
 
@@ -56,19 +59,29 @@ def em_inf_(
     """EM-INF in place on ``logits`` (float32 ``[B, V]``); returns ``logits``.
 
     Rows whose entropy starts below ``threshold`` (or with ``steps == 0``) are not
-    touched at all; the others run on a compacted sub-batch.
+    touched at all; the others run on a compacted sub-batch. Each step is about 14
+    elementwise passes over the sub-batch (5 for the softmax statistics, 2-3 for
+    the gradient, 7 for Adam): on CPU the cost is memory traffic, so the update is
+    arranged to need as few passes and temporaries as possible.
     """
-    zs, q, mean, ent = _softmax_stats(logits)
-    rows = ((ent >= threshold) & (steps > 0)).squeeze(1).nonzero().squeeze(1)
-    if rows.numel() == 0:
+    masked = bool(torch.isneginf(logits).any())
+    zs, q, mean, ent = _softmax_stats(logits, masked)
+    todo = (ent >= threshold) & (steps > 0)
+    if not bool(todo.any()):
         return logits
-    z = logits[rows]
-    zs, q, mean, ent = zs[rows], q[rows], mean[rows], ent[rows]
+    whole = bool(todo.all())
+    rows = None if whole else todo.squeeze(1).nonzero().squeeze(1)
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x if whole else x[rows]
+
+    z = logits if whole else logits[rows]
+    zs, q, mean, ent = pick(zs), pick(q), pick(mean), pick(ent)
     threshold, kl_weight, lr, steps = (
-        threshold[rows],
-        kl_weight[rows],
-        lr[rows],
-        steps[rows],
+        pick(threshold),
+        pick(kl_weight),
+        pick(lr),
+        pick(steps),
     )
     p0 = q
     use_kl = bool((kl_weight != 0).any())
@@ -78,20 +91,25 @@ def em_inf_(
     active = torch.ones_like(ent, dtype=torch.bool)
     for t in range(1, int(steps.max()) + 1):
         if t > 1:
-            zs, q, mean, ent = _softmax_stats(z)
+            zs, q, mean, ent = _softmax_stats(z, masked)
         active &= (ent >= threshold) & (steps >= t)
         if not bool(active.any()):
             break
-        # g = -q * (log q + H) + kl_weight * (q - p0), as q * (E_q[zs] - zs) + ...
-        grad = zs.neg_().add_(mean).mul_(q)
+        # g = -q (log q + H) + lam (q - p0) = q (E_q[zs] + lam - zs) - lam p0
+        grad = zs.neg_().add_(mean + kl_weight if use_kl else mean).mul_(q)
         if use_kl:
-            grad.add_((q - p0).mul_(kl_weight))
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            grad.addcmul_(p0, kl_weight, value=-1.0)
+        exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(ADAM_EPS)
-        update = torch.div(exp_avg, denom).mul_(lr / (1 - beta1**t))
-        z.sub_(update.mul_(active))
-    logits[rows] = z
+        # z -= lr / bc1 * m / (sqrt(v / bc2) + eps)
+        #    = m / ((sqrt(v) + eps sqrt(bc2)) / (lr sqrt(bc2) / bc1)); rows that
+        # stopped get step size 0, hence a denominator of +inf and no update.
+        sqrt_bc2 = (1 - beta2**t) ** 0.5
+        step_size = (lr * (sqrt_bc2 / (1 - beta1**t))).masked_fill_(~active, 0.0)
+        denom = exp_avg_sq.sqrt().add_(ADAM_EPS * sqrt_bc2).div_(step_size)
+        z.addcdiv_(exp_avg, denom, value=-1.0)
+    if not whole:
+        logits[rows] = z
     return logits
 
 
