@@ -221,6 +221,7 @@ def time_batch(
     device, cuda: bool, rows: int, vocab: int, args, bandwidth: float
 ) -> list[dict]:
     from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
+    from em_inf.kernels._common import plan_chunks
 
     src = make_logits(rows, vocab, device, seed=rows)
     buf = torch.empty_like(src)
@@ -229,6 +230,8 @@ def time_batch(
     copy_s = median_seconds(lambda: buf.copy_(src), cuda, reps, warmup)
     floor_s = 2 * src.numel() * 4 / bandwidth
     rows_out = []
+
+    planned_block = plan_chunks(rows, vocab, device)[0]
 
     def add(mode, steps, provider, seconds, extrapolated=False, raw=None):
         rows_out.append(
@@ -241,6 +244,7 @@ def time_batch(
                 "us": seconds * 1e6,
                 "extrapolated": extrapolated,
                 "raw_us": None if raw is None else raw * 1e6,
+                "planned_block": planned_block,
             }
         )
 
@@ -298,6 +302,20 @@ def time_batch(
 
         raw = median_seconds(kernel, cuda, reps, warmup)
         add(mode, steps, "triton", max(raw - copy_s, 0.0), raw=raw)
+        if mode == "logits":  # how the launch plan's block size matters
+            for block in args.sweep_blocks:
+
+                def swept(slot_params=slot_params, steps=steps, block=block):
+                    em_inf_rows_(
+                        buf.copy_(src),
+                        row_slot,
+                        **slot_params,
+                        max_steps=steps,
+                        block=block,
+                    )
+
+                raw = median_seconds(swept, cuda, reps, warmup)
+                add(mode, steps, f"triton@{block}", max(raw - copy_s, 0.0), raw=raw)
         os.environ[functional.BACKEND_ENV] = "torch"
         try:
             add(mode, steps, "torch", median_seconds(batched, cuda, reps, warmup))
@@ -364,6 +382,26 @@ def print_table(timings: list[dict], bandwidth: float) -> list[str]:
                     f"B=64: torch / triton = {us('torch') / tri:.1f} >= 5"
                 )
     print("(all in microseconds; * = reference scaled per row from fewer rows)")
+    sweep = sorted(
+        {r["provider"] for r in timings if r["provider"].startswith("triton@")}
+    )
+    if sweep:
+        print("\nlogits mode, triton by block size (us; default plan marked *):")
+        print(
+            f"{'steps':>6}{'B':>6}"
+            + "".join(f"{p:>14}" for p in sweep)
+            + f"{'planned':>11}"
+        )
+        for steps, rows in sorted(
+            {(r["steps"], r["B"]) for r in timings if r["mode"] == "logits"}
+        ):
+            default = keyed[("logits", steps, rows, "triton")]
+            cells = []
+            for provider in sweep:
+                value = keyed[("logits", steps, rows, provider)]["us"]
+                planned = provider == f"triton@{default['planned_block']}"
+                cells.append(f"{value:>13.1f}{'*' if planned else ' '}")
+            print(f"{steps:>6}{rows:>6}" + "".join(cells) + f"  {default['us']:>9.1f}")
     print("\n".join(lines))
     return lines
 
@@ -409,9 +447,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="most rows the per-row loop is timed on (scaled per row beyond)",
     )
     parser.add_argument("--check-rows", type=int, default=8)
+    parser.add_argument(
+        "--sweep-blocks",
+        type=int,
+        nargs="*",
+        default=None,
+        help="block sizes the logits kernel is also timed with "
+        "(default 1024 2048 4096; 1024 with --quick)",
+    )
     parser.add_argument("--time-anyway", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.sweep_blocks is None:
+        args.sweep_blocks = [1024] if args.quick else [1024, 2048, 4096]
     if args.quick:
         args.batches, args.vocab, args.steps = [1, 4], 4_099, [3]
         args.reps, args.warmup, args.reference_rows, args.check_rows = 3, 1, 2, 4
@@ -443,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         for rows in args.batches:
             timings += time_batch(device, cuda, rows, args.vocab, args, bandwidth)
         targets = print_table(timings, bandwidth)
+        if not cuda:
+            print("(Triton interpreter on CPU: the timings and targets mean nothing)")
     else:
         print("correctness failed: no timings reported (--time-anyway to force)")
 

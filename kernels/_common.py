@@ -39,14 +39,15 @@ def plan_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, in
     """``(BLOCK, num_warps)``: how many logits of a row one program holds.
 
     Every pass is a 2-D grid ``(rows, ceil(V / BLOCK))``. Large blocks cut the
-    per-program overhead (the chunk partials every program re-reads, see the
-    kernels); small blocks keep the card busy at small batch. We take the largest
-    block in 4096 / 2048 / 1024 that still gives ``_TARGET_PROGRAMS_PER_SM``
-    programs per SM, e.g. on an H100 (132 SMs) with V = 151,936: B = 1 -> 1024
-    (149 programs), B = 8 -> 2048 (600), B >= 15 -> 4096 (38 per row). A block
-    of 4096 float32 is 16 KiB: 16 values per thread with 8 warps, which keeps the
-    five per-element registers arrays of the Adam replay (z0, z, m, v, p0) well
-    inside the register file.
+    per-program overhead (the chunk partials every program re-reads, see
+    :mod:`em_inf.kernels.logits_mode`); small blocks keep the card busy at small
+    batch. We take the largest block in 4096 / 2048 / 1024 that still gives
+    ``_TARGET_PROGRAMS_PER_SM`` programs per SM, e.g. on an H100 (132 SMs) with
+    V = 151,936: B = 1 -> 1024 (149 programs), B = 8 -> 2048 (600), B >= 15 ->
+    4096 (38 per row). Compiled for sm_90 (ptxas of Triton 3.9), the last pass
+    holds z, m, v and lam p0 in registers: 127 registers per thread at 4096 / 8
+    warps (two programs per SM), 74 at 2048 / 8 warps, 72 at 1024 / 4 warps, no
+    spills. ``bench/gpu_check.py`` times the three sizes to check this choice.
     """
     wanted = _TARGET_PROGRAMS_PER_SM * sm_count(device)
     block = 1024
@@ -55,8 +56,25 @@ def plan_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, in
             block = candidate
             break
     block = min(block, max(128, next_power_of_2(n_cols)))
-    num_warps = 8 if block >= 2048 else 4
-    return block, num_warps
+    return block, warps_for(block)
+
+
+def warps_for(block: int) -> int:
+    """Warps per program: 8 to 16 values per thread for the register-held chunk."""
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def check_block(block: int) -> tuple[int, int]:
+    """A caller's ``block`` override, validated, with its ``num_warps``."""
+    if (
+        isinstance(block, bool)
+        or not isinstance(block, int)
+        or block < 128
+        or block > 8192
+        or block & (block - 1)
+    ):
+        raise ValueError(f"block must be a power of two in [128, 8192], got {block!r}")
+    return block, warps_for(block)
 
 
 def check_logits(logits: torch.Tensor) -> None:

@@ -3,35 +3,49 @@
 Design (one decoding step, ``n`` = the largest ``steps`` of the batch):
 
 * ``n + 1`` launches of one kernel over a 2-D grid ``(rows, chunks)``, a chunk
-  being ``BLOCK`` consecutive logits of one row (``kernels._common.plan_chunks``).
-  Pass ``k < n`` computes, for every chunk, the partial softmax statistics of
+  being ``BLOCK`` consecutive logits of one row (``kernels._common.plan_chunks``:
+  1024 at B = 1, i.e. 149 programs for V = 151,936, up to 4096 from B ~ 15 on an
+  H100). Pass ``k < n`` writes, per chunk, the partial softmax statistics of
   ``z_k`` (the logits after ``k`` Adam steps): chunk max ``m_c``,
-  ``s_c = sum exp(z - m_c)`` and ``w_c = sum exp(z - m_c) (z - m_c)``. The last pass
+  ``s_c = sum exp(z - m_c)``, ``w_c = sum exp(z - m_c) (z - m_c)``. The last pass
   writes ``z_s`` (``s`` = the steps the row actually takes) in place.
-* Why several launches: step ``k + 1`` needs ``logsumexp(z_k)`` and ``H(z_k)``, two
-  reductions over the whole row; a row is split over many programs (so batch 1
-  still fills the card), and programs of one launch cannot wait for each other
-  without a grid-wide barrier (which also deadlocks Triton's sequential CPU
-  interpreter). The kernel boundary is that barrier; ``n + 1`` launches is the
-  minimum for ``n`` dependent reductions plus the write.
+* Why several launches: step ``k + 1`` needs ``logsumexp(z_k)`` and ``H(z_k)``,
+  reductions over the whole row, and the row is split over many programs so that
+  batch 1 still spreads over the card. Programs of one launch cannot wait for each
+  other without a grid-wide barrier, which needs every program resident at once
+  (not true at B x chunks in the thousands) and deadlocks Triton's sequential CPU
+  interpreter. The kernel boundary is that barrier: ``n`` dependent reductions
+  plus the write make ``n + 1`` launches, the least a split row allows.
+* The "small finishing step" of each reduction is folded into its consumers: every
+  program of pass ``k + 1`` combines its row's ``chunks`` partials itself
+  (``_row_stats``: three loads of ``chunks`` floats and three block reductions,
+  read from L2) instead of a separate launch.
 * No ``[B, V]`` scratch: the logits keep ``z0`` until the last pass, and every
   program rebuilds its chunk's ``z_k``, Adam moments ``m, v`` and ``p0`` in
-  registers from ``z0`` and the per-row scalars ``(logsumexp, H)`` of earlier
-  passes (ALGORITHM.md, "Cost model"). Those scalars are re-derived by each program
-  from the chunk partials, a ``[N, n, 3, chunks]`` float32 buffer (V / BLOCK times
-  smaller than the logits; 2.3 MB at B = 1024, n = 5, BLOCK = 4096).
-* Early exits: a row whose slot is ``-1``, whose ``steps`` is 0, or whose entropy
-  fell below its threshold before step ``k + 1`` returns before touching its
-  logits in every later pass; a row below the threshold from the start is never
-  written (bit-identical).
+  registers from ``z0`` and the per-row scalars of earlier passes (ALGORITHM.md,
+  "Cost model"). The only scratch is the partials, ``[N, n, 3, chunks]`` float32,
+  ``3 n / BLOCK`` of the logits' size (2.3 MB at B = 1024, n = 5,
+  BLOCK = 4096), allocated per call from PyTorch's caching allocator.
+* Early exits: a row whose slot is ``-1`` or whose ``steps`` is 0 returns at
+  once in every pass; a row whose entropy fell below its threshold before step
+  ``k + 1`` stops in pass ``k + 1`` (writing a stop marker, ``m_c = +inf``, so later
+  passes see it in one combine) and never loads its logits again; a row below the
+  threshold from the start is never written (bit-identical).
 
-Memory traffic per decoding step, ``n`` steps, ``B x V`` float32 logits
-(``4 B V`` bytes): ``n`` read passes for the statistics, one read + one write for
-the result, i.e. ``(n + 2) * 4 B V`` bytes against the floor ``2 * 4 B V``; the
-re-reads hit L2 while the batch fits in it (50 MB on an H100: B <= ~64 at
-V = 151,936). Compute: pass ``k`` replays ``k`` Adam steps per element, each about
-a dozen FP32 instructions and three MUFU ops (exp, sqrt, reciprocal), so the
-replay, not DRAM, bounds large batches with many steps.
+Cost per decoding step, ``n`` steps, ``B x V`` float32 logits (``4 B V`` bytes):
+
+* Memory: ``n`` read passes for the statistics, then one read + one write, i.e.
+  ``(n + 2) 4 B V`` bytes against the floor ``2 * 4 B V`` (2.5x at n = 3). The
+  re-reads are served from L2 while the batch fits (50 MB on an H100: B <= ~64 at
+  V = 151,936), so DRAM sees little more than the floor there.
+* Compute: pass ``k`` replays ``k`` Adam steps per element, ``n (n + 1) / 2``
+  steps in all (6 at n = 3). A replayed step is ~16 SASS instructions per element
+  (sm_90, BLOCK 4096), 3 of them MUFU (exp2, sqrt, rsqrt; 16 per clock per SM);
+  with the statistics' exp2 that is 18 MUFU ops per element at n = 3, i.e.
+  ~47 us for B = 64 on an H100 (132 SMs, 1.75 GHz) against a ~26 us floor. The
+  MUFU pipe, not DRAM, bounds the kernel from B ~ 64 up and for n = 5.
+* Launch: ``n + 1`` kernel launches; at B = 1 the GPU work per pass is a few
+  microseconds, so host launch overhead sets the latency.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 from em_inf.kernels._common import (
+    check_block,
     check_logits,
     check_row_slot,
     check_slot_param,
@@ -230,6 +245,7 @@ def em_inf_rows_(
     steps: torch.Tensor,
     *,
     max_steps: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """EM-INF (logits mode) in place on a batch, per-row parameters read by slot.
 
@@ -244,6 +260,8 @@ def em_inf_rows_(
             the number of launches (``max_steps + 1``). Pass it (vLLM keeps the
             per-slot values on the host) to avoid a device sync; ``None`` reads
             ``steps.max()`` from the device. Slots with more steps are cut to it.
+        block: logits per program (a power of two, 128 to 8192); ``None`` lets
+            :func:`em_inf.kernels._common.plan_chunks` choose. For tuning only.
 
     Returns:
         ``logits``. Rows whose entropy starts below their threshold, rows with
@@ -259,7 +277,8 @@ def em_inf_rows_(
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0 or max_steps <= 0:
         return logits
-    block, num_warps = plan_chunks(n_rows, n_cols, logits.device)
+    planned = plan_chunks(n_rows, n_cols, logits.device)
+    block, num_warps = planned if block is None else check_block(block)
     n_chunks = -(-n_cols // block)
     partials = torch.empty(
         (n_rows, max_steps, 3, n_chunks), dtype=torch.float32, device=logits.device

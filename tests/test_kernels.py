@@ -200,6 +200,16 @@ def test_logits_kernel_max_steps_caps_every_row():
     assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, capped))
 
 
+@pytest.mark.parametrize("block", [128, 1024])
+def test_logits_kernel_result_does_not_depend_on_the_block_size(block):
+    """Many small chunks (33 per row at block 128) or one: same answer."""
+    logits = mask_randomly(random_logits(2, 4_099, scale=2.0), 0.2)
+    params = _slot_params(2, threshold=0.2, kl_weight=0.02, lr=0.1, steps=3)
+    row_slot = torch.arange(2, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params, block=block)
+    assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
+
+
 # -- temperature mode ---------------------------------------------------------------
 
 
@@ -277,6 +287,7 @@ def test_temperature_kernel_leaves_fully_masked_rows_alone():
         (dict(row_slot=torch.zeros(2)), "row_slot"),
         (dict(lr=torch.zeros(1, 1)), "lr"),
         (dict(steps=torch.zeros(1)), "steps"),
+        (dict(block=96), "block"),
     ],
 )
 def test_logits_kernel_rejects_bad_arguments_naming_them(change, message):
