@@ -35,6 +35,7 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK, num_warps)``: how many logits of a row one program holds.
 
@@ -48,6 +49,7 @@ def plan_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, in
     holds z, m, v and lam p0 in registers: 127 registers per thread at 4096 / 8
     warps (two programs per SM), 74 at 2048 / 8 warps, 72 at 1024 / 4 warps, no
     spills. ``bench/gpu_check.py`` times the three sizes to check this choice.
+    Cached: the decode loop asks for the same few shapes every step.
     """
     wanted = _TARGET_PROGRAMS_PER_SM * sm_count(device)
     block = 1024

@@ -187,6 +187,8 @@ def adaptive_temperature_rows_(
     alpha: torch.Tensor,
     t_min: torch.Tensor,
     t_max: torch.Tensor,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Adaptive temperature in place on a batch, per-row parameters read by slot.
 
@@ -194,8 +196,11 @@ def adaptive_temperature_rows_(
         logits: float32 ``[N, V]`` raw logits (contiguous along V), modified in place;
             ``-inf`` = masked, stays ``-inf``.
         row_slot: int32/int64 ``[N]``: the parameter slot of each row (vLLM's
-            ``expanded_idx_mapping``); ``-1`` leaves the row untouched.
+            ``expanded_idx_mapping``); ``-1`` leaves the row untouched. Slots
+            must be below ``S`` (not checked: that would need a device sync).
         threshold, alpha, t_min, t_max: float32 ``[S]`` per-slot settings.
+        validate: check the per-slot tensors; see
+            :func:`em_inf.kernels.em_inf_rows_`.
 
     Returns:
         ``logits``: each row with ``H0 > threshold`` divided by the solved ``T``
@@ -204,13 +209,14 @@ def adaptive_temperature_rows_(
     """
     check_logits(logits)
     check_row_slot(row_slot, logits)
-    for name, value in (
-        ("threshold", threshold),
-        ("alpha", alpha),
-        ("t_min", t_min),
-        ("t_max", t_max),
-    ):
-        check_slot_param(name, value, logits, (torch.float32,))
+    if validate:
+        for name, value in (
+            ("threshold", threshold),
+            ("alpha", alpha),
+            ("t_min", t_min),
+            ("t_max", t_max),
+        ):
+            check_slot_param(name, value, logits, (torch.float32,))
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0:
         return logits
