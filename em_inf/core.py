@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from em_inf import functional
+from em_inf import functional, torch_backend
 from em_inf.config import EMInfConfig
 
 
@@ -111,6 +111,17 @@ def apply_to_rows(
         return logits
     if functional.backend_for(logits.device) == "triton":
         return _apply_kernels(logits, row_slots, enabled, settings)
+    return _apply_torch(logits, row_slots, enabled, settings)
+
+
+def _apply_torch(
+    logits: torch.Tensor,
+    row_slots: np.ndarray,
+    enabled: np.ndarray,
+    settings: SlotSettings,
+) -> torch.Tensor:
+    """The PyTorch path, in place: per mode, the rows that use it (all of them
+    without a copy, else gathered and scattered back)."""
     temperature_mode = settings.temperature_mode[row_slots]
     for use_temperature in (False, True):
         rows = np.flatnonzero(enabled & (temperature_mode == use_temperature))
@@ -122,28 +133,27 @@ def apply_to_rows(
         sub = logits if whole_batch else logits.index_select(0, index)
 
         def per_row(array: np.ndarray, slots: np.ndarray = slots) -> torch.Tensor:
-            return torch.from_numpy(array[slots]).to(logits.device)
+            """``[rows, 1]`` tensor of the rows' settings."""
+            return torch.from_numpy(array[slots]).to(logits.device).unsqueeze(1)
 
         if use_temperature:
-            out = functional.adaptive_temperature(
+            torch_backend.adaptive_temperature_(
                 sub,
-                threshold=per_row(settings.threshold),
-                alpha=per_row(settings.alpha),
-                t_min=per_row(settings.t_min),
-                t_max=per_row(settings.t_max),
+                per_row(settings.threshold),
+                per_row(settings.alpha),
+                per_row(settings.t_min),
+                per_row(settings.t_max),
             )
         else:
-            out = functional.em_inf(
+            torch_backend.em_inf_(
                 sub,
-                threshold=per_row(settings.threshold),
-                kl_weight=per_row(settings.kl_weight),
-                lr=per_row(settings.lr),
-                steps=per_row(settings.steps),
+                per_row(settings.threshold),
+                per_row(settings.kl_weight),
+                per_row(settings.lr),
+                per_row(settings.steps),
             )
-        if whole_batch:
-            logits.copy_(out)
-        else:
-            logits.index_copy_(0, index, out)
+        if not whole_batch:
+            logits.index_copy_(0, index, sub)
     return logits
 
 
