@@ -6,8 +6,8 @@ call so that load from other processes hits them alike):
 * ``reference``: the authors' per-row loop (:mod:`em_inf.reference`, autograd +
   ``torch.optim.Adam`` / bisection with their tolerance 0.1), float32, CPU.
 * ``torch``: :mod:`em_inf.functional` on CPU tensors (the batched torch path).
-* ``torch-cuda``: the same torch path on CUDA tensors (GPU only), called through
-  :mod:`em_inf.torch_backend` so that it never dispatches to Triton.
+* ``torch-cuda``: the same torch path on CUDA tensors (GPU only), forced with
+  ``EM_INF_BACKEND=torch``.
 * ``triton``: :mod:`em_inf.functional` on CUDA tensors, which dispatches to the
   Triton kernels of :mod:`em_inf.kernels` (GPU only).
 
@@ -32,8 +32,10 @@ Writes JSON (``--out``) and a PNG next to it (``bench/plots.py`` redraws it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -42,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,7 @@ import torch
 if __package__ in (None, ""):  # `python bench/latency.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from em_inf import functional, reference, torch_backend  # noqa: E402
+from em_inf import functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 
 VOCABS = (49_152, 151_936)
@@ -113,16 +115,6 @@ def implementations(
 
         def batched(x: torch.Tensor) -> torch.Tensor:
             return functional.em_inf(x, **params)
-
-        def torch_path(x: torch.Tensor) -> torch.Tensor:
-            out = x.clone()
-            rows = x.shape[0]
-            col = {
-                k: torch.full((rows, 1), float(v), device=x.device)
-                for k, v in params.items()
-            }
-            col["steps"] = col["steps"].long()
-            return torch_backend.em_inf_(out, **col)
     else:
         params = _temperature_params()
 
@@ -134,14 +126,9 @@ def implementations(
         def batched(x: torch.Tensor) -> torch.Tensor:
             return functional.adaptive_temperature(x, **params)
 
-        def torch_path(x: torch.Tensor) -> torch.Tensor:
-            out = x.clone()
-            rows = x.shape[0]
-            col = {
-                k: torch.full((rows, 1), float(v), device=x.device)
-                for k, v in params.items()
-            }
-            return torch_backend.adaptive_temperature_(out, **col)
+    def torch_path(x: torch.Tensor) -> torch.Tensor:
+        with _forced_backend("torch"):
+            return batched(x)
 
     impls: dict[str, Callable] = {"reference": ref, "torch": lambda: batched(logits)}
     if cuda:
@@ -149,6 +136,40 @@ def implementations(
         impls["torch-cuda"] = lambda: torch_path(on_gpu)
         impls["triton"] = lambda: batched(on_gpu)
     return impls
+
+
+@contextlib.contextmanager
+def _forced_backend(name: str) -> Iterator[None]:
+    """Force :mod:`em_inf.functional`'s backend (it reads the variable per call)."""
+    previous = os.environ.get(functional.BACKEND_ENV)
+    os.environ[functional.BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[functional.BACKEND_ENV]
+        else:
+            os.environ[functional.BACKEND_ENV] = previous
+
+
+def map_kernels_package() -> None:
+    """Make ``em_inf.kernels`` importable from a plain checkout (no ``pip install``,
+    as on the GPU machine): the installed package maps it to the top-level
+    ``kernels/`` folder, a copied tree does not."""
+    try:
+        if importlib.util.find_spec("em_inf.kernels") is not None:
+            return
+    except ModuleNotFoundError:
+        pass
+    folder = Path(__file__).resolve().parents[1] / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "em_inf.kernels",
+        folder / "__init__.py",
+        submodule_search_locations=[str(folder)],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["em_inf.kernels"] = module
+    spec.loader.exec_module(module)
 
 
 def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Tensor]:
@@ -162,8 +183,20 @@ def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Ten
     return time.perf_counter() - start, out
 
 
-def measure(case: Case, repeats: int, cuda: bool, skip_reference: bool) -> list[dict]:
-    """Time every implementation on one case; one row per implementation."""
+def measure(
+    case: Case,
+    repeats: int,
+    cuda: bool,
+    skip_reference: bool,
+    min_seconds: float = 0.0,
+    max_repeats: int = 200,
+) -> list[dict]:
+    """Time every implementation on one case; one row per implementation.
+
+    Rounds (one call of each implementation, in rotating order) run until there
+    are ``repeats`` of them and the round time has added up to ``min_seconds``, or
+    ``max_repeats`` rounds: cheap cells get many samples, costly ones few.
+    """
     logits = make_logits(case.batch, case.vocab)
     impls = implementations(case, logits, cuda)
     if skip_reference:
@@ -173,11 +206,14 @@ def measure(case: Case, repeats: int, cuda: bool, skip_reference: bool) -> list[
     for name in names:  # warm-up (and Triton compilation)
         _, outputs[name] = _timed(impls[name], cuda)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
+    rep, spent = 0, 0.0
+    while rep < max_repeats and (rep < repeats or spent < min_seconds):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             seconds, _ = _timed(impls[name], cuda)
             times[name].append(seconds)
+            spent += seconds
+        rep += 1
     ref_median = statistics.median(times["reference"]) if "reference" in times else None
     min_bytes = 2 * case.batch * case.vocab * 4
     rows = []
@@ -255,7 +291,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("logits", "temperature"),
         default=["logits", "temperature"],
     )
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per cell")
+    parser.add_argument("--repeats", type=int, default=7, help="least timed rounds")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="keep timing a cell until its rounds add up to this (at most 200)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -274,12 +316,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.batch = [b for b in args.batch if b <= 8] or [1, 8]
         args.repeats = min(args.repeats, 3)
+        args.min_seconds = min(args.min_seconds, 0.5)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = args.device == "auto" and torch.cuda.is_available()
+    if cuda:
+        map_kernels_package()
     out = args.out or Path(__file__).resolve().parent / "results" / (
         "latency_gpu.json" if cuda else "latency_cpu.json"
     )
@@ -293,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in cases:
         skip_reference = case.batch > args.no_reference_above
-        case_rows = measure(case, args.repeats, cuda, skip_reference)
+        case_rows = measure(case, args.repeats, cuda, skip_reference, args.min_seconds)
         rows += case_rows
         summary = "  ".join(
             f"{r['impl']} {r['median_ms']:.2f} ms"
