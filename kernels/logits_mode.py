@@ -87,8 +87,7 @@ def _row_stats(p_part, n_chunks, C_POW2: tl.constexpr):
     ``logsumexp`` and ``H`` separately (at |z| ~ 10 their float32 rounding, ~1e-6,
     is as large as ``log q + H`` on a nearly flat row). Where the pass wrote the
     marker ``m_c = +inf`` (the row had stopped), ``H = -1``: below every threshold.
-    An all ``-inf`` row gives
-    ``M = log S = 0``; ``-inf - 0`` stays ``-inf`` (``-inf - -inf`` would be NaN).
+    An all ``-inf`` row gives ``M = log S = 0``.
     """
     o_c = tl.arange(0, C_POW2)
     m_c = o_c < n_chunks
@@ -155,6 +154,8 @@ def _em_inf_pass_kernel(
         _, _, _, h_prev = _row_stats(p_prev, n_chunks, C_POW2)
         if h_prev < threshold:
             tl.store(p_part_out, float("inf"))
+            tl.store(p_part_out + n_chunks, 0.0)
+            tl.store(p_part_out + 2 * n_chunks, 0.0)
             return
     if PHASE != 0:
         shift0, log_s0, mean_y0, h0 = _row_stats(p_part_row, n_chunks, C_POW2)

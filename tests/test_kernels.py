@@ -35,6 +35,15 @@ from tests.test_functional import mask_randomly, random_logits  # noqa: E402
 
 QWEN_VOCAB = 151_936
 
+from em_inf.kernels import logits_mode  # noqa: E402
+
+if not type(logits_mode._em_inf_pass_kernel).__name__.startswith("Interpreted"):
+    pytest.skip(
+        "em_inf.kernels was imported before TRITON_INTERPRET=1 was set; run "
+        "tests/test_kernels.py in its own pytest process",
+        allow_module_level=True,
+    )
+
 
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
