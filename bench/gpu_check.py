@@ -19,6 +19,9 @@
      GPU (autograd + ``torch.optim.Adam``; bisection with the authors' tolerance).
      It is timed on up to ``--reference-rows`` rows and scaled linearly per row
      beyond that (marked ``extrapolated``: it runs rows one after another);
+   * ``triton@<block>``, ``triton@rows<G>`` (logits mode): the kernel with each
+     block size of ``--sweep-blocks``, and in groups of ``G`` rows whose logits
+     fit in L2 between passes (``rows_per_launch``), to check the launch plan;
    * ``floor``: one read + one write of the logits at the copy bandwidth measured
      on a 1 GiB device-to-device copy (``copy`` is the measured copy of the actual
      ``[B, V]`` buffer, launch overhead included).
@@ -245,6 +248,15 @@ def copy_bandwidth(device, cuda: bool, nbytes: int, reps: int) -> float:
     return 2 * nbytes / seconds
 
 
+def l2_rows(device, vocab: int) -> int:
+    """Rows of ``vocab`` float32 logits that fill ~60% of the L2 cache."""
+    l2_bytes = 50 << 20
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        l2_bytes = getattr(props, "L2_cache_size", l2_bytes) or l2_bytes
+    return max(1, int(0.6 * l2_bytes) // (4 * vocab))
+
+
 def time_batch(
     device, cuda: bool, rows: int, vocab: int, args, bandwidth: float
 ) -> list[dict]:
@@ -344,6 +356,20 @@ def time_batch(
 
                 raw = median_seconds(swept, cuda, reps, warmup)
                 add(mode, steps, f"triton@{block}", max(raw - copy_s, 0.0), raw=raw)
+            group = args.group_rows or l2_rows(device, vocab)
+            if rows > group:  # row groups whose logits stay in L2 between passes
+
+                def grouped(slot_params=slot_params, steps=steps, group=group):
+                    em_inf_rows_(
+                        buf.copy_(src),
+                        row_slot,
+                        **slot_params,
+                        max_steps=steps,
+                        rows_per_launch=group,
+                    )
+
+                raw = median_seconds(grouped, cuda, reps, warmup)
+                add(mode, steps, f"triton@rows{group}", max(raw - copy_s, 0.0), raw=raw)
         os.environ[functional.BACKEND_ENV] = "torch"
         try:
             add(mode, steps, "torch", median_seconds(batched, cuda, reps, warmup))
@@ -414,7 +440,10 @@ def print_table(timings: list[dict], bandwidth: float) -> list[str]:
         {r["provider"] for r in timings if r["provider"].startswith("triton@")}
     )
     if sweep:
-        print("\nlogits mode, triton by block size (us; default plan marked *):")
+        print(
+            "\nlogits mode, triton by block size and by row groups kept in L2"
+            " (us; * = the default plan's block):"
+        )
         print(
             f"{'steps':>6}{'B':>6}"
             + "".join(f"{p:>14}" for p in sweep)
@@ -426,6 +455,9 @@ def print_table(timings: list[dict], bandwidth: float) -> list[str]:
             default = keyed[("logits", steps, rows, "triton")]
             cells = []
             for provider in sweep:
+                if ("logits", steps, rows, provider) not in keyed:
+                    cells.append(f"{'-':>14}")
+                    continue
                 value = keyed[("logits", steps, rows, provider)]["us"]
                 planned = provider == f"triton@{default['planned_block']}"
                 cells.append(f"{value:>13.1f}{'*' if planned else ' '}")
@@ -483,9 +515,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="block sizes the logits kernel is also timed with "
         "(default 1024 2048 4096; 1024 with --quick)",
     )
+    parser.add_argument(
+        "--group-rows",
+        type=int,
+        default=None,
+        help="rows per launch group for the L2 variant (default: ~60%% of L2)",
+    )
     parser.add_argument("--time-anyway", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.quick and args.group_rows is None:
+        args.group_rows = 2
     if args.sweep_blocks is None:
         args.sweep_blocks = [1024] if args.quick else [1024, 2048, 4096]
     if args.quick:

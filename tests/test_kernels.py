@@ -219,6 +219,21 @@ def test_logits_kernel_result_does_not_depend_on_the_block_size(block):
     assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
 
 
+def test_logits_kernel_in_row_groups_matches_one_launch_per_pass():
+    logits = mask_randomly(random_logits(5, 3_001, scale=2.0), 0.1)
+    row_slot = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32)
+    params = {
+        "threshold": torch.tensor([0.2, 50.0, 0.3]),
+        "kl_weight": torch.tensor([0.01, 0.05, 0.0]),
+        "lr": torch.tensor([0.1, 0.1, 0.05]),
+        "steps": torch.tensor([3, 4, 2], dtype=torch.int32),
+    }
+    whole = _run_em_inf(logits, row_slot, params, block=1024)
+    grouped = _run_em_inf(logits, row_slot, params, block=1024, rows_per_launch=2)
+    assert torch.equal(grouped, whole)  # rows are independent: same arithmetic
+    assert_matches(whole, _row_oracle(em_inf_oracle, logits, row_slot, params))
+
+
 # -- temperature mode ---------------------------------------------------------------
 
 
