@@ -188,7 +188,10 @@ def make_config(preset: str | None = None, **settings: Any) -> EMInfConfig:
 
 
 def parse_request(
-    extra_args: Mapping[str, Any] | None, default: EMInfConfig | None
+    extra_args: Mapping[str, Any] | None,
+    default: EMInfConfig,
+    *,
+    enabled: bool = True,
 ) -> EMInfConfig | None:
     """The settings one request asks for, or ``None`` where EM-INF is off for it.
 
@@ -198,13 +201,15 @@ def parse_request(
             "off" | 1 | 0}``, and flat keys ``em_inf_<field>`` / ``em_inf_preset``
             (what the OpenAI server's ``vllm_xargs`` can carry). Other keys belong to
             vLLM and are ignored.
-        default: the engine-wide settings, or ``None`` where EM-INF is opt-in.
+        default: the engine-wide settings; a request's own settings apply on top.
+        enabled: whether a request that says nothing about EM-INF gets it;
+            ``False`` makes EM-INF opt-in (``{"em_inf": true}`` or any setting).
 
     Raises:
         ValueError: on any invalid setting, naming it.
     """
     if not extra_args:
-        return default
+        return default if enabled else None
     switch = extra_args.get(REQUEST_KEY)
     settings: dict[str, Any] = {}
     if isinstance(switch, Mapping):
@@ -229,8 +234,8 @@ def parse_request(
             )
         return None
     if switch is None and not settings:
-        return default
-    return (default or PRESETS["default"]).updated(settings)
+        return default if enabled else None
+    return default.updated(settings)
 
 
 def _parse_switch(value: Any) -> bool:

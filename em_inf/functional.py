@@ -107,7 +107,7 @@ def _float32_copy(logits: torch.Tensor) -> torch.Tensor:
 def _per_row(
     name: str, value: Param, rows: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A scalar or ``[B]`` parameter as a ``[B, 1]`` tensor of ``dtype`` on ``device``."""
+    """A number or ``[B]`` parameter as a ``[B, 1]`` ``dtype`` tensor on ``device``."""
     if isinstance(value, torch.Tensor):
         if value.shape not in ((rows,), ()):
             raise ValueError(

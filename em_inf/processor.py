@@ -101,20 +101,21 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
         additional = (vllm_config.additional_config or {}).get(REQUEST_KEY)
-        default, enabled = engine_settings(self.settings, self.enabled, additional)
-        self._default: EMInfConfig | None = default if enabled else None
+        self._default, self._enabled = engine_settings(
+            self.settings, self.enabled, additional
+        )
         self._slots = SlotSettings(vllm_config.scheduler_config.max_num_seqs)
 
     # -- shared ----------------------------------------------------------------
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Reject invalid per-request settings at admission (an HTTP 400)."""
-        parse_request(sampling_params.extra_args, cls.settings)
+        parse_request(sampling_params.extra_args, cls.settings, enabled=cls.enabled)
 
     def _request_settings(self, params: SamplingParams | Any) -> EMInfConfig | None:
         extra_args = getattr(params, "extra_args", None)
         try:
-            return parse_request(extra_args, self._default)
+            return parse_request(extra_args, self._default, enabled=self._enabled)
         except ValueError as err:
             # Only reachable when a request is valid against the class settings
             # (validate_params) but not against this engine's (e.g. t_min > t_max).

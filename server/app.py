@@ -42,9 +42,7 @@ def attach_em_inf(app: FastAPI, settings: ServerSettings) -> FastAPI:
     app.include_router(router)
     # Starlette builds the middleware stack on the first call; the last entry of
     # ``user_middleware`` is the innermost.
-    app.user_middleware.append(
-        Middleware(EMInfRequestMiddleware, default=settings.request_default)
-    )
+    app.user_middleware.append(Middleware(EMInfRequestMiddleware, settings=settings))
     # vLLM's SageMaker bootstrap already built the stack once; drop it so Starlette
     # rebuilds it, with this middleware, on the first call.
     app.middleware_stack = None

@@ -15,8 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from em_inf.config import EMInfConfig
-
 from .requests import (
     GENERATION_PATHS,
     UNSUPPORTED_PATHS,
@@ -25,6 +23,7 @@ from .requests import (
     refuse_unsupported,
     translate_body,
 )
+from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +41,13 @@ class EMInfRequestMiddleware:
 
     Args:
         app: the wrapped ASGI application.
-        default: the server's default settings (``None``: EM-INF is opt-in), which
-            requests are validated against, as the processor resolves them.
+        settings: the server's EM-INF settings, which requests are validated
+            against, as the processor resolves them.
     """
 
-    def __init__(self, app: ASGIApp, *, default: EMInfConfig | None) -> None:
+    def __init__(self, app: ASGIApp, *, settings: ServerSettings) -> None:
         self.app = app
-        self.default = default
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -77,7 +76,7 @@ class EMInfRequestMiddleware:
                 refuse_unsupported(scope["path"], decoded)
                 rewritten = decoded
             else:
-                rewritten, _ = translate_body(decoded, self.default)
+                rewritten, _ = translate_body(decoded, self.settings)
         except EMInfRequestError as error:
             logger.info("EM-INF: refused a request: %s", error.message)
             await _send_json(send, 400, error_body(error))

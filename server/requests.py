@@ -21,7 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from em_inf.config import FLAT_PREFIX, REQUEST_KEY, EMInfConfig, parse_request
+from em_inf.config import FLAT_PREFIX, REQUEST_KEY, EMInfConfig
+
+from .settings import ServerSettings
 
 #: The request-body field that holds vLLM's extra sampling arguments.
 XARGS_FIELD = "vllm_xargs"
@@ -76,14 +78,14 @@ def _has_em_inf_keys(xargs: Mapping[str, Any]) -> bool:
 
 
 def translate_body(
-    body: dict[str, Any], default: EMInfConfig | None
+    body: dict[str, Any], settings: ServerSettings
 ) -> tuple[dict[str, Any], EMInfConfig | None]:
     """Validate a request body's EM-INF settings and move them into ``vllm_xargs``.
 
     Args:
         body: the decoded JSON request body (not modified).
-        default: the server's default settings, or ``None`` where EM-INF is opt-in;
-            exactly what the processor resolves requests against.
+        settings: the server's EM-INF settings, which requests resolve against
+            exactly as in the processor.
 
     Returns:
         ``(new_body, settings)``: the body without ``"em_inf"`` and with its settings
@@ -96,9 +98,9 @@ def translate_body(
     xargs = body.get(XARGS_FIELD)
     if REQUEST_KEY not in body:
         if not isinstance(xargs, Mapping) or not _has_em_inf_keys(xargs):
-            return body, default
+            return body, settings.resolve(None)
         try:
-            return body, parse_request(xargs, default)
+            return body, settings.resolve(xargs)
         except ValueError as error:
             raise EMInfRequestError(str(error), XARGS_FIELD) from None
 
@@ -115,7 +117,7 @@ def translate_body(
         # Check the body field on its own first: errors then speak its language
         # ("'threshold' must be ...") rather than the flat keys'.
         try:
-            parse_request({REQUEST_KEY: value}, default)
+            settings.resolve({REQUEST_KEY: value})
         except ValueError as error:
             raise EMInfRequestError(str(error), REQUEST_KEY) from None
         flat = body_field_to_xargs(value)
@@ -131,14 +133,14 @@ def translate_body(
             )
         merged.update(flat)
     try:
-        settings = parse_request(merged, default)
+        resolved = settings.resolve(merged)
     except ValueError as error:
         raise EMInfRequestError(str(error), REQUEST_KEY) from None
     if merged:
         new_body[XARGS_FIELD] = merged
     else:
         new_body.pop(XARGS_FIELD, None)
-    return new_body, settings
+    return new_body, resolved
 
 
 def refuse_unsupported(path: str, body: dict[str, Any]) -> None:

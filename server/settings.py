@@ -7,7 +7,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from em_inf.config import PRESET_SOURCES, PRESETS, REQUEST_KEY, EMInfConfig
+from em_inf.config import (
+    PRESET_SOURCES,
+    PRESETS,
+    REQUEST_KEY,
+    EMInfConfig,
+    parse_request,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +52,14 @@ class ServerSettings:
         """The preset the defaults start from."""
         return str(self.engine_config.get("preset", "default"))
 
-    @property
-    def request_default(self) -> EMInfConfig | None:
-        """What a request that says nothing runs with (``None``: EM-INF off)."""
-        return self.config if self.enabled else None
+    def resolve(self, extra_args: Mapping[str, Any] | None) -> EMInfConfig | None:
+        """The settings a request with these ``extra_args`` runs with (``None``:
+        EM-INF off), exactly as the processor resolves them.
+
+        Raises:
+            ValueError: naming the bad setting.
+        """
+        return parse_request(extra_args, self.config, enabled=self.enabled)
 
     def describe(self) -> dict[str, Any]:
         """The JSON document of ``GET /v1/em-inf``."""

@@ -122,10 +122,17 @@ def test_parse_request_with_an_engine_default(extra_args, expected):
     assert parse_request(extra_args, PRESETS["math"]) == expected
 
 
-def test_parse_request_when_em_inf_is_opt_in():
-    assert parse_request(None, None) is None
-    assert parse_request({"em_inf": True}, None) == PRESETS["default"]
-    assert parse_request({"em_inf_lr": 0.2}, None) == PRESETS["default"].replace(lr=0.2)
+def test_parse_request_when_em_inf_is_opt_in_keeps_the_engine_settings():
+    engine = PRESETS["physics"].replace(steps=2)
+    assert parse_request(None, engine, enabled=False) is None
+    assert parse_request({"em_inf_lr": 0.2, "x": 1}, engine, enabled=False) == (
+        engine.replace(lr=0.2)
+    )
+    assert parse_request({"other": 1}, engine, enabled=False) is None
+    assert parse_request({"em_inf": True}, engine, enabled=False) == engine
+    assert parse_request({"em_inf": {"lr": 0.2}}, engine, enabled=False) == (
+        engine.replace(lr=0.2)
+    )
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from em_inf.server.requests import (
     refuse_unsupported,
     translate_body,
 )
+from em_inf.server.settings import ServerSettings
 
 from em_inf import __version__, models
 from em_inf.config import PRESET_SOURCES, PRESETS, EMInfConfig
@@ -149,6 +150,8 @@ def get_json(url: str) -> dict:
 
 # ------------------------------------------------- request translation (no server)
 
+ON_BY_DEFAULT = ServerSettings.from_engine_config({})
+
 
 @pytest.mark.parametrize(
     ("field", "xargs"),
@@ -163,14 +166,14 @@ def get_json(url: str) -> dict:
 )
 def test_body_field_becomes_flat_vllm_xargs(field, xargs):
     body = {"model": "m", "prompt": "p", "em_inf": field}
-    new_body, _ = translate_body(body, PRESETS["default"])
+    new_body, _ = translate_body(body, ON_BY_DEFAULT)
     assert new_body == {"model": "m", "prompt": "p", "vllm_xargs": xargs}
     assert body["em_inf"] == field, "the caller's body must not be modified"
 
 
 def test_body_field_joins_existing_vllm_xargs_and_resolves_settings():
     body = {"em_inf": {"preset": "math"}, "vllm_xargs": {"em_inf_lr": 0.05, "x": "y"}}
-    new_body, settings = translate_body(body, PRESETS["default"])
+    new_body, settings = translate_body(body, ON_BY_DEFAULT)
     assert new_body["vllm_xargs"] == {
         "em_inf_lr": 0.05,
         "x": "y",
@@ -181,8 +184,20 @@ def test_body_field_joins_existing_vllm_xargs_and_resolves_settings():
 
 def test_bodies_without_em_inf_pass_through_untouched():
     body = {"model": "m", "vllm_xargs": {"other": 1}}
-    assert translate_body(body, None) == (body, None)
-    assert translate_body(body, None)[0] is body
+    assert translate_body(body, ON_BY_DEFAULT) == (body, PRESETS["default"])
+    assert translate_body(body, ON_BY_DEFAULT)[0] is body
+
+
+def test_opt_in_requests_build_on_the_server_settings_not_the_default_preset():
+    opt_in = ServerSettings.from_engine_config(
+        {"preset": "math", "steps": 4, "enabled": False}
+    )
+    server_settings = PRESETS["math"].replace(steps=4)
+    assert translate_body({"prompt": "p"}, opt_in)[1] is None
+    assert translate_body({"em_inf": True}, opt_in)[1] == server_settings
+    assert translate_body({"em_inf": {"lr": 0.05}}, opt_in)[1] == (
+        server_settings.replace(lr=0.05)
+    )
 
 
 @pytest.mark.parametrize(
@@ -201,7 +216,7 @@ def test_bodies_without_em_inf_pass_through_untouched():
 )
 def test_invalid_settings_are_refused_naming_the_field(body, named):
     with pytest.raises(EMInfRequestError) as caught:
-        translate_body(body, PRESETS["default"])
+        translate_body(body, ON_BY_DEFAULT)
     assert named in caught.value.message
 
 
