@@ -82,19 +82,33 @@ class SlotSettings:
             array[[a, b]] = array[[b, a]]
 
     def on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The per-slot arrays as ``[num_slots]`` tensors on ``device`` (float32;
-        ``steps`` int64), copied again only after a change."""
+        """Per-slot ``[num_slots]`` kernel tables on ``device``, copied again only
+        after a change: float32 settings and int64 ``steps``, masked per mode so
+        that any row -> slot index can go to both kernels as it is. A slot outside
+        the logits mode has ``steps = 0``; one outside the temperature mode has
+        ``temperature_threshold = +inf``; both kernels leave such rows untouched.
+        """
         if self._mirror is None or self._mirror[:2] != (self.version, device):
+            logits_mode = self.enabled & ~self.temperature_mode
+            temperature_mode = self.enabled & self.temperature_mode
+            arrays = {name: getattr(self, name) for name in self._FLOAT_FIELDS}
+            arrays["steps"] = np.where(logits_mode, self.steps, 0)
+            arrays["temperature_threshold"] = np.where(
+                temperature_mode, self.threshold, np.float32(np.inf)
+            )
             tensors = {
-                name: torch.from_numpy(getattr(self, name)).to(device)
-                for name in ("steps", *self._FLOAT_FIELDS)
+                name: torch.from_numpy(array).to(device)
+                for name, array in arrays.items()
             }
             self._mirror = (self.version, device, tensors)
         return self._mirror[2]
 
 
 def apply_to_rows(
-    logits: torch.Tensor, row_slots: np.ndarray, settings: SlotSettings
+    logits: torch.Tensor,
+    row_slots: np.ndarray,
+    settings: SlotSettings,
+    device_row_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run EM-INF in place on the rows of ``logits`` whose slot has it enabled.
 
@@ -102,6 +116,8 @@ def apply_to_rows(
         logits: ``[N, V]`` float32 logits of this step (unscaled), on any device.
         row_slots: ``[N]`` integer numpy array, the slot of each row.
         settings: the per-slot settings.
+        device_row_slots: the same mapping as an integer ``[N]`` tensor on
+            ``logits``' device, where the caller has one (the kernel path uses it).
 
     Returns:
         ``logits``, modified in place; rows of other slots are untouched.
@@ -110,7 +126,7 @@ def apply_to_rows(
     if not enabled.any():
         return logits
     if functional.backend_for(logits.device) == "triton":
-        return _apply_kernels(logits, row_slots, enabled, settings)
+        return _apply_kernels(logits, row_slots, enabled, settings, device_row_slots)
     return _apply_torch(logits, row_slots, enabled, settings)
 
 
@@ -162,36 +178,35 @@ def _apply_kernels(
     row_slots: np.ndarray,
     enabled: np.ndarray,
     settings: SlotSettings,
+    device_row_slots: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One in-place kernel launch sequence per mode present in the batch; rows of
-    the other mode, or without EM-INF, get slot ``-1`` (untouched)."""
+    """In place, one kernel launch sequence per mode present in the batch. The
+    kernels read each row's settings through ``device_row_slots`` (vLLM V2's
+    ``expanded_idx_mapping``; ``arange`` when rows are slots) from the per-mode
+    tables, so nothing per step crosses from host to device."""
     from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
 
     table = settings.on_device(logits.device)
+    if device_row_slots is None:
+        device_row_slots = torch.arange(logits.shape[0], device=logits.device)
     temperature_mode = settings.temperature_mode[row_slots]
-    for use_temperature in (False, True):
-        in_mode = enabled & (temperature_mode == use_temperature)
-        if not in_mode.any():
-            continue
-        row_slot = torch.from_numpy(np.where(in_mode, row_slots, -1).astype(np.int32))
-        row_slot = row_slot.to(logits.device, non_blocking=True)
-        if use_temperature:
-            adaptive_temperature_rows_(
-                logits,
-                row_slot,
-                table["threshold"],
-                table["alpha"],
-                table["t_min"],
-                table["t_max"],
-            )
-        else:
-            em_inf_rows_(
-                logits,
-                row_slot,
-                table["threshold"],
-                table["kl_weight"],
-                table["lr"],
-                table["steps"],
-                max_steps=int(settings.steps[row_slots[in_mode]].max()),
-            )
+    if (enabled & ~temperature_mode).any():
+        em_inf_rows_(
+            logits,
+            device_row_slots,
+            table["threshold"],
+            table["kl_weight"],
+            table["lr"],
+            table["steps"],
+            max_steps=int(settings.steps[row_slots[enabled & ~temperature_mode]].max()),
+        )
+    if (enabled & temperature_mode).any():
+        adaptive_temperature_rows_(
+            logits,
+            device_row_slots,
+            table["temperature_threshold"],
+            table["alpha"],
+            table["t_min"],
+            table["t_max"],
+        )
     return logits

@@ -127,12 +127,12 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
     ) -> torch.Tensor:
         """Process this step's ``[N, V]`` float32 logits in place (both runners)."""
         if ctx is None:  # V1: row i is persistent-batch slot i
-            row_slots = np.arange(logits.shape[0])
-        elif len(ctx.idx_mapping_np) == logits.shape[0]:  # V2, one row per request
+            return apply_to_rows(logits, np.arange(logits.shape[0]), self._slots)
+        if len(ctx.idx_mapping_np) == logits.shape[0]:  # V2, one row per request
             row_slots = ctx.idx_mapping_np
         else:  # V2 with speculative rows: needs the device mapping once
             row_slots = ctx.expanded_idx_mapping.cpu().numpy()
-        return apply_to_rows(logits, row_slots, self._slots)
+        return apply_to_rows(logits, row_slots, self._slots, ctx.expanded_idx_mapping)
 
     # -- Model Runner V1 ----------------------------------------------------------
     def is_argmax_invariant(self) -> bool:

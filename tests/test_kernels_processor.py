@@ -62,3 +62,28 @@ def test_settings_changed_between_steps_reach_the_kernels():
     proc.add_request(2, params({"em_inf": {"preset": "physics"}}))  # slot recycled
     out = proc.apply(logits.clone(), v2_context([2]))
     assert_matches(out, expected_rows(logits, [PRESETS["physics"]]))
+
+
+def test_v1_runner_on_the_kernel_path_uses_batch_positions_as_slots():
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from em_inf import EMInf
+    from tests.test_processor import make_config
+
+    proc = EMInf(make_config(), torch.device("cpu"), False)
+    proc.update_state(
+        BatchUpdate(
+            batch_size=3,
+            removed=[],
+            added=[
+                (0, params({"em_inf": False}), [1], []),
+                (1, params({"em_inf": {"preset": "physics"}}), [1], []),
+                (2, params(None), [1], []),
+            ],
+            moved=[],
+        )
+    )
+    logits = random_logits(3, 1_500)
+    out = proc.apply(logits.clone())
+    expected = expected_rows(logits, [None, PRESETS["physics"], PRESETS["default"]])
+    assert_matches(out, expected)
