@@ -100,6 +100,8 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
     enabled: bool = True
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
+        """``runner_args``: V1's ``(device, is_pin_memory)`` or V2's
+        ``(req_states,)``; EM-INF needs neither (it works on the logits' device)."""
         additional = (vllm_config.additional_config or {}).get(REQUEST_KEY)
         self._default, self._enabled = engine_settings(
             self.settings, self.enabled, additional
