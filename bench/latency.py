@@ -309,6 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=64,
         help="skip the per-row reference loop for B above this (it is slow)",
     )
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds, discarded")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                 for steps in args.steps if mode == "logits" else [None]:
                     cases.append(Case(mode, batch, vocab, steps))
     started = time.time()
+    # Warm-up, discarded: the process's first seconds of torch work run slow (thread
+    # pools, allocator, page faults), which would land on the first cell alone.
+    measure(Case("logits", 8, 49_152, 3), 1, cuda, False, min_seconds=args.warmup)
     rows = []
     for case in cases:
         skip_reference = case.batch > args.no_reference_above

@@ -41,7 +41,7 @@ def test_measure_times_every_implementation_on_the_same_case(mode, steps):
 def test_latency_cli_writes_json_and_a_plot_drawn_from_it(tmp_path):
     out = tmp_path / "latency.json"
     argv = ["--batch", "2", "--vocab", "1024", "--steps", "3", "--repeats", "1"]
-    argv += ["--min-seconds", "0"]
+    argv += ["--min-seconds", "0", "--warmup", "0"]
     assert latency.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["kind"] == "latency"
