@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     started = time.time()
+    loadavg_start = list(os.getloadavg())
     rows = []
     for name in args.models:  # one engine at a time
         path, label = resolve_model(name)
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "vllm": vllm.__version__,
             "torch": torch.__version__,
+            "loadavg_start": loadavg_start,
             "loadavg_end": list(os.getloadavg()),
         },
         "em_inf_on": json.loads(args.em_inf),

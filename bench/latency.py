@@ -267,7 +267,6 @@ def environment(cuda: bool) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "git_commit": _git_commit(),
-        "loadavg_start": list(os.getloadavg()),
     }
     if cuda:
         info["gpu"] = torch.cuda.get_device_name()
@@ -336,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 for steps in args.steps if mode == "logits" else [None]:
                     cases.append(Case(mode, batch, vocab, steps))
     started = time.time()
+    loadavg_start = list(os.getloadavg())
     # Warm-up, discarded: the process's first seconds of torch work run slow (thread
     # pools, allocator, page faults), which would land on the first cell alone.
     measure(Case("logits", 8, 49_152, 3), 1, cuda, False, min_seconds=args.warmup)
@@ -360,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "seconds": round(time.time() - started, 1),
-        "environment": {**environment(cuda), "loadavg_end": list(os.getloadavg())},
+        "environment": {
+            **environment(cuda),
+            "loadavg_start": loadavg_start,
+            "loadavg_end": list(os.getloadavg()),
+        },
         "params": {
             "logits": _logits_params(0) | {"steps": args.steps},
             "temperature": _temperature_params(),
