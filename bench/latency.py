@@ -15,15 +15,17 @@ Grid: B in {1, 8, 64}, V in {49,152 (SmolLM2), 151,936 (Qwen2.5)}; the logits mo
 (preset ``default``: threshold 0.3, kl_weight 0.05, lr 0.1) at 3 and 5 steps, and the
 adaptive-temperature mode (preset ``adaptive-temperature``). Inputs are Gaussian
 logits with a per-row scale in [2, 5]: every row starts far above the threshold, so
-every step runs (the worst case). Reported per cell: median, 20th and 80th percentile
+every step runs (the worst case). The grid is swept three times (``--passes``) and each
+cell pools its samples, so a burst of load from other processes hits only part of
+them. Reported per cell: median, 20th and 80th percentile
 of the call time, the speed-up over ``reference`` from the same run, the achieved
 bandwidth against the floor of one read and one write of the logits
 (``2 * B * V * 4`` bytes), and the largest difference from the reference output.
 
 Usage::
 
-    python bench/latency.py --quick          # CPU, ~2 minutes on 2 cores
-    python bench/latency.py                  # CPU, full grid
+    python bench/latency.py --quick          # CPU, under a minute on 2 cores
+    python bench/latency.py                  # CPU, full grid (3 passes), ~3 minutes
     python bench/latency.py --out bench/results/latency_gpu.json   # on a GPU box
 
 Writes JSON (``--out``) and a PNG next to it (``bench/plots.py`` redraws it).
@@ -183,15 +185,15 @@ def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Ten
     return time.perf_counter() - start, out
 
 
-def measure(
+def _time_case(
     case: Case,
     repeats: int,
     cuda: bool,
     skip_reference: bool,
-    min_seconds: float = 0.0,
-    max_repeats: int = 200,
-) -> list[dict]:
-    """Time every implementation on one case; one row per implementation.
+    min_seconds: float,
+    max_repeats: int,
+) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+    """Seconds per call of every implementation on ``case``, and their outputs.
 
     Rounds (one call of each implementation, in rotating order) run until there
     are ``repeats`` of them and the round time has added up to ``min_seconds``, or
@@ -214,11 +216,17 @@ def measure(
             times[name].append(seconds)
             spent += seconds
         rep += 1
+    return times, outputs
+
+
+def _rows(
+    case: Case, times: dict[str, list[float]], outputs: dict[str, torch.Tensor]
+) -> list[dict]:
+    """One result row per implementation of ``case``."""
     ref_median = statistics.median(times["reference"]) if "reference" in times else None
     min_bytes = 2 * case.batch * case.vocab * 4
     rows = []
-    for name in names:
-        samples = sorted(times[name])
+    for name, samples in times.items():
         median = statistics.median(samples)
         q20, q80 = (float(q) for q in np.quantile(samples, [0.2, 0.8]))
         diff = None
@@ -242,6 +250,71 @@ def measure(
             }
         )
     return rows
+
+
+def measure_grid(
+    cases: list[Case],
+    *,
+    repeats: int,
+    cuda: bool,
+    no_reference_above: int = 64,
+    min_seconds: float = 0.0,
+    max_repeats: int = 200,
+    passes: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Time every case ``passes`` times over, the whole grid once per pass, and pool
+    the samples: a burst of load from other processes then hits only part of a
+    cell's samples instead of all of them. Each pass takes ``repeats / passes`` (at
+    least 1) rounds and ``min_seconds / passes`` per cell."""
+    times: dict[Case, dict[str, list[float]]] = {}
+    outputs: dict[Case, dict[str, torch.Tensor]] = {}
+    for _ in range(passes):
+        for case in cases:
+            case_times, case_outputs = _time_case(
+                case,
+                max(1, -(-repeats // passes)),
+                cuda,
+                case.batch > no_reference_above,
+                min_seconds / passes,
+                max(1, max_repeats // passes),
+            )
+            outputs.setdefault(case, case_outputs)
+            for name, samples in case_times.items():
+                times.setdefault(case, {}).setdefault(name, []).extend(samples)
+    rows = []
+    for case in cases:
+        case_rows = _rows(case, times[case], outputs[case])
+        rows += case_rows
+        if log:
+            log(
+                f"{case.label:45s} "
+                + "  ".join(
+                    f"{r['impl']} {r['median_ms']:.2f} ms"
+                    + (
+                        f" ({r['speedup_vs_reference']:.1f}x)"
+                        if r["impl"] != "reference" and r["speedup_vs_reference"]
+                        else ""
+                    )
+                    for r in case_rows
+                )
+            )
+    return rows
+
+
+def measure(
+    case: Case,
+    repeats: int,
+    cuda: bool,
+    skip_reference: bool,
+    min_seconds: float = 0.0,
+    max_repeats: int = 200,
+) -> list[dict]:
+    """Time every implementation on one case; one row per implementation."""
+    times, outputs = _time_case(
+        case, repeats, cuda, skip_reference, min_seconds, max_repeats
+    )
+    return _rows(case, times, outputs)
 
 
 def _git_commit() -> str | None:
@@ -308,6 +381,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=64,
         help="skip the per-row reference loop for B above this (it is slow)",
     )
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=3,
+        help="sweeps over the whole grid; each cell's samples are pooled",
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds, discarded")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
     parser.add_argument("--out", type=Path)
@@ -317,6 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch = [b for b in args.batch if b <= 8] or [1, 8]
         args.repeats = min(args.repeats, 3)
         args.min_seconds = min(args.min_seconds, 0.5)
+        args.passes = 1
     return args
 
 
@@ -339,21 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up, discarded: the process's first seconds of torch work run slow (thread
     # pools, allocator, page faults), which would land on the first cell alone.
     measure(Case("logits", 8, 49_152, 3), 1, cuda, False, min_seconds=args.warmup)
-    rows = []
-    for case in cases:
-        skip_reference = case.batch > args.no_reference_above
-        case_rows = measure(case, args.repeats, cuda, skip_reference, args.min_seconds)
-        rows += case_rows
-        summary = "  ".join(
-            f"{r['impl']} {r['median_ms']:.2f} ms"
-            + (
-                f" ({r['speedup_vs_reference']:.1f}x)"
-                if r["impl"] != "reference" and r["speedup_vs_reference"]
-                else ""
-            )
-            for r in case_rows
-        )
-        print(f"{case.label:45s} {summary}", flush=True)
+    rows = measure_grid(
+        cases,
+        repeats=args.repeats,
+        cuda=cuda,
+        no_reference_above=args.no_reference_above,
+        min_seconds=args.min_seconds,
+        passes=args.passes,
+        log=lambda line: print(line, flush=True),
+    )
     result = {
         "kind": "latency",
         "command": "python bench/latency.py "

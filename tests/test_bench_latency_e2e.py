@@ -38,10 +38,30 @@ def test_measure_times_every_implementation_on_the_same_case(mode, steps):
         assert fast["max_abs_diff_vs_reference"] < 1e-3
 
 
+def test_grid_passes_pool_their_samples_per_cell():
+    cases = [
+        latency.Case("logits", batch=2, vocab=512, steps=3),
+        latency.Case("temperature", batch=2, vocab=512, steps=None),
+    ]
+    rows = latency.measure_grid(cases, repeats=4, cuda=False, passes=2)
+    assert [(r["mode"], r["impl"]) for r in rows] == [
+        ("logits", "reference"),
+        ("logits", "torch"),
+        ("temperature", "reference"),
+        ("temperature", "torch"),
+    ]
+    assert all(r["repeats"] == 4 for r in rows)  # 2 rounds in each of 2 passes
+    skipped = latency.measure_grid(
+        cases[:1], repeats=1, cuda=False, no_reference_above=1
+    )
+    assert [r["impl"] for r in skipped] == ["torch"]
+    assert skipped[0]["speedup_vs_reference"] is None
+
+
 def test_latency_cli_writes_json_and_a_plot_drawn_from_it(tmp_path):
     out = tmp_path / "latency.json"
     argv = ["--batch", "2", "--vocab", "1024", "--steps", "3", "--repeats", "1"]
-    argv += ["--min-seconds", "0", "--warmup", "0"]
+    argv += ["--min-seconds", "0", "--warmup", "0", "--passes", "2"]
     assert latency.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["kind"] == "latency"
