@@ -136,8 +136,9 @@ def adaptive_temperature_(
     The reductions run in float64: ``z / T`` puts the temperature's relative error
     on every logit times ``|z / T|`` (hundreds in the tail of a confident row), so
     ``T`` must be exact to ~1e-7, past what float32 sums resolve. Newton converges
-    quadratically, so the tight ``tol`` costs one or two passes (typically 3-5 in
-    all, against ~20 for bisection to the same precision).
+    quadratically, so the tight ``tol`` costs one or two passes: 6-9 in all for a
+    batch of 8 random rows (the slowest row sets it), against ~20 for bisection to
+    1e-4 nats and ~35 to the same precision.
     """
     shifted = (logits - logits.amax(dim=-1, keepdim=True)).double()  # -inf stays
     zfin = torch.where(torch.isfinite(shifted), shifted, 0.0)
