@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     stem.with_suffix(".md").write_text(header + table)
     if not args.no_plot:
-        report.plot(summary, stem.with_suffix(".png"), f"{model_name}: accuracy")
+        title = f"{Path(model_name.rstrip('/')).name}: accuracy (95% CI; dots = seeds)"
+        report.plot(summary, stem.with_suffix(".png"), title)
     print(table)
     print(
         f"wrote {stem}.json / .md" + ("" if args.no_plot else " / .png"),
