@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from em_inf import functional
+from em_inf import functional, torch_backend
 from em_inf.reference import entropy
 from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
 
@@ -164,6 +164,7 @@ def test_adaptive_temperature_needs_far_fewer_passes_than_bisection(monkeypatch)
         return real_exp(x, *args, **kwargs)
 
     monkeypatch.setattr(torch, "exp", counting_exp)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", rows * vocab)  # one chunk
     functional.adaptive_temperature(
         logits,
         threshold=1e-5,
