@@ -8,9 +8,9 @@ stop. Gradients are closed-form (ALGORITHM.md):
 followed by a textbook Adam step. Masked tokens (``-inf``) have ``q = p0 = 0``, hence
 ``g = m = v = 0`` and an update of exactly 0: they stay ``-inf``.
 
-All inputs here are already validated by :mod:`em_inf.functional`: ``logits`` is a
-float32 ``[B, V]`` tensor owned by the caller (modified in place), and every parameter
-is a ``[B, 1]`` tensor on the same device (``steps`` as int64).
+Callers (:mod:`em_inf.functional`, :mod:`em_inf.core`) hand over validated inputs:
+``logits`` is a contiguous float32 ``[B, V]`` tensor modified in place, and every
+parameter a ``[B, 1]`` tensor on the same device (``steps`` as int64).
 """
 
 from __future__ import annotations
