@@ -61,32 +61,9 @@ if __package__ in (None, ""):  # `python bench/gpu_check.py`: make the repo impo
     sys.path.insert(0, str(REPO))
 
 
-def _map_kernels_package() -> None:
-    """Make ``em_inf.kernels`` importable from a plain checkout.
+from bench.checkout import map_kernels_package  # noqa: E402
 
-    The installed package maps ``em_inf.kernels`` to the top-level ``kernels/``
-    folder (pyproject's ``package-dir``); a copied tree without ``pip install``
-    (the GPU machine) lacks that mapping, so register the folder by hand.
-    """
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec("em_inf.kernels") is not None:
-            return
-    except ModuleNotFoundError:
-        pass
-    folder = REPO / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "em_inf.kernels",
-        folder / "__init__.py",
-        submodule_search_locations=[str(folder)],
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["em_inf.kernels"] = module
-    spec.loader.exec_module(module)
-
-
-_map_kernels_package()
+map_kernels_package()
 
 from em_inf import functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -55,6 +54,7 @@ import torch
 if __package__ in (None, ""):  # `python bench/latency.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.checkout import map_kernels_package  # noqa: E402
 from em_inf import functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 
@@ -152,26 +152,6 @@ def _forced_backend(name: str) -> Iterator[None]:
             del os.environ[functional.BACKEND_ENV]
         else:
             os.environ[functional.BACKEND_ENV] = previous
-
-
-def map_kernels_package() -> None:
-    """Make ``em_inf.kernels`` importable from a plain checkout (no ``pip install``,
-    as on the GPU machine): the installed package maps it to the top-level
-    ``kernels/`` folder, a copied tree does not."""
-    try:
-        if importlib.util.find_spec("em_inf.kernels") is not None:
-            return
-    except ModuleNotFoundError:
-        pass
-    folder = Path(__file__).resolve().parents[1] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "em_inf.kernels",
-        folder / "__init__.py",
-        submodule_search_locations=[str(folder)],
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["em_inf.kernels"] = module
-    spec.loader.exec_module(module)
 
 
 def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Tensor]:
