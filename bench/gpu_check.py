@@ -65,7 +65,7 @@ from bench.checkout import map_kernels_package  # noqa: E402
 
 map_kernels_package()
 
-from em_inf import functional, reference  # noqa: E402
+from em_inf import backend, functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 from tests.oracle import (  # noqa: E402
     adaptive_temperature_oracle,
@@ -173,17 +173,17 @@ def check_correctness(device, vocab: int, rows: int, seed: int) -> list[dict]:
 
     def run_functional():
         # CUDA takes Triton by default; CPU tensors only when forced (interpreter).
-        os.environ.pop(functional.BACKEND_ENV, None)
+        os.environ.pop(backend.BACKEND_ENV, None)
         if device.type != "cuda":
-            os.environ[functional.BACKEND_ENV] = "triton"
+            os.environ[backend.BACKEND_ENV] = "triton"
         try:
-            assert functional.backend_for(device) == "triton"
+            assert backend.backend_for(device) == "triton"
             params = dict(threshold=0.3, kl_weight=0.05, lr=0.1, steps=3)
             small = logits[:4]
             out = functional.em_inf(small, **params)
             assert_matches(out.cpu(), em_inf_oracle(small.double(), **params).cpu())
         finally:
-            os.environ.pop(functional.BACKEND_ENV, None)
+            os.environ.pop(backend.BACKEND_ENV, None)
 
     record("em_inf.functional dispatches to Triton and matches", run_functional)
     return results
@@ -347,11 +347,11 @@ def time_batch(
 
                 raw = median_seconds(grouped, cuda, reps, warmup)
                 add(mode, steps, f"triton@rows{group}", max(raw - copy_s, 0.0), raw=raw)
-        os.environ[functional.BACKEND_ENV] = "torch"
+        os.environ[backend.BACKEND_ENV] = "torch"
         try:
             add(mode, steps, "torch", median_seconds(batched, cuda, reps, warmup))
         finally:
-            os.environ.pop(functional.BACKEND_ENV, None)
+            os.environ.pop(backend.BACKEND_ENV, None)
         ref_reps = max(3, reps // 10)
         ref_s = median_seconds(per_row, cuda, ref_reps, warmup=1)
         add(mode, steps, "reference", ref_s * rows / ref_rows, ref_rows < rows, ref_s)

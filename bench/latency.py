@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # `python bench/latency.py`: make the repo import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.checkout import map_kernels_package  # noqa: E402
-from em_inf import functional, reference  # noqa: E402
+from em_inf import backend, functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 
 VOCABS = (49_152, 151_936)
@@ -143,15 +143,15 @@ def implementations(
 @contextlib.contextmanager
 def _forced_backend(name: str) -> Iterator[None]:
     """Force :mod:`em_inf.functional`'s backend (it reads the variable per call)."""
-    previous = os.environ.get(functional.BACKEND_ENV)
-    os.environ[functional.BACKEND_ENV] = name
+    previous = os.environ.get(backend.BACKEND_ENV)
+    os.environ[backend.BACKEND_ENV] = name
     try:
         yield
     finally:
         if previous is None:
-            del os.environ[functional.BACKEND_ENV]
+            del os.environ[backend.BACKEND_ENV]
         else:
-            os.environ[functional.BACKEND_ENV] = previous
+            os.environ[backend.BACKEND_ENV] = previous
 
 
 def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Tensor]:

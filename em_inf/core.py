@@ -5,7 +5,7 @@ A *slot* is where vLLM keeps a request between steps: the persistent-batch index
 Model Runner V1, the request-state slot on V2. Settings live in host (numpy) arrays
 indexed by slot, so deciding which rows to process never syncs with the device.
 
-Two paths, chosen by :func:`em_inf.functional.backend_for`: on CUDA the Triton
+Two paths, chosen by :func:`em_inf.backend.backend_for`: on CUDA the Triton
 kernels process the batch in place, reading each row's settings through a row -> slot
 index from per-slot device tensors (mirrored from the host arrays when they change);
 elsewhere the rows that use EM-INF are gathered and run through the PyTorch path.
@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from em_inf import functional, torch_backend
+from em_inf import torch_backend
+from em_inf.backend import backend_for
 from em_inf.config import EMInfConfig
 
 
@@ -125,7 +126,7 @@ def apply_to_rows(
     enabled = settings.enabled[row_slots]
     if not enabled.any():
         return logits
-    if functional.backend_for(logits.device) == "triton":
+    if backend_for(logits.device) == "triton":
         return _apply_kernels(logits, row_slots, enabled, settings, device_row_slots)
     return _apply_torch(logits, row_slots, enabled, settings)
 

@@ -14,16 +14,10 @@ Triton is imported lazily, on the first kernel call, never at import time.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from em_inf import torch_backend
-
-#: Environment variable that forces a backend: ``triton``, ``torch`` or ``auto``.
-BACKEND_ENV = "EM_INF_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+from em_inf.backend import backend_for
 
 Param = float | int | torch.Tensor
 
@@ -118,34 +112,6 @@ def _per_row(
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number or a tensor, got {value!r}")
     return torch.full((rows, 1), value, device=device, dtype=dtype)
-
-
-def backend_for(device: torch.device | str) -> str:
-    """``"triton"`` or ``"torch"``: the backend a call on ``device`` takes now.
-
-    ``EM_INF_BACKEND`` decides when set to ``triton`` or ``torch``; otherwise
-    (``auto`` or unset) CUDA takes Triton when it is installed, everything else torch.
-
-    Raises:
-        ValueError: on an unknown ``EM_INF_BACKEND``, or ``triton`` forced on CPU
-            tensors without ``TRITON_INTERPRET=1``.
-    """
-    device = torch.device(device)
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(
-            f"{BACKEND_ENV} must be one of {list(BACKENDS)}, got {choice!r}"
-        )
-    if choice == "auto":
-        has_triton = importlib.util.find_spec("triton") is not None
-        return "triton" if device.type == "cuda" and has_triton else "torch"
-    if choice == "triton" and device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-            raise ValueError(
-                f"{BACKEND_ENV}=triton on {device.type} tensors needs Triton's "
-                f"interpreter: set TRITON_INTERPRET=1 before em_inf.kernels is imported"
-            )
-    return choice
 
 
 def _per_slot(

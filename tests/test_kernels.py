@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
 
-from em_inf import functional, reference  # noqa: E402
+from em_inf import backend, functional, reference  # noqa: E402
 from em_inf.reference import entropy  # noqa: E402
 from tests.oracle import (  # noqa: E402
     adaptive_temperature_oracle,
@@ -115,6 +115,19 @@ def test_logits_kernel_matches_float64_reference(rows, vocab, scale, steps, mask
     if masked:
         logits = mask_randomly(logits, masked)
     params = _slot_params(rows, threshold=0.3, kl_weight=0.05, lr=0.1, steps=steps)
+    row_slot = torch.arange(rows, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params)
+    assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
+
+
+@pytest.mark.parametrize("kl_weight", [0.5, 50.0])
+def test_logits_kernel_is_exact_on_near_flat_rows_with_a_large_kl_weight(
+    kl_weight, generator
+):
+    # The gradient's KL term must be formed as lam (q - p0) (see test_functional).
+    rows = 300
+    logits = (torch.randn(rows, 3, generator=generator) * 1e-4).bfloat16().float()
+    params = _slot_params(rows, threshold=0.0, kl_weight=kl_weight, lr=0.01, steps=3)
     row_slot = torch.arange(rows, dtype=torch.int32)
     out = _run_em_inf(logits, row_slot, params)
     assert_matches(out, _row_oracle(em_inf_oracle, logits, row_slot, params))
@@ -330,7 +343,7 @@ def test_logits_kernel_rejects_bad_arguments_naming_them(change, message):
 
 def test_functional_with_triton_backend_matches_reference(monkeypatch):
     monkeypatch.setenv("EM_INF_BACKEND", "triton")
-    assert functional.backend_for("cpu") == "triton"
+    assert backend.backend_for("cpu") == "triton"
     logits = mask_randomly(random_logits(4, 7_000, scale=2.0), 0.1)
     em_params = dict(
         threshold=torch.tensor([0.3, 0.1, 50.0, 0.2]),
@@ -348,16 +361,16 @@ def test_functional_with_triton_backend_matches_reference(monkeypatch):
 
 def test_functional_backend_choice(monkeypatch):
     monkeypatch.delenv("EM_INF_BACKEND", raising=False)
-    assert functional.backend_for("cpu") == "torch"
+    assert backend.backend_for("cpu") == "torch"
     monkeypatch.setenv("EM_INF_BACKEND", "torch")
-    assert functional.backend_for("cpu") == "torch"
+    assert backend.backend_for("cpu") == "torch"
     monkeypatch.setenv("EM_INF_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="EM_INF_BACKEND"):
         functional.em_inf(torch.zeros(1, 4), threshold=0, kl_weight=0, lr=1, steps=1)
     monkeypatch.setenv("EM_INF_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        functional.backend_for("cpu")
+        backend.backend_for("cpu")
 
 
 def test_importing_em_inf_functional_does_not_import_triton():
