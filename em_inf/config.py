@@ -21,6 +21,12 @@ MODES: tuple[str, ...] = ("logits", "temperature")
 REQUEST_KEY = "em_inf"
 FLAT_PREFIX = REQUEST_KEY + "_"
 
+#: Adam's constants in the fast paths (PyTorch's defaults, which the authors use).
+#: The oracle (:mod:`em_inf.reference`) does not read these: it runs
+#: ``torch.optim.Adam`` with its own defaults, so a wrong value here fails the tests.
+ADAM_BETAS: tuple[float, float] = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
 
 @dataclasses.dataclass(frozen=True)
 class EMInfConfig:
@@ -236,6 +242,33 @@ def parse_request(
     if switch is None and not settings:
         return default if enabled else None
     return default.updated(settings)
+
+
+def engine_settings(
+    base: EMInfConfig, base_enabled: bool, additional: Mapping[str, Any] | None
+) -> tuple[EMInfConfig, bool]:
+    """Apply an engine's ``additional_config["em_inf"]`` on top of a class's settings.
+
+    Returns:
+        ``(settings, enabled)``.
+
+    Raises:
+        ValueError: naming the bad key, when the engine settings are invalid.
+    """
+    if not additional:
+        return base, base_enabled
+    if not isinstance(additional, Mapping):
+        raise ValueError(
+            f"additional_config[{REQUEST_KEY!r}] must be an object, got {additional!r}"
+        )
+    additional = dict(additional)
+    enabled = additional.pop("enabled", base_enabled)
+    if not isinstance(enabled, bool):
+        raise ValueError(
+            f"additional_config[{REQUEST_KEY!r}]['enabled'] must be true or false, "
+            f"got {enabled!r}"
+        )
+    return base.updated(additional), enabled
 
 
 def _parse_switch(value: Any) -> bool:

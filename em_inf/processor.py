@@ -22,7 +22,6 @@ from __future__ import annotations
 import copyreg
 import logging
 from abc import ABCMeta
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,7 +36,14 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
-from em_inf.config import PRESETS, REQUEST_KEY, EMInfConfig, make_config, parse_request
+from em_inf.config import (
+    PRESETS,
+    REQUEST_KEY,
+    EMInfConfig,
+    engine_settings,
+    make_config,
+    parse_request,
+)
 from em_inf.core import SlotSettings, apply_to_rows
 
 if TYPE_CHECKING:
@@ -47,33 +53,6 @@ if TYPE_CHECKING:
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
 
 logger = logging.getLogger(__name__)
-
-
-def engine_settings(
-    base: EMInfConfig, base_enabled: bool, additional: Mapping[str, Any] | None
-) -> tuple[EMInfConfig, bool]:
-    """Apply an engine's ``additional_config["em_inf"]`` on top of a class's settings.
-
-    Returns:
-        ``(settings, enabled)``.
-
-    Raises:
-        ValueError: naming the bad key, when the engine settings are invalid.
-    """
-    if not additional:
-        return base, base_enabled
-    if not isinstance(additional, Mapping):
-        raise ValueError(
-            f"additional_config[{REQUEST_KEY!r}] must be an object, got {additional!r}"
-        )
-    additional = dict(additional)
-    enabled = additional.pop("enabled", base_enabled)
-    if not isinstance(enabled, bool):
-        raise ValueError(
-            f"additional_config[{REQUEST_KEY!r}]['enabled'] must be true or false, "
-            f"got {enabled!r}"
-        )
-    return base.updated(additional), enabled
 
 
 class _ConfigurableMeta(ABCMeta):

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import torch
 
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of ``softmax(logits)`` over the last dim; ``-inf``-safe."""
@@ -49,7 +46,7 @@ def em_inf_row(
     finite = torch.isfinite(out)
     z0 = out[finite]
     z = z0.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    optimizer = torch.optim.Adam([z], lr=lr)  # betas and eps: its own defaults
     p0 = torch.softmax(z0, dim=-1)
     log_p0 = torch.log_softmax(z0, dim=-1)
     with torch.enable_grad():

@@ -12,6 +12,7 @@ from em_inf.config import (
     PRESETS,
     REQUEST_KEY,
     EMInfConfig,
+    engine_settings,
     parse_request,
 )
 
@@ -41,10 +42,8 @@ class ServerSettings:
         Raises:
             ValueError: naming the bad key.
         """
-        from em_inf.processor import EMInf, engine_settings
-
         engine_config = dict(engine_config or {})
-        config, enabled = engine_settings(EMInf.settings, EMInf.enabled, engine_config)
+        config, enabled = engine_settings(PRESETS["default"], True, engine_config)
         return cls(engine_config=engine_config, config=config, enabled=enabled)
 
     @property
