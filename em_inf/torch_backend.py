@@ -3,7 +3,7 @@
 Every row of a ``[B, V]`` batch is independent: its own parameters, entropy and early
 stop. Gradients are closed-form (ALGORITHM.md):
 
-    g = -q * (log q + H) + kl_weight * (q - p0)
+    g = q * (E_q[z] - z) + kl_weight * (q - p0)
 
 followed by a textbook Adam step. Masked tokens (``-inf``) have ``q = p0 = 0``, hence
 ``g = m = v = 0`` and an update of exactly 0: they stay ``-inf``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from em_inf.reference import ADAM_BETAS, ADAM_EPS
+from em_inf.config import ADAM_BETAS, ADAM_EPS
 
 _NEG_BIG = torch.finfo(torch.float32).min
 
@@ -124,10 +124,12 @@ def _em_inf_chunk_(
         active &= (ent >= threshold) & (steps >= t)
         if not bool(active.any()):
             break
-        # g = -q (log q + H) + lam (q - p0) = q (E_q[zs] + lam - zs) - lam p0
-        grad = zs.neg_().add_(mean + kl_weight if use_kl else mean).mul_(q)
+        # g = -q (log q + H) + lam (q - p0) = q (E_q[zs] - zs) + lam (q - p0).
+        # The KL term is kept apart: q - p0 is small (exactly 0 at step 1), and
+        # q (lam + ...) - lam p0 would cancel two terms of size lam q.
+        grad = zs.neg_().add_(mean).mul_(q)
         if use_kl:
-            grad.addcmul_(p0, kl_weight, value=-1.0)
+            grad.add_(torch.sub(q, p0).mul_(kl_weight))
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         # z -= lr / bc1 * m / (sqrt(v / bc2) + eps)

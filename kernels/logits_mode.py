@@ -62,7 +62,7 @@ from em_inf.kernels._common import (
     plan_chunks,
 )
 
-from em_inf.reference import ADAM_BETAS, ADAM_EPS
+from em_inf.config import ADAM_BETAS, ADAM_EPS
 
 _PHASE_FIRST, _PHASE_MIDDLE, _PHASE_FINAL = 0, 1, 2
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -178,7 +178,9 @@ def _em_inf_pass_kernel(
         # the z of its last step). Per step, with the row scalars of z_j
         # (M_j = max, S_j = sum exp(z - M_j), E_j = E_q[z]):
         #   q = exp2(z log2(e) - log2(e) (M_j + log S_j))
-        #   g = -q (log q + H) + lam (q - p0) = q (lam + E_j - z) - lam p0
+        #   g = -q (log q + H) + lam (q - p0) = q (E_j - z) + lam (q - p0)
+        # (the KL term kept apart: q - p0 is small and exactly 0 at step 1, where
+        # q (lam + E_j - z) - lam p0 would cancel two terms of size lam q),
         # Adam moments are kept scaled, m' = m / (1 - b1) and v' = v / (1 - b2),
         # so each update is one FMA; the bias-corrected step is
         #   z -= lr a_t m' / (c_t sqrt(v') + eps),
@@ -199,7 +201,6 @@ def _em_inf_pass_kernel(
         b_v = b_g * b_g
         b_den = tl.abs(b_g) + EPS
         b_z = b_z - lr * b_g * tl.math.rsqrt(b_den * b_den)
-        b_lam_p0 = lam * b_p0
         beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
         beta2_pow = tl.full([], BETA2, tl.float32)
         active = tl.full([], 1, tl.int1)
@@ -211,9 +212,9 @@ def _em_inf_pass_kernel(
             beta2_pow = beta2_pow * BETA2
             step_scale = lr * (1.0 - BETA1) / (1.0 - beta1_pow)  # lr a_t
             c_t = tl.sqrt((1.0 - BETA2) / (1.0 - beta2_pow))
-            lam_plus_mean = lam + (shift_j + mean_y_j)
+            mean_j = shift_j + mean_y_j  # E_q[z_j]
             b_q = tl.exp2(b_z * LOG2E - (shift_j + log_s_j) * LOG2E)
-            b_g = b_q * (lam_plus_mean - b_z) - b_lam_p0
+            b_g = b_q * (mean_j - b_z) + lam * (b_q - b_p0)
             b_m = b_m * BETA1 + b_g
             b_v = b_v * BETA2 + b_g * b_g
             b_den = tl.sqrt(b_v) * c_t + EPS

@@ -87,6 +87,19 @@ def test_em_inf_extreme_logit_ranges(scale, steps):
     assert_matches(functional.em_inf(logits, **params), em_inf_oracle(logits, **params))
 
 
+@pytest.mark.parametrize("kl_weight", [0.5, 5.0, 50.0])
+def test_em_inf_is_exact_on_near_flat_rows_with_a_large_kl_weight(
+    kl_weight, generator
+):
+    # Near-flat rows (logits ~1e-4, rounded through bfloat16): the KL gradient
+    # lam (q - p0) must be formed as such; q (lam + E_q[z] - z) - lam p0 cancels two
+    # terms of size lam q and was off by TV ~2e-3 at lam = 50.
+    logits = (torch.randn(300, 3, generator=generator) * 1e-4).bfloat16().float()
+    params = dict(threshold=0.0, kl_weight=kl_weight, lr=0.01, steps=3)
+    out = functional.em_inf(logits, **params)
+    assert_matches(out, em_inf_oracle(logits, **params))
+
+
 def test_em_inf_accepts_half_precision_and_returns_float32():
     logits = random_logits(2, 5_000).to(torch.bfloat16)
     params = dict(threshold=0.3, kl_weight=0.05, lr=0.1, steps=3)
