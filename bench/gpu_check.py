@@ -5,7 +5,7 @@
    (V = 151,936 with ``-inf`` masks, rows mapped to per-slot parameters, a slot
    ``-1`` row, rows below the threshold) against the authors' per-row loop
    (:mod:`em_inf.reference`) run in float64, held to the project's standard
-   (``tests/oracle.py``: per-row total variation <= 1e-5, finite logits within
+   (:mod:`em_inf.reference`: per-row total variation <= 1e-5, finite logits within
    5e-3, ``-inf`` identical, no NaN). Also through :mod:`em_inf.functional`.
 2. Timing (only when 1 passed; ``--time-anyway`` overrides): B in {1, 8, 64, 256},
    V = 151,936, the logits mode (preset ``default``: threshold 0.3, kl_weight 0.05,
@@ -67,10 +67,10 @@ map_kernels_package()
 
 from em_inf import backend, functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
-from tests.oracle import (  # noqa: E402
+from em_inf.reference import (  # noqa: E402
     adaptive_temperature_oracle,
-    assert_matches,
     em_inf_oracle,
+    mismatch,
 )
 
 QWEN_VOCAB = 151_936
@@ -111,6 +111,11 @@ def _oracle_rows(oracle, logits, row_slot, params) -> torch.Tensor:
     return expected
 
 
+def assert_ok(problem: str | None) -> None:
+    """Raise the oracle mismatch ``problem`` (``None``: agreement)."""
+    assert problem is None, problem
+
+
 def check_correctness(device, vocab: int, rows: int, seed: int) -> list[dict]:
     """Every check as ``{"check", "ok", "error"}``; never raises on a mismatch."""
     from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
@@ -147,7 +152,7 @@ def check_correctness(device, vocab: int, rows: int, seed: int) -> list[dict]:
             out = logits.clone()
             em_inf_rows_(out, row_slot, **params, max_steps=steps)
             expected = _oracle_rows(em_inf_oracle, logits, row_slot, params)
-            assert_matches(out.cpu(), expected.cpu())
+            assert_ok(mismatch(out.cpu(), expected.cpu()))
             assert torch.equal(out[-1], logits[-1]), "slot -1 row changed"
             assert torch.equal(out[rows // 2], logits[rows // 2]), (
                 "row below threshold changed"
@@ -166,7 +171,7 @@ def check_correctness(device, vocab: int, rows: int, seed: int) -> list[dict]:
         out = logits.clone()
         adaptive_temperature_rows_(out, row_slot, **t_params)
         expected = _oracle_rows(adaptive_temperature_oracle, logits, row_slot, t_params)
-        assert_matches(out.cpu(), expected.cpu())
+        assert_ok(mismatch(out.cpu(), expected.cpu()))
         assert torch.equal(out[-1], logits[-1]), "slot -1 row changed"
 
     record("temperature mode, per-slot params, masks", run_temperature)
@@ -181,7 +186,9 @@ def check_correctness(device, vocab: int, rows: int, seed: int) -> list[dict]:
             params = dict(threshold=0.3, kl_weight=0.05, lr=0.1, steps=3)
             small = logits[:4]
             out = functional.em_inf(small, **params)
-            assert_matches(out.cpu(), em_inf_oracle(small.double(), **params).cpu())
+            assert_ok(
+                mismatch(out.cpu(), em_inf_oracle(small.double(), **params).cpu())
+            )
         finally:
             os.environ.pop(backend.BACKEND_ENV, None)
 

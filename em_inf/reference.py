@@ -6,6 +6,10 @@ the benchmark baseline. Nothing here is batched or fused, on purpose.
   checked before each step (the paper's loop).
 * :func:`adaptive_temperature_row`: the paper's Algorithm 1, a bisection on the
   temperature.
+* :func:`em_inf_oracle`, :func:`adaptive_temperature_oracle`: both, row by row in
+  float64, on a ``[B, V]`` batch with per-row parameters: the ground truth tests and
+  benchmarks compare against, with :func:`mismatch` and the agreement standard
+  (:data:`TV_TOL`, :data:`LOGIT_TOL`).
 
 Both take a 1-D tensor and compute in its dtype (pass float64 for an oracle). One
 deliberate difference from the published loop: it turns tokens masked to ``-inf``
@@ -103,3 +107,98 @@ def adaptive_temperature_row(
         else:
             lo = temp
     return z / temp
+
+
+# -- the oracle on a batch, and the standard fast paths are held to ----------------
+
+#: Agreement standard, per row: total-variation distance between the sampling
+#: distributions (softmax of the logits) at most ``TV_TOL``, every finite logit
+#: within ``LOGIT_TOL`` of the oracle's, ``-inf`` exactly where the oracle has it,
+#: no NaN.
+TV_TOL = 1e-5
+LOGIT_TOL = 5e-3
+
+
+def _row_value(value: float | torch.Tensor, row: int) -> float:
+    return value[row].item() if isinstance(value, torch.Tensor) else value
+
+
+def em_inf_oracle(logits: torch.Tensor, **params: float | torch.Tensor) -> torch.Tensor:
+    """:func:`em_inf_row` in float64 on each row of ``[B, V]`` ``logits``.
+
+    Args:
+        params: ``threshold``, ``kl_weight``, ``lr``, ``steps``: numbers or ``[B]``
+            tensors (one value per row).
+
+    Returns:
+        float64 ``[B, V]``.
+    """
+    return torch.stack(
+        [
+            em_inf_row(row.double(), **{k: _row_value(v, i) for k, v in params.items()})
+            for i, row in enumerate(logits)
+        ]
+    )
+
+
+def adaptive_temperature_oracle(
+    logits: torch.Tensor, **params: float | torch.Tensor
+) -> torch.Tensor:
+    """:func:`adaptive_temperature_row` in float64 on each row of ``[B, V]``
+    ``logits``, bisected to a tight tolerance (the authors stop at 0.1 nats) so it
+    pins the exact root.
+
+    Args:
+        params: ``threshold``, ``alpha``, ``t_min``, ``t_max``: numbers or ``[B]``
+            tensors.
+
+    Returns:
+        float64 ``[B, V]``.
+    """
+    return torch.stack(
+        [
+            adaptive_temperature_row(
+                row.double(),
+                **{k: _row_value(v, i) for k, v in params.items()},
+                max_iter=200,
+                tol=1e-9,
+            )
+            for i, row in enumerate(logits)
+        ]
+    )
+
+
+def mismatch(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    tv_tol: float = TV_TOL,
+    logit_tol: float = LOGIT_TOL,
+) -> str | None:
+    """How ``actual`` (float32 ``[B, V]``) breaks the agreement standard against the
+    float64 oracle's ``expected``, naming the first rows; ``None`` where it holds."""
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.dtype != torch.float32:
+        return f"dtype {actual.dtype}, expected torch.float32"
+    if torch.isnan(actual).any():
+        return f"NaN in rows {torch.isnan(actual).any(-1).nonzero().flatten()[:5]}"
+    same_inf = torch.isneginf(actual) == torch.isneginf(expected)
+    if not same_inf.all():
+        return f"-inf differs at {same_inf.logical_not().nonzero()[:5].tolist()}"
+    finite = torch.isfinite(expected)
+    err = torch.where(finite, (actual.double() - expected).abs(), 0.0)
+    worst = err.amax(dim=-1)
+    bad = (worst > logit_tol).nonzero().flatten()
+    if bad.numel():
+        return (
+            f"rows {bad.tolist()[:5]}: logit error {worst[bad].tolist()[:5]} "
+            f"> {logit_tol}"
+        )
+    tv = 0.5 * (
+        torch.softmax(actual.double(), -1) - torch.softmax(expected.double(), -1)
+    ).abs().sum(-1)
+    bad = (tv > tv_tol).nonzero().flatten()
+    if bad.numel():
+        return f"rows {bad.tolist()[:5]}: TV {tv[bad].tolist()[:5]} > {tv_tol}"
+    return None
