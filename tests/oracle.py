@@ -72,3 +72,40 @@ def assert_matches(
     ).abs().sum(-1)
     bad = (tv > tv_tol).nonzero().flatten()
     assert bad.numel() == 0, f"rows {bad.tolist()[:5]}: TV {tv[bad].tolist()[:5]}"
+
+
+def settings_oracle(logits: torch.Tensor, settings) -> torch.Tensor:
+    """The float64 oracle of ``[B, V]`` logits under EM-INF settings per row.
+
+    Args:
+        settings: one ``EMInfConfig`` (or ``None``: EM-INF off) for every row, or a
+            sequence with one of them per row.
+    """
+    if settings is None or not isinstance(settings, list | tuple):
+        settings = [settings] * logits.shape[0]
+    rows = []
+    for row, config in zip(logits, settings, strict=True):
+        row = row.unsqueeze(0)
+        if config is None:
+            rows.append(row.double())
+        elif config.mode == "temperature":
+            rows.append(
+                adaptive_temperature_oracle(
+                    row,
+                    threshold=config.threshold,
+                    alpha=config.alpha,
+                    t_min=config.t_min,
+                    t_max=config.t_max,
+                )
+            )
+        else:
+            rows.append(
+                em_inf_oracle(
+                    row,
+                    threshold=config.threshold,
+                    kl_weight=config.kl_weight,
+                    lr=config.lr,
+                    steps=config.steps,
+                )
+            )
+    return torch.cat(rows)
