@@ -11,7 +11,9 @@ authors' runs), then samples. The processor owns that temperature
 (``temperature=0.1``) and applies it right after EM-INF, so the order does not depend
 on where ``generate`` puts its own warpers; ``generate`` must then keep its
 temperature at 1.0 (pass ``top_k=0`` too to sample from the whole distribution, as
-vLLM does; transformers' default is ``top_k=50``).
+vLLM does; transformers' default is ``top_k=50``). transformers 5 runs user processors
+before its own temperature warper, so ``generate(temperature=0.1)`` with the processor
+at 1.0 is the same distribution.
 
 Rows. ``per_row`` gives each prompt (or each row) its own settings. transformers
 repeats every prompt ``num_return_sequences`` times (``num_beams`` times in beam
@@ -20,12 +22,13 @@ way; a list with one entry per row is used as it is.
 
 Beam search. transformers hands processors log-probabilities there and adds what
 they return to the beams' running scores. EM-INF only depends on the softmax of a
-row, so it sees the same distribution it sees in the logits; for such rows (every row
-whose ``logsumexp`` is 0) the processor returns the log-probabilities of the EM-INF
-distribution, ``log_softmax(EM-INF(z) / temperature)``: beam search then ranks
-sequences by their log-likelihood under the entropy-minimised model, each step's
-distribution being exactly the one greedy decoding and sampling see. Other rows
-leave as EM-INF's logits divided by the temperature, as in vLLM.
+row, so it sees the same distribution it sees in the logits. For such rows (every row
+whose ``logsumexp`` is 0, within :data:`LOG_PROB_TOL`) the processor returns the
+log-probabilities of the EM-INF distribution, ``log_softmax(EM-INF(z) /
+temperature)``: beam search then ranks sequences by their log-likelihood under the
+entropy-minimised model, each step's distribution being exactly the one greedy
+decoding and sampling see. Other rows leave as EM-INF's logits divided by the
+temperature, as in vLLM.
 
 Importing this module imports transformers (the ``hf`` extra); ``em_inf`` itself
 never does.
