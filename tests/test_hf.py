@@ -280,6 +280,9 @@ def generate(model, padded, processors, **kwargs):
 
 
 def test_greedy_padded_batch_matches_the_oracle_at_every_step(model, padded):
+    """Left-padded batch, one setting per prompt (logits mode, temperature mode,
+    off): every step's scores are the oracle's of the raw logits EM-INF was given,
+    and greedy picks their argmax."""
     per_row = [MATH, ADAPTIVE, None]
     recorder = Recorder()
     out = generate(model, padded, [recorder, EMInfLogitsProcessor(per_row=per_row)])
@@ -306,7 +309,7 @@ def test_sampling_draws_from_em_inf_then_temperature(request, model, padded, whe
     ``generate`` samples from is ``softmax(EM-INF(z) / 0.1)``, with the temperature
     given to the processor (the documented way) or, on this transformers, to
     ``generate`` (it runs user processors before its own temperature warper).
-    Two prompts' settings, each over its num_return_sequences=2 rows."""
+    Each prompt's settings cover its num_return_sequences=2 rows."""
     torch.manual_seed(seed_of(request))
     per_row = [MATH, ADAPTIVE, PRESETS["default"]]
     recorder = Recorder()
