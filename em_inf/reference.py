@@ -6,8 +6,9 @@ the benchmark baseline. Nothing here is batched or fused, on purpose.
   checked before each step (the paper's loop).
 * :func:`adaptive_temperature_row`: the paper's Algorithm 1, a bisection on the
   temperature.
-* :func:`em_inf_oracle`, :func:`adaptive_temperature_oracle`: both, row by row in
-  float64, on a ``[B, V]`` batch with per-row parameters: the ground truth tests and
+* :func:`em_inf_oracle`, :func:`adaptive_temperature_oracle`,
+  :func:`settings_oracle`: both, row by row in float64, on a ``[B, V]`` batch with
+  per-row parameters or settings: the ground truth tests and
   benchmarks compare against, with :func:`mismatch` and the agreement standard
   (:data:`TV_TOL`, :data:`LOGIT_TOL`).
 
@@ -19,6 +20,8 @@ computes for every finite entry.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -166,6 +169,47 @@ def adaptive_temperature_oracle(
             for i, row in enumerate(logits)
         ]
     )
+
+
+def settings_oracle(logits: torch.Tensor, settings: Any) -> torch.Tensor:
+    """The float64 oracle of ``[B, V]`` logits under EM-INF settings, per row.
+
+    Args:
+        settings: one :class:`~em_inf.config.EMInfConfig` (``None``: EM-INF off,
+            the row comes back as it is) for every row, or a sequence with one per
+            row; each row takes the oracle of its settings' ``mode``.
+
+    Returns:
+        float64 ``[B, V]``.
+    """
+    if settings is None or not isinstance(settings, list | tuple):
+        settings = [settings] * logits.shape[0]
+    rows = []
+    for row, config in zip(logits, settings, strict=True):
+        row = row.unsqueeze(0)
+        if config is None:
+            rows.append(row.double())
+        elif config.mode == "temperature":
+            rows.append(
+                adaptive_temperature_oracle(
+                    row,
+                    threshold=config.threshold,
+                    alpha=config.alpha,
+                    t_min=config.t_min,
+                    t_max=config.t_max,
+                )
+            )
+        else:
+            rows.append(
+                em_inf_oracle(
+                    row,
+                    threshold=config.threshold,
+                    kl_weight=config.kl_weight,
+                    lr=config.lr,
+                    steps=config.steps,
+                )
+            )
+    return torch.cat(rows)
 
 
 def mismatch(

@@ -11,6 +11,7 @@ from em_inf.reference import (  # noqa: F401  (re-exported for the tests)
     adaptive_temperature_oracle,
     em_inf_oracle,
     mismatch,
+    settings_oracle,
 )
 
 

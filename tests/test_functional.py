@@ -88,9 +88,7 @@ def test_em_inf_extreme_logit_ranges(scale, steps):
 
 
 @pytest.mark.parametrize("kl_weight", [0.5, 5.0, 50.0])
-def test_em_inf_is_exact_on_near_flat_rows_with_a_large_kl_weight(
-    kl_weight, generator
-):
+def test_em_inf_is_exact_on_near_flat_rows_with_a_large_kl_weight(kl_weight, generator):
     # Near-flat rows (logits ~1e-4, rounded through bfloat16): the KL gradient
     # lam (q - p0) must be formed as such; q (lam + E_q[z] - z) - lam p0 cancels two
     # terms of size lam q and was off by TV ~2e-3 at lam = 50.
