@@ -43,3 +43,22 @@ def backend_for(device: torch.device | str) -> str:
                 f"interpreter: set TRITON_INTERPRET=1 before em_inf.kernels is imported"
             )
     return choice
+
+
+#: Environment variables that ask for bitwise batch invariance: em-inf's own switch
+#: for the functional API, and vLLM's batch-invariant mode.
+BATCH_INVARIANT_ENVS: tuple[str, ...] = (
+    "EM_INF_BATCH_INVARIANT",
+    "VLLM_BATCH_INVARIANT",
+)
+
+
+def batch_invariant() -> bool:
+    """Whether every row's result must be bitwise independent of the rest of its
+    batch (read at every call): ``EM_INF_BATCH_INVARIANT=1`` or vLLM's
+    ``VLLM_BATCH_INVARIANT=1``. Paths that are invariant anyway ignore it; paths
+    whose fast plan depends on the batch size switch to a fixed plan."""
+    return any(
+        os.environ.get(name, "0").strip().lower() in ("1", "true", "on", "yes")
+        for name in BATCH_INVARIANT_ENVS
+    )

@@ -27,6 +27,11 @@ FLAT_PREFIX = REQUEST_KEY + "_"
 ADAM_BETAS: tuple[float, float] = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
+#: Temperature mode: the solved temperature gives an entropy within
+#: ``TEMPERATURE_RTOL * target`` of the target ``max(threshold, alpha * H0)``, or
+#: lies at the end of ``[t_min, t_max]`` nearer to it when the target is out of reach.
+TEMPERATURE_RTOL = 1e-6
+
 
 @dataclasses.dataclass(frozen=True)
 class EMInfConfig:
@@ -103,15 +108,25 @@ class EMInfConfig:
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EMInfConfig))
 
-# (type, low, high, low inclusive, high inclusive) per numeric field.
+# (type, low, high, low inclusive, high inclusive) per numeric field: what is
+# meaningful, which also keeps float32 arithmetic finite for finite logits.
+# - threshold: any entropy; above log V it simply never acts.
+# - kl_weight: at 1000 the KL term already outweighs the entropy by 10^4 or more
+#   (the authors use 0 to 0.05).
+# - lr: an Adam step moves a logit by about lr; at 100 one step reorders every
+#   realistic row (the authors use 0.01 to 0.1).
+# - steps: each step is a pass over the vocabulary for every token, and a
+#   request's steps are paid by its whole batch (the authors use 3 to 5).
+# - t_min, t_max: below 1e-4 sampling is greedy for any realistic logits and above
+#   1e4 uniform; logits are divided by T, so the bounds also keep z / T finite.
 _RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
     "threshold": (float, 0.0, math.inf, True, False),
-    "kl_weight": (float, 0.0, math.inf, True, False),
-    "lr": (float, 0.0, math.inf, False, False),
-    "steps": (int, 0, 1000, True, True),
+    "kl_weight": (float, 0.0, 1e3, True, True),
+    "lr": (float, 0.0, 1e2, False, True),
+    "steps": (int, 0, 100, True, True),
     "alpha": (float, 0.0, 1.0, False, True),
-    "t_min": (float, 0.0, math.inf, False, False),
-    "t_max": (float, 0.0, math.inf, False, False),
+    "t_min": (float, 1e-4, 1e4, True, True),
+    "t_max": (float, 1e-4, 1e4, True, True),
 }
 
 
