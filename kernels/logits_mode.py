@@ -22,8 +22,9 @@ Design (one decoding step, ``n`` = the largest ``steps`` of the batch):
   read from L2) instead of a separate launch.
 * No ``[B, V]`` scratch: the logits keep ``z0`` until the last pass, and every
   program rebuilds its chunk's ``z_k``, Adam moments ``m, v`` and ``p0`` in
-  registers from ``z0`` and the per-row scalars of earlier passes (docs/cost-model.md). The only scratch is the partials, ``[N, n, 3, chunks]`` float32,
-  ``3 n / BLOCK`` of the logits' size (2.3 MB at B = 1024, n = 5,
+  registers from ``z0`` and the per-row scalars of earlier passes
+  (docs/cost-model.md). The only scratch is the partials, ``[N, n, 3, chunks]``
+  float32, ``3 n / BLOCK`` of the logits' size (2.3 MB at B = 1024, n = 5,
   BLOCK = 4096), allocated per call from PyTorch's caching allocator.
 * Early exits: a row whose slot is ``-1`` or whose ``steps`` is 0 returns at
   once in every pass; a row whose entropy fell below its threshold before step
