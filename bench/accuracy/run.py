@@ -24,6 +24,8 @@ Writes ``<out-dir>/accuracy_<tag>.json`` (arguments, per-problem outcomes, summa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -240,9 +242,34 @@ def _default_tag(model: str) -> str:
     return f"{name}_{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started = time.time()
+@dataclasses.dataclass
+class Plan:
+    """What one run asks the engine: the problems per task and one request per
+    (task, setting, seed, problem), ``keys[i]`` naming ``requests[i]``."""
+
+    settings: list
+    problems: dict[str, list]
+    max_tokens: dict[str, int]
+    keys: list[tuple[str, str, int | None, int]]
+    requests: list[Request]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.settings]
+
+
+@dataclasses.dataclass
+class Scores:
+    """Per task and setting: correctness and predicted answers per seed, and how
+    many responses were cut at ``max_tokens``."""
+
+    outcomes: report.Outcomes
+    predictions: dict[str, dict[str, dict[str, list]]]
+    truncated: dict[str, dict[str, int]]
+
+
+def plan_requests(args: argparse.Namespace) -> Plan:
+    """Settings, problems and the requests of a run; greedy settings run once."""
     settings = build_settings(
         args.settings,
         temperature=args.temperature,
@@ -251,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         adaptive_temperature=args.adaptive_sampling_temperature,
         custom=args.setting,
     )
-    names = [s.name for s in settings]
-    baseline = args.baseline if args.baseline in names else None
     limits = _task_values(args.limit, int, "--limit")
     max_tokens = {
         **DEFAULT_MAX_TOKENS,
@@ -262,12 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         task: select(load_task(task, args.cache_dir), limits.get(task), args.offset)
         for task in args.tasks
     }
-    # One request per (task, setting, seed, problem); greedy runs once.
     keys, requests = [], []
     for task, items in problems.items():
         for setting in settings:
-            seeds = args.seeds if setting.seeded else [None]
-            for seed in seeds:
+            for seed in args.seeds if setting.seeded else [None]:
                 for index, problem in enumerate(items):
                     request_seed = (
                         None
@@ -283,61 +306,67 @@ def main(argv: list[str] | None = None) -> int:
                             max_tokens[task],
                         )
                     )
-    print(
-        f"{len(requests)} requests: tasks { {t: len(p) for t, p in problems.items()} }"
-        f", settings {names}, seeds {args.seeds}",
-        file=sys.stderr,
+    return Plan(settings, problems, max_tokens, keys, requests)
+
+
+def score_completions(
+    plan: Plan, completions: list, responses_path: Path | None
+) -> Scores:
+    """Score every completion; with ``responses_path``, also write one JSON line per
+    response (task, setting, seed, problem, gold, prediction, text)."""
+    names = plan.names
+    scores = Scores(
+        outcomes={t: {s: {} for s in names} for t in plan.problems},
+        predictions={t: {s: {} for s in names} for t in plan.problems},
+        truncated={t: dict.fromkeys(names, 0) for t in plan.problems},
     )
-    backend = _make_backend(args)
-    load_seconds = time.time() - started
-    try:
-        generation_started = time.time()
-        completions = backend.generate(requests)
-        generation_seconds = time.time() - generation_started
-    finally:
-        backend.close()
+    with contextlib.ExitStack() as stack:
+        response_file = None
+        if responses_path:
+            responses_path.parent.mkdir(parents=True, exist_ok=True)
+            response_file = stack.enter_context(responses_path.open("w"))
+        for key, completion in zip(plan.keys, completions, strict=True):
+            task, setting, seed, index = key
+            text = completion.text
+            scores.truncated[task][setting] += completion.finish_reason == "length"
+            problem = plan.problems[task][index]
+            predicted, correct = score(
+                problem.kind, text, problem.gold, list(problem.options)
+            )
+            seed_key = GREEDY_SEED_KEY if seed is None else str(seed)
+            scores.outcomes[task][setting].setdefault(seed_key, []).append(int(correct))
+            scores.predictions[task][setting].setdefault(seed_key, []).append(predicted)
+            if response_file:
+                record = {
+                    "task": task,
+                    "setting": setting,
+                    "seed": seed,
+                    "problem_id": problem.problem_id,
+                    "gold": problem.gold,
+                    "predicted": predicted,
+                    "correct": correct,
+                    "finish_reason": completion.finish_reason,
+                    "response": text,
+                }
+                response_file.write(json.dumps(record) + "\n")
+    return scores
 
-    outcomes: report.Outcomes = {t: {s: {} for s in names} for t in problems}
-    predictions: dict[str, dict[str, dict[str, list]]] = {
-        t: {s: {} for s in names} for t in problems
-    }
-    response_file = None
-    if args.save_responses:
-        args.save_responses.parent.mkdir(parents=True, exist_ok=True)
-        response_file = args.save_responses.open("w")
-    truncated: dict[str, dict[str, int]] = {
-        t: dict.fromkeys(names, 0) for t in problems
-    }
-    for (task, setting, seed, index), completion in zip(keys, completions, strict=True):
-        text = completion.text
-        truncated[task][setting] += completion.finish_reason == "length"
-        problem = problems[task][index]
-        predicted, correct = score(
-            problem.kind, text, problem.gold, list(problem.options)
-        )
-        seed_key = GREEDY_SEED_KEY if seed is None else str(seed)
-        outcomes[task][setting].setdefault(seed_key, []).append(int(correct))
-        predictions[task][setting].setdefault(seed_key, []).append(predicted)
-        if response_file:
-            record = {
-                "task": task,
-                "setting": setting,
-                "seed": seed,
-                "problem_id": problem.problem_id,
-                "gold": problem.gold,
-                "predicted": predicted,
-                "correct": correct,
-                "finish_reason": completion.finish_reason,
-                "response": text,
-            }
-            response_file.write(json.dumps(record) + "\n")
-    if response_file:
-        response_file.close()
 
-    summary = report.summarize(outcomes, baseline)
+def write_results(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    plan: Plan,
+    scores: Scores,
+    backend: Backend,
+    timing: dict[str, float],
+) -> None:
+    """The run's JSON (arguments, per-problem outcomes, summary), Markdown table and
+    plot under ``args.out_dir``; the table also goes to stdout."""
+    baseline = args.baseline if args.baseline in plan.names else None
+    summary = report.summarize(scores.outcomes, baseline)
     for task, rows in summary.items():
         for setting, row in rows.items():
-            row["truncated_fraction"] = truncated[task][setting] / max(
+            row["truncated_fraction"] = scores.truncated[task][setting] / max(
                 1, row["problems"] * len(row["seeds"])
             )
     model_name = args.model or backend.description.get("model", "server")
@@ -347,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m bench.accuracy "
         + shlex.join(sys.argv[1:] if argv is None else argv),
-        "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
-        "engine_load_seconds": round(load_seconds, 1),
-        "generation_seconds": round(generation_seconds, 1),
+        "started_utc": dt.datetime.fromtimestamp(timing["started"], dt.UTC).isoformat(),
+        "engine_load_seconds": round(timing["load_seconds"], 1),
+        "generation_seconds": round(timing["generation_seconds"], 1),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "source": backend.description,
         "settings": {
@@ -358,11 +387,11 @@ def main(argv: list[str] | None = None) -> int:
                 "em_inf": s.request_value(),
                 "resolved": s.resolved(),
             }
-            for s in settings
+            for s in plan.settings
         },
         "baseline": baseline,
         "seeds": args.seeds,
-        "max_tokens": {t: max_tokens[t] for t in problems},
+        "max_tokens": {t: plan.max_tokens[t] for t in plan.problems},
         "system_prompt": args.system,
         "problems": {
             t: {
@@ -370,17 +399,17 @@ def main(argv: list[str] | None = None) -> int:
                 "ids": [p.problem_id for p in items],
                 "gold": [p.gold for p in items],
             }
-            for t, items in problems.items()
+            for t, items in plan.problems.items()
         },
-        "outcomes": outcomes,
-        "predictions": predictions,
+        "outcomes": scores.outcomes,
+        "predictions": scores.predictions,
         "summary": summary,
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = report.markdown_table(summary)
     header = (
         f"Model `{model_name}`, {backend.description['backend']} backend; "
-        f"generation {generation_seconds / 60:.1f} min.\n"
+        f"generation {timing['generation_seconds'] / 60:.1f} min.\n"
         f"Command: `{result['command']}`\n\n"
     )
     stem.with_suffix(".md").write_text(header + table)
@@ -392,4 +421,31 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {stem}.json / .md" + ("" if args.no_plot else " / .png"),
         file=sys.stderr,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    plan = plan_requests(args)
+    print(
+        f"{len(plan.requests)} requests: tasks "
+        f"{ {t: len(p) for t, p in plan.problems.items()} }"
+        f", settings {plan.names}, seeds {args.seeds}",
+        file=sys.stderr,
+    )
+    backend = _make_backend(args)
+    load_seconds = time.time() - started
+    try:
+        generation_started = time.time()
+        completions = backend.generate(plan.requests)
+        generation_seconds = time.time() - generation_started
+    finally:
+        backend.close()
+    scores = score_completions(plan, completions, args.save_responses)
+    timing = {
+        "started": started,
+        "load_seconds": load_seconds,
+        "generation_seconds": generation_seconds,
+    }
+    write_results(args, argv, plan, scores, backend, timing)
     return 0
