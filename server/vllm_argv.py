@@ -46,11 +46,11 @@ def without_options(argv: Sequence[str], options: Mapping[str, Arity]) -> list[s
     index = 0
     while index < len(argv):
         token = argv[index]
+        if token == "--":  # the rest is positional
+            kept.extend(argv[index:])
+            break
         index += 1
         name = _option_name(token)
-        if token == "--":  # the rest is positional
-            kept.extend(argv[index - 1 :])
-            break
         if name not in options:
             kept.append(token)
             continue
