@@ -299,6 +299,23 @@ def test_port_in_use_is_named_with_its_owner(em_inf_parser, model_dir):
             )
 
 
+def test_em_inf_serve_says_what_is_wrong_in_one_line_and_exits_1():
+    result = subprocess.run(
+        [sys.executable, "-m", "em_inf.cli", "serve", "/no/such/model"]
+        + ["--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "em-inf serve: error: model not found: /no/such/model does not exist (give "
+        "a local model directory or a Hugging Face model id such as "
+        "Qwen/Qwen2.5-7B-Instruct)"
+    )
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [("/no/such/model", "model not found"), ("EMPTY", "holds no config.json")],
