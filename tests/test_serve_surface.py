@@ -367,26 +367,25 @@ def test_cpu_id_lists(ids, text):
 # ------------------------------------------------------ vLLM's app with EM-INF
 
 
-def test_vllm_app_with_the_em_inf_middleware(em_inf_parser, vllm_parser, model_dir):
+@pytest.mark.parametrize("api_key", [None, "secret"])
+def test_vllm_app_with_the_em_inf_middleware(
+    monkeypatch, em_inf_parser, vllm_parser, model_dir, api_key
+):
     """vLLM's own app, built from em-inf's command line: the middleware is in it,
-    answers GET /v1/em-inf and refuses bad settings; the routes it watches exist."""
+    answers GET /v1/em-inf and refuses bad settings; the routes it watches exist.
+    vLLM puts it outside its own middleware: with ``--api-key``, these answers need
+    no key (README, "Serve"); generation does."""
     from vllm.entrypoints.launchers.app import build_app  # test only
 
     argv = [model_dir, "--port", str(free_port()), "--em-inf-threshold", "0.2"]
+    argv += [] if api_key is None else ["--api-key", api_key]
     _, launch = launch_for(em_inf_parser, argv)
     vllm_args = vllm_parser.parse_args(["serve", *launch.argv])
     vllm_args.model = vllm_args.model_tag
-    saved = {name: os.environ.get(name) for name in launch.environment}
-    os.environ.update(launch.environment)
-    try:
-        app = build_app(vllm_args, ("generate",), None)
-        responses = asyncio.run(_requests(app))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    for name, value in launch.environment.items():
+        monkeypatch.setenv(name, value)
+    app = build_app(vllm_args, ("generate",), None)
+    info, refused, passed = asyncio.run(_requests(app))
 
     assert EMInfMiddleware in [entry.cls for entry in app.user_middleware]
     post_routes = {
@@ -394,15 +393,15 @@ def test_vllm_app_with_the_em_inf_middleware(em_inf_parser, vllm_parser, model_d
     }
     assert set(GENERATION_PATHS) | set(UNSUPPORTED_PATHS) <= post_routes
     assert INFO_PATH not in {route.path for route in app.routes}
-    info, refused, passed = responses
     assert info.status_code == 200
-    assert (
-        info.json()["defaults"] == PRESETS["default"].replace(threshold=0.2).as_dict()
-    )
+    defaults = PRESETS["default"].replace(threshold=0.2)
+    assert info.json()["defaults"] == defaults.as_dict()
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == REQUEST_KEY
     assert "'lr'" in refused.json()["error"]["message"]
-    # Valid settings go on to vLLM's handler (which has no engine here).
+    # Valid settings go on to vLLM (its key check; its handler has no engine here).
+    if api_key is not None:
+        assert passed.status_code == 401, passed.text
     assert passed.status_code != 400
     assert "em_inf" not in passed.text
 
