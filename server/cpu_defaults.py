@@ -109,8 +109,12 @@ def check_memory(kv_cache_bytes: int | None, memory_fraction: float) -> None:
 def local_workers(args: argparse.Namespace) -> int:
     """CPU workers vLLM starts on this machine: (tensor x pipeline) parallel ranks
     for each local data-parallel engine."""
-    per_engine = args.tensor_parallel_size * args.pipeline_parallel_size
-    engines = args.data_parallel_size_local or args.data_parallel_size
+    per_engine = getattr(args, "tensor_parallel_size", 1) * getattr(
+        args, "pipeline_parallel_size", 1
+    )
+    engines = getattr(args, "data_parallel_size_local", None) or getattr(
+        args, "data_parallel_size", 1
+    )
     return per_engine * engines
 
 

@@ -149,7 +149,7 @@ def _refuse_unsupported_modes(args: argparse.Namespace) -> None:
 def _refuse_ray_without_ray_devices(args: argparse.Namespace, platform: Any) -> None:
     """vLLM places Ray workers on its platform's Ray device (``ray_device_key``);
     a platform without one (CPU) refuses Ray once the engine starts."""
-    if args.distributed_executor_backend != "ray":
+    if getattr(args, "distributed_executor_backend", None) != "ray":
         return
     if getattr(platform, "ray_device_key", None) == "":
         name = getattr(platform, "device_name", "this")
