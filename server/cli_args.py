@@ -55,6 +55,14 @@ def _field_type(field: str) -> type:
     return type(getattr(_DEFAULTS, field))
 
 
+#: Every option string of the EM-INF group, as ``--em-inf-<name>``.
+EM_INF_FLAGS: tuple[str, ...] = (
+    "--em-inf-preset",
+    "--em-inf-default",
+    *(flag_name(field) for field in FIELD_NAMES),
+)
+
+
 def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the ``EM-INF`` argument group (``--em-inf-*``) to ``parser``."""
     group = parser.add_argument_group(GROUP_TITLE, description=GROUP_DESCRIPTION)
@@ -109,48 +117,55 @@ def engine_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return engine_config
 
 
+def serve_subcommand() -> Any:
+    """vLLM's ``serve`` subcommand (``subparser_init``, ``validate``, ``cmd``)."""
+    commands = vllm_compat.get("serve_subcommand")()
+    return next(command for command in commands if command.name == "serve")
+
+
 def make_serve_parser(
     subparsers: argparse._SubParsersAction | None = None,
 ) -> argparse.ArgumentParser:
-    """The ``serve`` parser: vLLM's serve flags (``make_arg_parser``) and EM-INF's.
+    """The ``serve`` parser: ``vllm serve``'s own (its flags, help and validation),
+    plus the EM-INF group.
 
     Plain ``--help`` lists vLLM's flag groups (``--help=<group>`` / ``--help=all``
-    show their flags, as with ``vllm serve``) and shows the EM-INF group in full.
+    show their flags, as with ``vllm serve``) and spells out the EM-INF group.
+
+    Args:
+        subparsers: the ``add_subparsers()`` of the ``em-inf`` parser, made with
+            ``parser_class=vllm_compat.get("argument_parser")``; without it, a
+            parser for ``em-inf serve`` alone.
     """
-    options = {"usage": USAGE, "description": DESCRIPTION}
     if subparsers is None:
-        parser = serve_parser_class()(prog="em-inf serve", **options)
-    else:  # made with add_subparsers(parser_class=serve_parser_class())
-        parser = subparsers.add_parser(
-            "serve",
-            help="Serve a model with EM-INF (OpenAI-compatible API).",
-            **options,
+        parser_class = vllm_compat.get("argument_parser")
+        subparsers = parser_class(prog="em-inf").add_subparsers(
+            parser_class=parser_class
         )
-    parser = vllm_compat.get("make_arg_parser")(parser)
+    parser = serve_subcommand().subparser_init(subparsers)
+    parser.usage = USAGE
+    parser.description = DESCRIPTION
     add_em_inf_arguments(parser)
-    parser.epilog = EPILOG
+    parser.epilog = _em_inf_group_help(parser) + "\n" + EPILOG
     return parser
 
 
-def serve_parser_class() -> type[argparse.ArgumentParser]:
-    """vLLM's ``FlexibleArgumentParser``, with the EM-INF group in plain ``--help``."""
-    base = vllm_compat.get("FlexibleArgumentParser")
+def _em_inf_group_help(parser: argparse.ArgumentParser) -> str:
+    """The EM-INF group as ``--help=EM-INF`` shows it, for plain ``--help``."""
+    alone = argparse.ArgumentParser(
+        prog=parser.prog,
+        usage=argparse.SUPPRESS,
+        add_help=False,
+        formatter_class=parser.formatter_class,
+    )
+    add_em_inf_arguments(alone)
+    return alone.format_help()
 
-    class ServeParser(base):  # type: ignore[misc, valid-type]
-        """vLLM's parser, whose plain ``--help`` also spells out the EM-INF flags."""
 
-        def format_help(self) -> str:
-            text = super().format_help()
-            if getattr(self, "_search_keyword", None) is not None:
-                return text
-            for group in self._action_groups:
-                if group.title == GROUP_TITLE:
-                    formatter = self._get_formatter()
-                    formatter.start_section(group.title)
-                    formatter.add_text(group.description)
-                    formatter.add_arguments(group._group_actions)
-                    formatter.end_section()
-                    text += "\n" + formatter.format_help()
-            return text
+def validate_serve_args(args: argparse.Namespace) -> None:
+    """``vllm serve``'s own checks of parsed arguments.
 
-    return ServeParser
+    Raises:
+        ValueError, TypeError or KeyError: from vLLM, saying what is wrong.
+    """
+    serve_subcommand().validate(args)

@@ -1,42 +1,46 @@
-"""Start ``em-inf serve``: resolve the model and engine defaults, register EM-INF
-with the engine, and run vLLM's API server in this process.
+"""Start ``em-inf serve``: check the command line, resolve the model and em-inf's
+defaults, then run vLLM's own ``vllm serve`` in this process with EM-INF attached.
 
-The engine is vLLM's (``build_async_engine_client``), the HTTP app is vLLM's
-(``build_app`` + ``init_app_state``, see :mod:`em_inf.server.app`) and so is the
-HTTP server (``serve_http``). EM-INF joins through vLLM's stock extension points:
-``--logits-processors em_inf:EMInf`` and ``--additional-config '{"em_inf": ...}'``.
+EM-INF joins through ``vllm serve``'s public flags only: ``--logits-processors
+em_inf:EMInf`` (the processor, in every engine worker), ``--middleware``
+(:class:`~em_inf.server.middleware.EMInfMiddleware`: per-request settings and
+``GET /v1/em-inf``) and ``--additional-config '{"em_inf": {...}}'`` (the server's
+settings, which the ``--em-inf-*`` flags become). Problems a person can fix (port,
+model, memory, unsupported modes) are reported before vLLM starts, in one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import errno
 import logging
 import os
-import re
-import signal
 import socket
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from em_inf.config import FIELD_NAMES
+from em_inf.config import REQUEST_KEY
 
 from . import vllm_compat
-from .cli_args import engine_config_from_args, flag_name
+from .cli_args import (
+    EM_INF_FLAGS,
+    engine_config_from_args,
+    flag_name,
+    validate_serve_args,
+)
+from .cpu_defaults import CpuSetupError, cpu_defaults
+from .middleware import MIDDLEWARE
 from .settings import ServerSettings
+from .vllm_argv import vllm_serve_argv
 
 logger = logging.getLogger("em_inf.server")
 
 PROCESSOR = "em_inf:EMInf"
 # Other spellings of the same processor a user may already have passed.
 _PROCESSOR_ALIASES = {PROCESSOR, "em_inf.processor:EMInf", "em_inf.EMInf"}
-
-# CPU engine defaults, used only when the user sized neither the KV cache nor the
-# memory fraction: vLLM's 0.92 of host memory is refused on a busy machine, and
-# 1 GiB of KV cache holds ~40k tokens of SmolLM2-135M (docs/environment.md).
-CPU_MEMORY_FRACTION = 0.3
-CPU_KV_CACHE_BYTES = 1 << 30
 # Context length for the default model (trained to 8192): room for a chat, and a
 # faster start and smaller footprint on a laptop. --max-model-len overrides it.
 DEFAULT_MODEL_MAX_LEN = 4096
@@ -46,22 +50,37 @@ class StartupError(RuntimeError):
     """A problem the person starting the server must fix; the message says how."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What :func:`run` starts.
+
+    Attributes:
+        argv: the arguments of ``vllm serve`` (after ``serve``).
+        environment: variables to set first (EM-INF's settings for the
+            middleware, CPU defaults).
+        settings: the server's EM-INF settings.
+        where: ``host:port`` (or the socket path) it listens on, for messages.
+    """
+
+    argv: list[str]
+    environment: dict[str, str]
+    settings: ServerSettings
+    where: str
+
+
 # ----------------------------------------------------------------------- preparing
 
 
 def prepare(
-    args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> ServerSettings:
-    """Check ``args``, fill in em-inf's defaults and register EM-INF (in place).
-
-    Returns:
-        The server's EM-INF settings.
+    args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> Launch:
+    """Check ``args`` (parsed from ``argv``) and turn them into a ``vllm serve`` run.
 
     Raises:
         StartupError: with a message for the user.
     """
     try:
-        vllm_compat.get("validate_parsed_serve_args")(args)
+        validate_serve_args(args)
     except (ValueError, TypeError, KeyError) as error:
         raise StartupError(str(error)) from None
     try:
@@ -71,19 +90,43 @@ def prepare(
     _refuse_unsupported_modes(args)
     if not args.headless:
         _check_port_free(args)
-    _resolve_model(args)
-    _apply_cpu_defaults(args, parser)
-    _register_processor(args, settings)
-    return settings
+    platform = vllm_compat.get("current_platform")
+    _refuse_ray_without_ray_devices(args, platform)
+    model, defaults = _resolve_model(args)
+    environment = dict(settings.environment())
+    if platform.is_cpu():
+        try:
+            cpu_flags, cpu_environment = cpu_defaults(args, parser)
+        except CpuSetupError as error:
+            raise StartupError(str(error)) from None
+        defaults += cpu_flags
+        environment.update(cpu_environment)
+    if args.api_server_count is None and not args.headless:
+        defaults += ["--api-server-count", "1"]  # vLLM's default is one per engine
+    vllm_argv = vllm_serve_argv(
+        argv,
+        owned=EM_INF_FLAGS,
+        model=model,
+        defaults=defaults,
+        logits_processors=_logits_processors(args),
+        middleware=[MIDDLEWARE, *(p for p in args.middleware if p != MIDDLEWARE)],
+        additional_config={
+            **(args.additional_config or {}),
+            REQUEST_KEY: dict(settings.engine_config),
+        },
+    )
+    return Launch(vllm_argv, environment, settings, _where(args))
 
 
 def _settings_message(error: ValueError) -> str:
     """Name the flag as well as the setting: "... (--em-inf-threshold)"."""
+    from em_inf.config import FIELD_NAMES
+
     message = f"invalid EM-INF server setting: {error}"
-    named = re.search(r"'(\w+)'", str(error))
-    if named and named.group(1) in ("preset", "enabled", *FIELD_NAMES):
-        flag = flag_name("default" if named.group(1) == "enabled" else named.group(1))
-        message += f" (check {flag} and --additional-config)"
+    for name in ("preset", "enabled", *FIELD_NAMES):
+        if f"'{name}'" in str(error):
+            flag = flag_name("default" if name == "enabled" else name)
+            return message + f" (check {flag} and --additional-config)"
     return message
 
 
@@ -103,6 +146,25 @@ def _refuse_unsupported_modes(args: argparse.Namespace) -> None:
         )
 
 
+def _refuse_ray_without_ray_devices(args: argparse.Namespace, platform: Any) -> None:
+    """vLLM places Ray workers on its platform's Ray device (``ray_device_key``);
+    a platform without one (CPU) refuses Ray once the engine starts."""
+    if getattr(args, "distributed_executor_backend", None) != "ray":
+        return
+    if getattr(platform, "ray_device_key", None) == "":
+        name = getattr(platform, "device_name", "this")
+        raise StartupError(
+            f'vLLM cannot run its {name} engine on Ray ("current platform {name} '
+            'does not support ray": Ray places workers on GPUs or other '
+            "accelerators); drop --distributed-executor-backend ray, the default "
+            "executor runs --tensor-parallel-size on this machine"
+        )
+
+
+def _where(args: argparse.Namespace) -> str:
+    return args.uds or f"{args.host or '0.0.0.0'}:{args.port}"
+
+
 def _check_port_free(args: argparse.Namespace) -> None:
     """Fail now, not after minutes of model preparation, when the port is taken."""
     if args.uds:
@@ -114,45 +176,59 @@ def _check_port_free(args: argparse.Namespace) -> None:
         try:
             probe.bind((host, args.port))
         except OSError as error:
-            raise StartupError(_port_message(args, error)) from None
+            raise StartupError(_port_message(_where(args), error)) from None
 
 
-def _port_message(args: argparse.Namespace, error: OSError) -> str:
-    where = f"{args.host or '0.0.0.0'}:{args.port}"
+def _port_message(where: str, error: OSError) -> str:
     if error.errno != errno.EADDRINUSE:
         return f"cannot listen on {where}: {error.strerror or error}"
-    owner = ""
-    find = vllm_compat.optional("find_process_using_port")
-    if find is not None:
-        try:
-            process = find(args.port)
-            if process is not None:
-                owner = f" by process {process.pid} ({' '.join(process.cmdline())})"
-        except Exception:  # psutil may lack the rights to look; the hint still helps
-            owner = ""
+    port = int(where.rsplit(":", 1)[1])
+    owner = _port_owner(port)
     return (
-        f"port {args.port} is already in use{owner}; stop that server or choose "
+        f"port {port} is already in use{owner}; stop that server or choose "
         f"another port with --port (could not listen on {where})"
     )
 
 
-def _resolve_model(args: argparse.Namespace) -> None:
-    """``MODEL`` or, without one, the default model (prepared on first use)."""
+def _port_owner(port: int) -> str:
+    """`` by process PID (COMMAND)`` when this user may see who listens on ``port``."""
+    try:
+        import psutil
+
+        for connection in psutil.net_connections(kind="inet"):
+            if (
+                connection.laddr
+                and connection.laddr.port == port
+                and connection.status == psutil.CONN_LISTEN
+                and connection.pid not in (None, os.getpid())
+            ):
+                process = psutil.Process(connection.pid)
+                return f" by process {process.pid} ({' '.join(process.cmdline())})"
+    except Exception:  # psutil may be missing or lack the rights to look
+        return ""
+    return ""
+
+
+def _resolve_model(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The model to add to the command line (``None``: the user named one) and the
+    default model's flags. Without ``MODEL``, the default model is prepared (on first
+    use) and served under its name.
+    """
     if args.model_tag is not None:
-        args.model = args.model_tag
-        _check_local_model(args.model)
-        return
+        _check_local_model(args.model_tag)
+        return None, []
     from em_inf import models
 
     try:
         model_dir = models.prepare_default_model(progress=True)
     except models.ModelPreparationError as error:
         raise StartupError(f"cannot prepare the default model: {error}") from None
-    args.model = str(model_dir)
+    defaults = []
     if args.served_model_name is None:
-        args.served_model_name = [models.DEFAULT_MODEL_NAME]
+        defaults += ["--served-model-name", models.DEFAULT_MODEL_NAME]
     if args.max_model_len is None:
-        args.max_model_len = DEFAULT_MODEL_MAX_LEN
+        defaults += ["--max-model-len", str(DEFAULT_MODEL_MAX_LEN)]
+    return str(model_dir), defaults
 
 
 def _check_local_model(model: str) -> None:
@@ -177,96 +253,49 @@ def _check_local_model(model: str) -> None:
         )
 
 
-def _apply_cpu_defaults(
-    args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> None:
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    user_sized = (
-        args.kv_cache_memory_bytes is not None
-        or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-        or args.gpu_memory_utilization != parser.get_default("gpu_memory_utilization")
-    )
-    if not user_sized:
-        args.gpu_memory_utilization = CPU_MEMORY_FRACTION
-        args.kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
-        logger.info(
-            "CPU engine: reserving %.1f GiB for the KV cache "
-            "(--kv-cache-memory-bytes or --gpu-memory-utilization change it)",
-            CPU_KV_CACHE_BYTES / (1 << 30),
-        )
-    if args.enable_chunked_prefill is None:
-        # vllm-cpu 0.32 kills its engine on a seeded request whose prompt is
-        # prefilled in chunks ("CPU Generator does not use offset"): one client's
-        # `seed` must not take the server down for everyone.
-        args.enable_chunked_prefill = False
-        logger.info(
-            "CPU engine: chunked prefill off (seeded requests crash vllm-cpu's "
-            "chunked prefill); --enable-chunked-prefill turns it on"
-        )
-    _check_cpu_memory(args)
-
-
-def _check_cpu_memory(args: argparse.Namespace) -> None:
-    """The CPU engine's own memory check, made before the model is loaded."""
-    import psutil
-
-    memory = psutil.virtual_memory()
-    wanted = args.kv_cache_memory_bytes
-    what = "--kv-cache-memory-bytes"
-    if wanted is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        wanted = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30
-        what = "VLLM_CPU_KVCACHE_SPACE"
-    if wanted is None:
-        wanted = int(memory.total * args.gpu_memory_utilization)
-        what = "--gpu-memory-utilization"
-    if wanted > memory.available:
-        raise StartupError(
-            f"not enough memory: {what} asks for {wanted / (1 << 30):.1f} GiB but "
-            f"only {memory.available / (1 << 30):.1f} GiB of "
-            f"{memory.total / (1 << 30):.1f} GiB is free; lower it (e.g. "
-            "--kv-cache-memory-bytes 1G) or free memory"
-        )
-
-
-def _register_processor(args: argparse.Namespace, settings: ServerSettings) -> None:
-    processors = list(args.logits_processors or [])
-    if not any(
-        isinstance(entry, str) and entry in _PROCESSOR_ALIASES for entry in processors
-    ):
+def _logits_processors(args: argparse.Namespace) -> list[str]:
+    processors = [str(entry) for entry in args.logits_processors or []]
+    if not any(entry in _PROCESSOR_ALIASES for entry in processors):
         processors.append(PROCESSOR)
-    args.logits_processors = processors
-    additional = dict(args.additional_config or {})
-    additional["em_inf"] = dict(settings.engine_config)
-    args.additional_config = additional
+    return processors
 
 
 # ------------------------------------------------------------------------- running
 
 
-def run(args: argparse.Namespace, settings: ServerSettings) -> None:
-    """Run the server until it is stopped (SIGINT / SIGTERM).
+def run(launch: Launch) -> None:
+    """Run ``vllm serve`` with ``launch``'s arguments until it stops (SIGINT /
+    SIGTERM), in this process.
 
     Raises:
         StartupError: for failures a person can fix (port, model, memory).
     """
-    if args.headless:  # engines only, no HTTP: vLLM's own loop does it all
-        vllm_compat.get("run_headless")(args)
-        return
-    import uvloop
-
+    os.environ.update(launch.environment)
+    vllm_compat.alias_vllm_cpu_distribution()
+    command = vllm_compat.vllm_command()
+    logger.info(
+        "EM-INF %s by default (preset %r: %s); starting vllm serve %s",
+        "on" if launch.settings.enabled else "off (opt-in per request)",
+        launch.settings.preset,
+        launch.settings.config.as_dict(),
+        " ".join(launch.argv),
+    )
+    saved_argv = sys.argv
+    sys.argv = [vllm_compat.VLLM_COMMAND, "serve", *launch.argv]
     try:
-        uvloop.run(serve(args, settings))
+        command()
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
-            raise StartupError(_port_message(args, error)) from None
-        raise
+            raise StartupError(_port_message(launch.where, error)) from None
+        raise StartupError(_model_failure_message(error)) from error
+    except ValueError as error:  # vLLM's configuration checks
+        raise StartupError(_model_failure_message(error)) from error
     except RuntimeError as error:
         if "initialization failed" in str(error):
             raise StartupError(_engine_failure_message(error)) from None
         raise
+    finally:
+        sys.argv = saved_argv
 
 
 def _engine_failure_message(error: Exception) -> str:
@@ -279,73 +308,10 @@ def _engine_failure_message(error: Exception) -> str:
     )
 
 
-async def serve(args: argparse.Namespace, settings: ServerSettings) -> None:
-    """Engine, vLLM's app with EM-INF attached, and the HTTP server, in this process."""
-    from .app import build_em_inf_app
-
-    # Until the HTTP server installs its own handlers, SIGTERM aborts start-up.
-    signal.signal(signal.SIGTERM, _interrupt_startup)
-    listen_address, sock = vllm_compat.get("setup_server")(args, reuse_port=False)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                engine_client = await stack.enter_async_context(
-                    vllm_compat.get("build_async_engine_client")(args)
-                )
-            except (OSError, ValueError) as error:  # config, model files, hub
-                raise StartupError(_model_failure_message(args, error)) from error
-            app = await build_em_inf_app(engine_client, args, settings)
-            logger.info(
-                "EM-INF %s by default (preset %r: %s); serving %s at %s/v1",
-                "on" if settings.enabled else "off (opt-in per request)",
-                settings.preset,
-                settings.config.as_dict(),
-                args.model,
-                listen_address,
-            )
-            shutdown = await vllm_compat.get("serve_http")(
-                app, sock=sock, **_http_options(args)
-            )
-        await shutdown
-    finally:
-        sock.close()
-
-
-def _interrupt_startup(*_: Any) -> None:
-    raise KeyboardInterrupt("terminated")
-
-
-def _model_failure_message(args: argparse.Namespace, error: Exception) -> str:
+def _model_failure_message(error: Exception) -> str:
     return (
-        f"cannot set up the engine for model {args.model!r}: "
-        f"{type(error).__name__}: {error}\nIf the model is not found: give a local "
-        "model directory, or a Hugging Face model id this machine can reach "
-        "(with HF_HUB_OFFLINE=1 only models already in the hub cache)"
+        f"vLLM could not set up the engine: {type(error).__name__}: {error}\n"
+        "If the model is not found: give a local model directory, or a Hugging "
+        "Face model id this machine can reach (with HF_HUB_OFFLINE=1 only models "
+        "already in the hub cache)"
     )
-
-
-def _http_options(args: argparse.Namespace) -> dict[str, Any]:
-    """uvicorn options from vLLM's server flags, as ``vllm serve`` passes them."""
-    import vllm.envs as envs
-
-    options: dict[str, Any] = {
-        "enable_ssl_refresh": args.enable_ssl_refresh,
-        "host": args.host,
-        "port": args.port,
-        "log_level": args.uvicorn_log_level,
-        "access_log": not args.disable_uvicorn_access_log,
-        "timeout_keep_alive": envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-        "ssl_keyfile": args.ssl_keyfile,
-        "ssl_certfile": args.ssl_certfile,
-        "ssl_ca_certs": args.ssl_ca_certs,
-        "ssl_cert_reqs": args.ssl_cert_reqs,
-        "ssl_ciphers": getattr(args, "ssl_ciphers", None),
-        "h11_max_incomplete_event_size": getattr(
-            args, "h11_max_incomplete_event_size", None
-        ),
-        "h11_max_header_count": getattr(args, "h11_max_header_count", None),
-    }
-    log_config = vllm_compat.optional("get_uvicorn_log_config")
-    if log_config is not None and (config := log_config(args)) is not None:
-        options["log_config"] = config
-    return options

@@ -1,11 +1,18 @@
-"""ASGI middleware that moves a request's ``"em_inf"`` field into ``vllm_xargs``.
+"""``EMInfMiddleware``: EM-INF's part of vLLM's HTTP server, as an ASGI middleware.
 
-It wraps vLLM's own FastAPI application and touches only POST requests to the
-generation routes (:data:`~em_inf.server.requests.GENERATION_PATHS`) whose body
-mentions ``em_inf`` (and refuses ``"em_inf"`` on routes that cannot carry it,
-rather than let vLLM drop it silently); every other request, and every response,
-passes through untouched, streaming included. Invalid settings are answered with
-HTTP 400 in the OpenAI error format and never reach vLLM's handlers or the engine.
+``em-inf serve`` hands it to ``vllm serve --middleware`` (the path is
+:data:`MIDDLEWARE`), which wraps vLLM's own FastAPI application in it. It
+
+* moves a generation request's ``"em_inf"`` field into ``vllm_xargs`` after checking
+  it, and refuses invalid settings with HTTP 400 in the OpenAI error format, naming
+  the setting, before vLLM's handlers or the engine see them; ``"em_inf"`` on routes
+  that cannot carry it is refused rather than dropped silently;
+* answers ``GET /v1/em-inf``: the server's EM-INF defaults, the presets and versions.
+
+Everything else, and every response, passes through untouched, streaming included.
+vLLM installs ``--middleware`` classes outside its own (CORS, ``--api-key``): these
+two answers are given without an API key; they tell only the EM-INF settings.
+The server's settings come from the environment (see :mod:`.settings`).
 """
 
 from __future__ import annotations
@@ -33,27 +40,43 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: The import path ``vllm serve --middleware`` takes.
+MIDDLEWARE = f"{__name__}.EMInfMiddleware"
+#: The route that describes the server's EM-INF settings.
+INFO_PATH = "/v1/em-inf"
+
 _MARKER = b"em_inf"
 
 
-class EMInfRequestMiddleware:
-    """Rewrite generation requests' ``"em_inf"`` field; refuse invalid settings.
+class EMInfMiddleware:
+    """Check and translate requests' ``"em_inf"`` field; answer ``GET /v1/em-inf``.
 
     Args:
-        app: the wrapped ASGI application.
+        app: the wrapped ASGI application (vLLM's).
         settings: the server's EM-INF settings, which requests are validated
-            against, as the processor resolves them.
+            against as the processor resolves them; by default those ``em-inf
+            serve`` put in the environment (:meth:`ServerSettings.from_environment`).
+
+    Raises:
+        ValueError: when the environment holds invalid settings.
     """
 
-    def __init__(self, app: ASGIApp, *, settings: ServerSettings) -> None:
+    def __init__(self, app: ASGIApp, settings: ServerSettings | None = None) -> None:
         self.app = app
+        if settings is None:
+            settings = ServerSettings.from_environment()
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or not scope["path"].endswith(GENERATION_PATHS + UNSUPPORTED_PATHS)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if path == INFO_PATH:
+            await self._describe(scope, receive, send)
+            return
+        if scope["method"] != "POST" or not path.endswith(
+            GENERATION_PATHS + UNSUPPORTED_PATHS
         ):
             await self.app(scope, receive, send)
             return
@@ -72,8 +95,8 @@ class EMInfRequestMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         try:
-            if scope["path"].endswith(UNSUPPORTED_PATHS):
-                refuse_unsupported(scope["path"], decoded)
+            if path.endswith(UNSUPPORTED_PATHS):
+                refuse_unsupported(path, decoded)
                 rewritten = decoded
             else:
                 rewritten, _ = translate_body(decoded, self.settings)
@@ -90,6 +113,14 @@ class EMInfRequestMiddleware:
                 if name.lower() != b"content-length"
             ] + [(b"content-length", str(len(body)).encode())]
         await self.app(scope, _replay(body, receive), send)
+
+    async def _describe(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "GET":
+            await _send_json(send, 200, self.settings.describe())
+        else:
+            await _send_json(
+                send, 405, {"detail": "Method Not Allowed"}, [(b"allow", b"GET")]
+            )
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
@@ -119,7 +150,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _send_json(
+    send: Send,
+    status: int,
+    payload: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     content = json.dumps(payload).encode()
     await send(
         {
@@ -128,6 +164,7 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(content)).encode()),
+                *(headers or []),
             ],
         }
     )

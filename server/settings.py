@@ -1,9 +1,18 @@
-"""The server's EM-INF defaults: one record shared by the CLI, the request middleware,
-the ``GET /v1/em-inf`` route and (through ``additional_config``) the processor."""
+"""The server's EM-INF defaults: one record shared by the CLI, the middleware (request
+settings and ``GET /v1/em-inf``) and, through ``additional_config``, the processor.
+
+``em-inf serve`` hands the same ``additional_config["em_inf"]`` object to the engine
+(``--additional-config``) and to the middleware, through the environment variable
+:data:`SETTINGS_ENV`: vLLM builds ``--middleware`` classes with the app alone, and the
+environment is public, set before vLLM starts and inherited by every process it
+spawns, with no reliance on how vLLM's app keeps its state.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +24,9 @@ from em_inf.config import (
     engine_settings,
     parse_request,
 )
+
+#: Environment variable holding ``additional_config["em_inf"]`` as JSON.
+SETTINGS_ENV = "EM_INF_SERVER_SETTINGS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +57,31 @@ class ServerSettings:
         engine_config = dict(engine_config or {})
         config, enabled = engine_settings(PRESETS["default"], True, engine_config)
         return cls(engine_config=engine_config, config=config, enabled=enabled)
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str] | None = None
+    ) -> ServerSettings:
+        """The settings ``em-inf serve`` put in :data:`SETTINGS_ENV` (the package
+        defaults when it is unset, e.g. under a plain ``vllm serve``).
+
+        Raises:
+            ValueError: naming the variable and the bad key.
+        """
+        text = (os.environ if environ is None else environ).get(SETTINGS_ENV)
+        if not text:
+            return cls.from_engine_config({})
+        try:
+            engine_config = json.loads(text)
+            if not isinstance(engine_config, dict):
+                raise ValueError(f"must be a JSON object, got {text!r}")
+            return cls.from_engine_config(engine_config)
+        except ValueError as error:
+            raise ValueError(f"{SETTINGS_ENV}: {error}") from None
+
+    def environment(self) -> dict[str, str]:
+        """The environment that hands these settings to the middleware."""
+        return {SETTINGS_ENV: json.dumps(dict(self.engine_config))}
 
     @property
     def preset(self) -> str:

