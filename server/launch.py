@@ -32,7 +32,7 @@ from .cli_args import (
     validate_serve_args,
 )
 from .cpu_defaults import CpuSetupError, cpu_defaults
-from .middleware import MIDDLEWARE
+from .middleware import MIDDLEWARE, api_key_environment
 from .settings import ServerSettings
 from .vllm_argv import vllm_serve_argv
 
@@ -94,6 +94,9 @@ def prepare(
     _refuse_ray_without_ray_devices(args, platform)
     model, defaults = _resolve_model(args)
     environment = dict(settings.environment())
+    environment.update(
+        api_key_environment(args.api_key or [os.environ.get("VLLM_API_KEY")])
+    )
     if platform.is_cpu():
         try:
             cpu_flags, cpu_environment = cpu_defaults(args, parser)

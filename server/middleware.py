@@ -10,16 +10,23 @@
 * answers ``GET /v1/em-inf``: the server's EM-INF defaults, the presets and versions.
 
 Everything else, and every response, passes through untouched, streaming included.
-vLLM installs ``--middleware`` classes outside its own (CORS, ``--api-key``): these
-two answers are given without an API key; they tell only the EM-INF settings.
-The server's settings come from the environment (see :mod:`.settings`).
+vLLM installs ``--middleware`` classes outside its own (CORS, ``--api-key``), so this
+one checks the server's API keys itself before it answers anything: a request without
+a valid key passes through untouched, and vLLM refuses it (401) as it refuses any
+other. ``em-inf serve`` hands the keys' SHA-256 digests over in
+:data:`API_KEYS_ENV`; under a plain ``vllm serve --middleware`` the middleware reads
+``VLLM_API_KEY``. The server's EM-INF settings come from the environment too (see
+:mod:`.settings`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from .requests import (
@@ -47,6 +54,30 @@ INFO_PATH = "/v1/em-inf"
 
 _MARKER = b"em_inf"
 
+#: Environment variable with the SHA-256 hex digests of the server's API keys,
+#: comma-separated (the keys themselves never leave the command line).
+API_KEYS_ENV = "EM_INF_API_KEY_SHA256"
+
+
+def api_key_environment(keys: Iterable[str | None]) -> dict[str, str]:
+    """The environment that tells the middleware which API keys the server takes
+    (``--api-key`` values, or ``VLLM_API_KEY``): empty when there are none."""
+    digests = [_digest(key) for key in keys if key]
+    return {API_KEYS_ENV: ",".join(digests)} if digests else {}
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _api_key_digests() -> tuple[bytes, ...]:
+    """The digests ``em-inf serve`` set, else those of ``VLLM_API_KEY``."""
+    text = os.environ.get(API_KEYS_ENV)
+    if text is None:
+        key = os.environ.get("VLLM_API_KEY")
+        text = _digest(key) if key else ""
+    return tuple(bytes.fromhex(digest) for digest in text.split(",") if digest)
+
 
 class EMInfMiddleware:
     """Check and translate requests' ``"em_inf"`` field; answer ``GET /v1/em-inf``.
@@ -66,12 +97,16 @@ class EMInfMiddleware:
         if settings is None:
             settings = ServerSettings.from_environment()
         self.settings = settings
+        self._api_key_digests = _api_key_digests()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if not self._authorized(scope):  # vLLM answers 401
+            await self.app(scope, receive, send)
+            return
         if path == INFO_PATH:
             await self._describe(scope, receive, send)
             return
@@ -113,6 +148,21 @@ class EMInfMiddleware:
                 if name.lower() != b"content-length"
             ] + [(b"content-length", str(len(body)).encode())]
         await self.app(scope, _replay(body, receive), send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        """Whether the request carries one of the server's API keys (always true
+        on a server without keys), checked as vLLM checks them."""
+        if not self._api_key_digests:
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        presented = hashlib.sha256(token.encode()).digest()
+        matched = False
+        for digest in self._api_key_digests:
+            matched |= secrets.compare_digest(presented, digest)
+        return matched
 
     async def _describe(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "GET":

@@ -12,6 +12,7 @@ be the one imported.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -30,7 +31,7 @@ from em_inf.server.cpu_defaults import (
     default_threads_bind,
 )
 from em_inf.server.launch import MIDDLEWARE, PROCESSOR, StartupError, prepare
-from em_inf.server.middleware import INFO_PATH, EMInfMiddleware
+from em_inf.server.middleware import API_KEYS_ENV, INFO_PATH, EMInfMiddleware
 from em_inf.server.requests import GENERATION_PATHS, UNSUPPORTED_PATHS, translate_body
 from em_inf.server.settings import SETTINGS_ENV, ServerSettings
 
@@ -373,8 +374,8 @@ def test_vllm_app_with_the_em_inf_middleware(
 ):
     """vLLM's own app, built from em-inf's command line: the middleware is in it,
     answers GET /v1/em-inf and refuses bad settings; the routes it watches exist.
-    vLLM puts it outside its own middleware: with ``--api-key``, these answers need
-    no key (README, "Serve"); generation does."""
+    vLLM puts it outside its own middleware, so with ``--api-key`` it checks the key
+    itself: without it every request gets vLLM's 401, with it the answers above."""
     from vllm.entrypoints.launchers.app import build_app  # test only
 
     argv = [model_dir, "--port", str(free_port()), "--em-inf-threshold", "0.2"]
@@ -385,7 +386,12 @@ def test_vllm_app_with_the_em_inf_middleware(
     for name, value in launch.environment.items():
         monkeypatch.setenv(name, value)
     app = build_app(vllm_args, ("generate",), None)
-    info, refused, passed = asyncio.run(_requests(app))
+    if api_key is not None:  # no key, a wrong key: vLLM's 401 for all three
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            answers = asyncio.run(_requests(app, headers))
+            assert [answer.status_code for answer in answers] == [401] * 3
+    headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+    info, refused, passed = asyncio.run(_requests(app, headers))
 
     assert EMInfMiddleware in [entry.cls for entry in app.user_middleware]
     post_routes = {
@@ -399,16 +405,30 @@ def test_vllm_app_with_the_em_inf_middleware(
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == REQUEST_KEY
     assert "'lr'" in refused.json()["error"]["message"]
-    # Valid settings go on to vLLM (its key check; its handler has no engine here).
-    if api_key is not None:
-        assert passed.status_code == 401, passed.text
-    assert passed.status_code != 400
+    # Valid settings go on to vLLM's handler (which has no engine here).
+    assert passed.status_code not in (400, 401), passed.text
     assert "em_inf" not in passed.text
 
 
-async def _requests(app):
+def test_api_keys_reach_the_middleware_as_digests_only(
+    monkeypatch, em_inf_parser, model_dir
+):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    argv = [model_dir, "--port", str(free_port())]
+    _, launch = launch_for(em_inf_parser, [*argv, "--api-key", "k1", "k2"])
+    digests = launch.environment[API_KEYS_ENV].split(",")
+    assert digests == [hashlib.sha256(key).hexdigest() for key in (b"k1", b"k2")]
+    assert not any("k1" in value.split(",") for value in launch.environment.values())
+    monkeypatch.setenv("VLLM_API_KEY", "k3")
+    _, launch = launch_for(em_inf_parser, argv)
+    assert launch.environment[API_KEYS_ENV] == hashlib.sha256(b"k3").hexdigest()
+
+
+async def _requests(app, headers):
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://t", headers=headers
+    ) as client:
         info = await client.get(INFO_PATH)
         messages = [{"role": "user", "content": "hi"}]
         body = {"model": "m", "messages": messages, "max_tokens": 1}
