@@ -144,9 +144,12 @@ def test_em_inf_serve_help_shows_vllm_groups_and_the_em_inf_group():
         ("ModelConfig", "--max-model-len", "--em-inf-lr"),
     ],
 )
-def test_help_for_a_group_or_a_flag(capsys, keyword, shown, hidden):
+def test_help_for_a_group_or_a_flag(capsys, monkeypatch, keyword, shown, hidden):
     from em_inf.cli import main
 
+    # vLLM's parser keeps the --help=KEYWORD search on its class: undo it after.
+    parser_class = vllm_compat.get("argument_parser")
+    monkeypatch.setattr(parser_class, "_search_keyword", None)
     with pytest.raises(SystemExit) as exited:
         main(["serve", f"--help={keyword}"])
     assert exited.value.code == 0
@@ -194,10 +197,11 @@ def test_help_for_a_group_or_a_flag(capsys, keyword, shown, hidden):
     ],
 )
 def test_vllm_serve_gets_every_flag_plus_em_inf(
-    em_inf_parser, vllm_parser, model_dir, user_flags
+    monkeypatch, em_inf_parser, vllm_parser, model_dir, user_flags
 ):
     """``vllm serve``'s own parser reads em-inf's command line as the user's, plus
     the processor, the middleware and the EM-INF settings, and accepts it."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # sizes the cache
     argv = [model_dir, "--port", str(free_port()), *user_flags]
     args, launch = launch_for(em_inf_parser, argv)
     assert not any(token.startswith("--em-inf") for token in launch.argv)
