@@ -258,6 +258,13 @@ def block_for(n_cols: int) -> int:
     return min(_BLOCK_MAX, max(128, next_power_of_2(n_cols)))
 
 
+def warps_for(block: int) -> int:
+    """Warps per program: 8 values per thread, so that the four per-lane
+    accumulators and their float64 reduction stay in registers without spilling
+    (bench/README.md, "GPU", has the register counts)."""
+    return max(4, min(16, block // 256))
+
+
 def launch_rows(
     grid_rows: int,
     n_cols: int,
@@ -296,7 +303,7 @@ def launch_rows(
         SLOT_INT64=slot_int64,
         HAS_STATS=stats is not None,
         COUNT_ROWS=count_rows,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=warps_for(block),
     )
 
 
