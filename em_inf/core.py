@@ -84,6 +84,7 @@ class SlotSettings:
             setattr(self, name, np.zeros(num_slots, dtype=np.float32))
         self.logits_steps = np.zeros(num_slots, dtype=np.int64)
         self.temperature_on = np.zeros(num_slots, dtype=bool)
+        self._table = self._empty_table(num_slots)  # host copy of the device table
         self._staging: HostToDevice | None = None
         self._tables: SlotTables | None = None
         self._dirty = False
@@ -104,16 +105,38 @@ class SlotSettings:
             new = np.zeros(grown, dtype=old.dtype)
             new[:size] = old
             setattr(self, name, new)
+        table = self._empty_table(grown)
+        table[:, :size] = self._table
+        self._table = table
         if self._staging is not None:  # new tables, new address
             self.bind(self._staging.device.device)
 
+    @staticmethod
+    def _empty_table(num_slots: int) -> np.ndarray:
+        """The ``[8, S]`` table of unused slots: steps 0, temperature threshold +inf."""
+        table = np.zeros((len(_TABLE_ROWS), num_slots), dtype=np.float32)
+        table[_TABLE_ROWS.index("temperature_threshold")] = np.inf
+        return table
+
     def _changed(self, slots: list[int]) -> None:
-        """Refresh the derived arrays of ``slots`` and stage the device tables."""
+        """Refresh the derived arrays and the table columns of ``slots``, and stage
+        the device tables."""
         for slot in slots:
             on = bool(self.enabled[slot])
             temperature = on and bool(self.temperature_mode[slot])
             self.temperature_on[slot] = temperature
             self.logits_steps[slot] = self.steps[slot] if on and not temperature else 0
+            self._table[:, slot] = (
+                self.threshold[slot],
+                self.kl_weight[slot],
+                self.lr[slot],
+                0.0,  # steps: int32 bits, written below
+                self.threshold[slot] if temperature else np.inf,
+                self.alpha[slot],
+                self.t_min[slot],
+                self.t_max[slot],
+            )
+            self._table[_STEPS_ROW].view(np.int32)[slot] = self.logits_steps[slot]
         self._dirty = True
 
     def set(self, slot: int, config: EMInfConfig | None) -> None:
@@ -163,15 +186,7 @@ class SlotSettings:
         pinned memory, nothing when nothing changed or no device is bound."""
         if not self._dirty or self._staging is None:
             return
-        host = self._staging.host()
-        host[0] = self.threshold
-        host[1] = self.kl_weight
-        host[2] = self.lr
-        host[_STEPS_ROW].view(np.int32)[:] = self.logits_steps
-        host[4] = np.where(self.temperature_on, self.threshold, np.float32(np.inf))
-        host[5] = self.alpha
-        host[6] = self.t_min
-        host[7] = self.t_max
+        np.copyto(self._staging.host(), self._table)
         self._staging.send()
         self._dirty = False
 
@@ -205,15 +220,19 @@ def apply_to_rows(
             row (V2's ``expanded_idx_mapping``; several rows per request under
             speculative decoding). ``None``: row ``i`` is request ``i`` (``R == N``).
         stats: counters to add this step to (no sync on the kernel path).
-        runner: the kernel path's step runner (CUDA graphs); ``None``: eager.
+        runner: the kernel path's step runner (CUDA graphs); given, it selects the
+            kernel path without asking :func:`em_inf.backend.backend_for`;
+            ``None``: the backend's choice, eager launches on the kernel path.
 
     Returns:
         ``logits``, modified in place; rows of other slots are untouched.
     """
-    if logits.shape[0] == 0 or not settings.enabled[request_slots].any():
+    if logits.shape[0] == 0:
         return logits
-    if backend_for(logits.device) == "triton":
+    if runner is not None or backend_for(logits.device) == "triton":
         return _apply_kernels(logits, request_slots, settings, row_slots, stats, runner)
+    if not settings.enabled[request_slots].any():
+        return logits
     if row_slots is None or len(request_slots) == logits.shape[0]:
         host_rows = np.asarray(request_slots)
     else:  # torch path with speculative rows (CPU, or the forced CUDA fallback)

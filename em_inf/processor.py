@@ -94,7 +94,11 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
             vllm_config.scheduler_config.max_num_seqs, device if kernels else None
         )
         self._stats = EMInfStats()
-        self._runner = None  # kernel path: em_inf.kernels.step.StepRunner
+        self._runner = None  # the kernel path's step runner (CUDA graphs on CUDA)
+        if kernels:
+            from em_inf.kernels.step import StepRunner, graphs_wanted
+
+            self._runner = StepRunner(device, graphs=graphs_wanted(device))
         self._rows = np.arange(vllm_config.scheduler_config.max_num_seqs)
         self._device_rows: torch.Tensor | None = None  # V1: row i is slot i
 
@@ -122,21 +126,16 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
         What to launch is decided on the host from the requests' slots (V1: rows
         are slots; V2: ``ctx.idx_mapping_np``); the kernels read each row's slot
         from the device mapping (V2: ``ctx.expanded_idx_mapping``, also with
-        speculative rows), so a step never waits for the device.
+        speculative rows), so a step never waits for the device. The path (kernels
+        or PyTorch, :func:`em_inf.backend.backend_for`) is chosen once, when the
+        engine makes the processor.
         """
-        kernels = backend_for(logits.device) == "triton"
-        if kernels and self._runner is None:
-            from em_inf.kernels.step import StepRunner, graphs_wanted
-
-            self._runner = StepRunner(
-                logits.device, graphs=graphs_wanted(logits.device)
-            )
         if ctx is None:  # V1: row i is persistent-batch slot i
             n_rows = logits.shape[0]
             if len(self._rows) < n_rows:
                 self._rows = np.arange(n_rows)
             request_slots, row_slots = self._rows[:n_rows], None
-            if kernels:
+            if self._runner is not None:
                 row_slots = self._v1_device_rows(logits.device, n_rows)
         else:
             request_slots, row_slots = ctx.idx_mapping_np, ctx.expanded_idx_mapping

@@ -87,7 +87,7 @@ class EMInfStats:
             )
             self._snapshot = staging.pinned_empty((len(MODES), 4), torch.int64, device)
             self._snapshot_np = self._snapshot.numpy()
-        elif self._device.device != torch.device(device):
+        elif self._device.device != device:
             raise ValueError(
                 f"EM-INF stats are counted on {self._device.device}, not {device}"
             )

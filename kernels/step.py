@@ -169,12 +169,17 @@ class StepRunner:
         device: the logits' device.
         graphs: replay graphs (on CUDA), or run the indirect sequence a graph would
             replay (elsewhere: for tests); ``False``: direct launches only.
+
+    The block plan follows :func:`em_inf.backend.batch_invariant` as it is when the
+    runner is made.
     """
 
     def __init__(self, device: torch.device, *, graphs: bool) -> None:
         self.device = torch.device(device)
         self.graphs = graphs
         self._cuda = self.device.type == "cuda"
+        #: The batch-invariant block plan (read once: vLLM's mode is per engine).
+        self.invariant = batch_invariant()
         self._launch = HostToDevice((3,), torch.int64, self.device)
         self._replays: collections.OrderedDict[tuple, _Replay] = (
             collections.OrderedDict()
@@ -202,8 +207,9 @@ class StepRunner:
                 shape, logits.stride(0), (logits, row_slot), tables, stats, partials
             )
             return
-        shape = self._shape(bucket, n_cols, max_steps, temperature, row_slot)
-        key = (shape, tables.threshold.data_ptr(), _address(stats))
+        # Everything the sequence depends on, cheap to hash (this runs every step).
+        key = (bucket, n_cols, max_steps, temperature, row_slot.dtype)
+        key += (tables.threshold.data_ptr(), 0 if stats is None else stats.data_ptr())
         launch = self._launch.host()
         launch[:] = (logits.data_ptr(), row_slot.data_ptr(), n_rows)
         self._launch.send()
@@ -213,8 +219,11 @@ class StepRunner:
             replay.graph.replay()
             return
         if replay is None:
+            shape = self._shape(bucket, n_cols, max_steps, temperature, row_slot)
             replay = self._remember(key, _Replay(shape, self.device))
-        launch_step(shape, n_cols, self._launch.device, tables, stats, replay.partials)
+        launch_step(
+            replay.shape, n_cols, self._launch.device, tables, stats, replay.partials
+        )
         if self._cuda:
             replay.graph = self._capture(replay, tables, stats)
 
@@ -269,7 +278,3 @@ class StepRunner:
             return None
         torch.cuda.current_stream(self.device).wait_stream(side)
         return graph
-
-
-def _address(stats: torch.Tensor | None) -> int:
-    return 0 if stats is None else stats.data_ptr()
