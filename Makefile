@@ -33,7 +33,7 @@ serve: setup
 test: setup
 	$(PY) -m tests.vllm_layers
 	$(PY) -m pytest $(PYTEST_ARGS)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels.py tests/test_kernels_processor.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check em_inf kernels server tests bench

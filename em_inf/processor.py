@@ -25,6 +25,7 @@ from abc import ABCMeta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from vllm.v1.sample.logits_processor.interface import (
     BatchUpdate,
     MoveDirectionality,
@@ -36,6 +37,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
+from em_inf.backend import backend_for
 from em_inf.config import (
     PRESETS,
     REQUEST_KEY,
@@ -45,9 +47,9 @@ from em_inf.config import (
     parse_request,
 )
 from em_inf.core import SlotSettings, apply_to_rows
+from em_inf.stats import EMInfStats
 
 if TYPE_CHECKING:
-    import torch
     from vllm.config import VllmConfig
     from vllm.sampling_params import SamplingParams
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
@@ -80,12 +82,25 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: Any) -> None:
         """``runner_args``: V1's ``(device, is_pin_memory)`` or V2's
-        ``(req_states,)``; EM-INF needs neither (it works on the logits' device)."""
+        ``(req_states,)``: the device the logits will be on. On the kernel path the
+        per-slot settings get device tables there, fed without host syncs."""
         additional = (vllm_config.additional_config or {}).get(REQUEST_KEY)
         self._default, self._enabled = engine_settings(
             self.settings, self.enabled, additional
         )
-        self._slots = SlotSettings(vllm_config.scheduler_config.max_num_seqs)
+        device = _runner_device(runner_args)
+        kernels = device is not None and backend_for(device) == "triton"
+        self._slots = SlotSettings(
+            vllm_config.scheduler_config.max_num_seqs, device if kernels else None
+        )
+        self._stats = EMInfStats()
+        self._runner = None  # the kernel path's step runner (CUDA graphs on CUDA)
+        if kernels:
+            from em_inf.kernels.step import StepRunner, graphs_wanted
+
+            self._runner = StepRunner(device, graphs=graphs_wanted(device))
+        self._rows = np.arange(vllm_config.scheduler_config.max_num_seqs)
+        self._device_rows: torch.Tensor | None = None  # V1: row i is slot i
 
     # -- shared ----------------------------------------------------------------
     @classmethod
@@ -106,14 +121,42 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
     def apply(
         self, logits: torch.Tensor, ctx: LogitsContext | None = None
     ) -> torch.Tensor:
-        """Process this step's ``[N, V]`` float32 logits in place (both runners)."""
+        """Process this step's ``[N, V]`` float32 logits in place (both runners).
+
+        What to launch is decided on the host from the requests' slots (V1: rows
+        are slots; V2: ``ctx.idx_mapping_np``); the kernels read each row's slot
+        from the device mapping (V2: ``ctx.expanded_idx_mapping``, also with
+        speculative rows), so a step never waits for the device. The path (kernels
+        or PyTorch, :func:`em_inf.backend.backend_for`) is chosen once, when the
+        engine makes the processor.
+        """
         if ctx is None:  # V1: row i is persistent-batch slot i
-            return apply_to_rows(logits, np.arange(logits.shape[0]), self._slots)
-        if len(ctx.idx_mapping_np) == logits.shape[0]:  # V2, one row per request
-            row_slots = ctx.idx_mapping_np
-        else:  # V2 with speculative rows: needs the device mapping once
-            row_slots = ctx.expanded_idx_mapping.cpu().numpy()
-        return apply_to_rows(logits, row_slots, self._slots, ctx.expanded_idx_mapping)
+            n_rows = logits.shape[0]
+            if len(self._rows) < n_rows:
+                self._rows = np.arange(n_rows)
+            request_slots, row_slots = self._rows[:n_rows], None
+            if self._runner is not None:
+                row_slots = self._v1_device_rows(logits.device, n_rows)
+        else:
+            request_slots, row_slots = ctx.idx_mapping_np, ctx.expanded_idx_mapping
+        apply_to_rows(
+            logits,
+            request_slots,
+            self._slots,
+            row_slots,
+            stats=self._stats,
+            runner=self._runner,
+        )
+        self._stats.tick()
+        return logits
+
+    def _v1_device_rows(self, device: torch.device, n_rows: int) -> torch.Tensor:
+        """``arange(n_rows)`` on ``device``, made once (V1's row -> slot mapping)."""
+        rows = self._device_rows
+        if rows is None or rows.device != device or len(rows) < n_rows:
+            size = max(n_rows, len(self._rows))
+            rows = self._device_rows = torch.arange(size, device=device)
+        return rows[:n_rows]
 
     # -- Model Runner V1 ----------------------------------------------------------
     def is_argmax_invariant(self) -> bool:
@@ -134,6 +177,7 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
             else:
                 self._slots.move(src, dst)
                 self._slots.set(src, None)
+        self._slots.flush()
 
     # -- Model Runner V2 ----------------------------------------------------------
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
@@ -142,7 +186,22 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
         return settings is not None
 
     def apply_staged_writes(self) -> None:
-        """Nothing staged: settings are host-side and read at ``apply``."""
+        """Send this step's admissions to the device tables (kernel path): one
+        non-blocking copy from pinned memory, none when nothing changed."""
+        self._slots.flush()
+
+
+def _runner_device(runner_args: tuple[Any, ...]) -> torch.device | None:
+    """The logits' device from V1's ``(device, is_pin_memory)`` or V2's
+    ``(req_states,)`` (``None`` if neither)."""
+    if not runner_args:
+        return None
+    first = runner_args[0]
+    device = getattr(first, "device", first)
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError):
+        return None
 
 
 _CONFIGURED: dict[tuple[tuple[str, Any], ...], type[EMInf]] = {}

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the EM-INF kernels: argument checks and launch shapes.
+"""Host-side helpers shared by the EM-INF kernels: argument checks and launch plans.
 
 Nothing here touches a device at import time; the device's SM count is read (and
 cached) the first time a CUDA launch is planned.
@@ -10,12 +10,19 @@ import functools
 
 import torch
 
-#: Programs we aim to launch per pass: about four per SM of a 132-SM H100, so that
-#: even batch 1 spreads one row over the whole card (see :func:`plan_chunks`).
+#: Programs we aim to launch per pass: about four per SM, so that even batch 1
+#: spreads one row over the whole card (see :func:`plan_block`).
 _TARGET_PROGRAMS_PER_SM = 4
 # CPU tensors run under TRITON_INTERPRET=1, whose cost is per program: one
 # stand-in "SM" makes the plan favour the largest block.
 _CPU_SMS = 1
+#: Block sizes the logits kernel's plan chooses from, largest first.
+_BLOCKS = (4096, 2048, 1024)
+#: The block of the batch-invariant plan (``em_inf.backend.batch_invariant()``): a
+#: function of the vocabulary alone. 2048 sits between the small-batch choice (1024
+#: spreads a row over more SMs) and the large-batch one (4096 halves the chunk
+#: partials every program combines); bench/README.md ("GPU") gives its cost.
+INVARIANT_BLOCK = 2048
 
 
 @functools.cache
@@ -36,29 +43,33 @@ def next_power_of_2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
-    """``(BLOCK, num_warps)``: how many logits of a row one program holds.
+def plan_block(
+    n_rows: int, n_cols: int, device: torch.device, invariant: bool = False
+) -> int:
+    """Logits per program (``BLOCK``) of the logits kernel's 2-D ``(rows, chunks)``
+    grid.
 
-    Every pass is a 2-D grid ``(rows, ceil(V / BLOCK))``. Large blocks cut the
-    per-program overhead (the chunk partials every program re-reads, see
-    :mod:`em_inf.kernels.logits_mode`); small blocks keep the card busy at small
-    batch. We take the largest block in 4096 / 2048 / 1024 that still gives
-    ``_TARGET_PROGRAMS_PER_SM`` programs per SM, e.g. on an H100 (132 SMs) with
-    V = 151,936: B = 1 -> 1024 (149 programs), B = 8 -> 2048 (600), B >= 15 ->
-    4096 (38 per row). Compiled for sm_90 (ptxas of Triton 3.9), the last pass
-    holds z, m, v and lam p0 in registers: 127 registers per thread at 4096 / 8
-    warps (two programs per SM), 74 at 2048 / 8 warps, 72 at 1024 / 4 warps, no
-    spills. ``bench/gpu_check.py`` times the three sizes to check this choice.
-    Cached: the decode loop asks for the same few shapes every step.
+    Large blocks cut the per-program overhead (every program combines its row's
+    chunk partials once per replayed step, see :mod:`em_inf.kernels.logits_mode`);
+    small blocks keep the card busy at small batch. The fast plan takes the largest
+    block in 4096 / 2048 / 1024 that still gives ``_TARGET_PROGRAMS_PER_SM``
+    programs per SM: on a 132-SM card with V = 151,936, B = 1 -> 1024 (149
+    programs), B = 8 -> 2048 (600), B >= 15 -> 4096 (38 per row). That choice
+    depends on ``n_rows``, so a row's reduction order (and bits) would depend on
+    its batch: ``invariant=True`` takes :data:`INVARIANT_BLOCK` whatever the batch.
+    Either way the block never exceeds the row (rounded up to a power of two, at
+    least 128). Cached: the decode loop asks for the same few shapes every step.
     """
-    wanted = _TARGET_PROGRAMS_PER_SM * sm_count(device)
-    block = 1024
-    for candidate in (4096, 2048):
-        if n_rows * -(-n_cols // candidate) >= wanted:
-            block = candidate
-            break
-    block = min(block, max(128, next_power_of_2(n_cols)))
-    return block, warps_for(block)
+    block = _BLOCKS[-1]
+    if invariant:
+        block = INVARIANT_BLOCK
+    else:
+        wanted = _TARGET_PROGRAMS_PER_SM * sm_count(device)
+        for candidate in _BLOCKS[:-1]:
+            if n_rows * -(-n_cols // candidate) >= wanted:
+                block = candidate
+                break
+    return min(block, max(128, next_power_of_2(n_cols)))
 
 
 def warps_for(block: int) -> int:
@@ -66,8 +77,8 @@ def warps_for(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-def check_block(block: int) -> tuple[int, int]:
-    """A caller's ``block`` override, validated, with its ``num_warps``."""
+def check_block(block: int) -> int:
+    """A tuning ``block`` (bench and tests), validated."""
     if (
         isinstance(block, bool)
         or not isinstance(block, int)
@@ -76,7 +87,7 @@ def check_block(block: int) -> tuple[int, int]:
         or block & (block - 1)
     ):
         raise ValueError(f"block must be a power of two in [128, 8192], got {block!r}")
-    return block, warps_for(block)
+    return block
 
 
 def check_logits(logits: torch.Tensor) -> None:
@@ -104,6 +115,10 @@ def check_row_slot(row_slot: torch.Tensor, logits: torch.Tensor) -> None:
         )
     if row_slot.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"row_slot must be int32 or int64, got {row_slot.dtype}")
+    if row_slot.numel() > 1 and row_slot.stride(0) != 1:
+        raise ValueError(
+            f"row_slot must be contiguous, got stride {row_slot.stride(0)}"
+        )
     _check_device("row_slot", row_slot, logits)
 
 
@@ -125,6 +140,26 @@ def check_slot_param(
     if value.stride(0) != 1 and value.numel() > 1:
         raise ValueError(f"{name} must be contiguous, got stride {value.stride(0)}")
     _check_device(name, value, logits)
+
+
+def check_stats(stats: torch.Tensor | None, logits: torch.Tensor) -> None:
+    """``stats``: ``None`` or a contiguous int64 ``[3]`` tensor on the logits' device
+    (see :func:`em_inf.kernels.em_inf_rows_`)."""
+    if stats is None:
+        return
+    if (
+        not isinstance(stats, torch.Tensor)
+        or stats.shape != (3,)
+        or stats.dtype != torch.int64
+    ):
+        raise ValueError(
+            f"stats must be an int64 [3] tensor, got "
+            f"{getattr(stats, 'dtype', type(stats).__name__)} "
+            f"{tuple(getattr(stats, 'shape', ()))}"
+        )
+    if stats.stride(0) != 1:
+        raise ValueError(f"stats must be contiguous, got stride {stats.stride(0)}")
+    _check_device("stats", stats, logits)
 
 
 def _check_device(name: str, value: torch.Tensor, logits: torch.Tensor) -> None:

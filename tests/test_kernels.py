@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
+from em_inf.kernels.logits_mode import em_inf_rows_with_plan_  # noqa: E402
 
 from em_inf import backend, functional, reference  # noqa: E402
 from em_inf.reference import entropy  # noqa: E402
@@ -60,6 +61,13 @@ def poisoned_empty(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def seeded(seed):
+    """Draw the unseeded helpers' inputs (``random_logits``, masks) from the test's
+    seed too."""
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
 def quiet_interpreter():
     """The interpreter evaluates both sides of ``tl.where`` with numpy; underflow in
     ``exp`` is expected there. Anything else numpy flags fails the test."""
@@ -90,8 +98,12 @@ def _row_oracle(oracle, logits, row_slot, params):
 
 
 def _run_em_inf(logits, row_slot, params, **kwargs):
+    """The kernel on a copy of ``logits``; ``block`` / ``rows_per_launch`` go
+    through the tuning entry point."""
     out = logits.clone()
-    returned = em_inf_rows_(out, row_slot, **params, **kwargs)
+    tuned = {"block", "rows_per_launch"} & set(kwargs)
+    run = em_inf_rows_with_plan_ if tuned else em_inf_rows_
+    returned = run(out, row_slot, **params, **kwargs)
     assert returned is out
     return out
 
@@ -125,7 +137,7 @@ def test_logits_kernel_is_exact_on_near_flat_rows_with_a_large_kl_weight(
     kl_weight, generator
 ):
     # The gradient's KL term must be formed as lam (q - p0) (see test_functional).
-    rows = 300
+    rows = 120
     logits = (torch.randn(rows, 3, generator=generator) * 1e-4).bfloat16().float()
     params = _slot_params(rows, threshold=0.0, kl_weight=kl_weight, lr=0.01, steps=3)
     row_slot = torch.arange(rows, dtype=torch.int32)
@@ -324,7 +336,8 @@ def test_temperature_kernel_leaves_fully_masked_rows_alone():
         (dict(row_slot=torch.zeros(2)), "row_slot"),
         (dict(lr=torch.zeros(1, 1)), "lr"),
         (dict(steps=torch.zeros(1)), "steps"),
-        (dict(block=96), "block"),
+        (dict(stats=torch.zeros(3)), "stats"),
+        (dict(stats=torch.zeros(4, dtype=torch.int64)), "stats"),
     ],
 )
 def test_logits_kernel_rejects_bad_arguments_naming_them(change, message):
@@ -336,6 +349,14 @@ def test_logits_kernel_rejects_bad_arguments_naming_them(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         em_inf_rows_(**args)
+
+
+def test_logits_kernel_tuning_entry_point_rejects_a_bad_block():
+    params = _slot_params(1, threshold=0.3, kl_weight=0.05, lr=0.1, steps=3)
+    with pytest.raises(ValueError, match="block"):
+        em_inf_rows_with_plan_(
+            torch.zeros(2, 8), torch.zeros(2, dtype=torch.int32), **params, block=96
+        )
 
 
 # -- dispatch through em_inf.functional ------------------------------------------------
@@ -381,3 +402,133 @@ def test_importing_em_inf_functional_does_not_import_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# -- masks, statistics, the temperature tolerance -------------------------------------
+
+F32_MIN = torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("mask_value", [-torch.inf, F32_MIN, -2e37, -1e37])
+def test_logits_kernel_treats_values_at_or_below_minus_1e37_as_masked(mask_value):
+    logits = random_logits(3, 5_000, scale=2.0)
+    masked = torch.rand(logits.shape) < 0.3
+    masked[:, 0] = False
+    logits[masked] = mask_value
+    params = _slot_params(3, threshold=0.1, kl_weight=0.05, lr=0.1, steps=3)
+    row_slot = torch.arange(3, dtype=torch.int32)
+    out = _run_em_inf(logits, row_slot, params)
+    assert torch.equal(out[masked], logits[masked])  # kept exactly
+    as_inf = logits.masked_fill(masked, -torch.inf)
+    expected = _row_oracle(em_inf_oracle, as_inf, row_slot, params)
+    assert_matches(out.masked_fill(masked, -torch.inf), expected)
+
+
+@pytest.mark.parametrize("mask_value", [-torch.inf, F32_MIN, -1e37])
+def test_temperature_kernel_treats_values_at_or_below_minus_1e37_as_masked(mask_value):
+    logits = random_logits(3, 5_000, scale=2.0)
+    masked = torch.rand(logits.shape) < 0.3
+    masked[:, 0] = False
+    logits[masked] = mask_value
+    params = _slot_params(3, threshold=1e-5, alpha=0.5, t_min=0.01, t_max=1.0)
+    row_slot = torch.arange(3, dtype=torch.int32)
+    out = logits.clone()
+    adaptive_temperature_rows_(out, row_slot, **params)
+    assert torch.equal(out[masked], logits[masked])
+    as_inf = logits.masked_fill(masked, -torch.inf)
+    expected = _row_oracle(adaptive_temperature_oracle, as_inf, row_slot, params)
+    assert_matches(out.masked_fill(masked, -torch.inf), expected)
+
+
+def test_logits_kernel_adds_its_counts_to_stats():
+    """Rows: below the threshold from the start; threshold 0 (all 4 steps); one
+    that stops after 2 steps; NaN input (restored); +inf input (restored); steps 0
+    and slot -1 (not counted). The counts add to what ``stats`` held."""
+    vocab = 4_000
+    logits = random_logits(7, vocab, scale=1.5)
+    logits[0, 5] = 80.0  # one-hot: entropy ~0
+    trajectory = [logits[2].double()] + [
+        reference.em_inf_row(
+            logits[2].double(), threshold=0.0, kl_weight=0.0, lr=0.5, steps=k
+        )
+        for k in (1, 2)
+    ]
+    h = [entropy(z).item() for z in trajectory]
+    logits[3, 17] = torch.nan
+    logits[4, 99] = torch.inf
+    params = {
+        "threshold": torch.tensor([0.3, 0.0, (h[1] + h[2]) / 2, 0.0, 0.0, 0.3]),
+        "kl_weight": torch.tensor([0.05, 0.05, 0.0, 0.05, 0.05, 0.05]),
+        "lr": torch.tensor([0.1, 0.1, 0.5, 0.1, 0.1, 0.1]),
+        "steps": torch.tensor([3, 4, 6, 3, 3, 0], dtype=torch.int32),
+    }
+    row_slot = torch.tensor([0, 1, 2, 3, 4, 5, -1], dtype=torch.int32)
+    stats = torch.tensor([5, 7, 11], dtype=torch.int64)
+    with np.errstate(invalid="ignore"):  # the NaN and +inf rows' arithmetic
+        out = _run_em_inf(logits, row_slot, params, stats=stats)
+    assert stats.tolist() == [5 + 1, 7 + 4 + 2, 11 + 2]
+    for row in (0, 3, 4, 5, 6):
+        assert torch.equal(out[row].view(torch.int32), logits[row].view(torch.int32))
+    assert_matches(out[2:3], trajectory[-1][None])
+
+
+def test_temperature_kernel_adds_its_counts_to_stats():
+    """Rows: at or below the threshold; two solved; NaN input (restored); a slot
+    with threshold +inf (another mode's slot: not counted) and slot -1."""
+    logits = random_logits(6, 3_000, scale=2.0)
+    logits[0, 3] = 90.0
+    logits[3, 8] = torch.nan
+    params = {
+        "threshold": torch.tensor([0.01, 1e-5, 1e-5, 1e-5, torch.inf]),
+        "alpha": torch.full((5,), 0.7),
+        "t_min": torch.full((5,), 0.01),
+        "t_max": torch.full((5,), 1.0),
+    }
+    row_slot = torch.tensor([0, 1, 2, 3, 4, -1], dtype=torch.int32)
+    stats = torch.zeros(3, dtype=torch.int64)
+    out = logits.clone()
+    with np.errstate(invalid="ignore"):  # the NaN row's arithmetic
+        adaptive_temperature_rows_(out, row_slot, **params, stats=stats)
+    below, passes, restored = stats.tolist()
+    assert (below, restored) == (1, 1)
+    assert 2 <= passes <= 2 * 20  # two rows solved, a few passes each
+    for row in (0, 3, 4, 5):
+        assert torch.equal(out[row].view(torch.int32), logits[row].view(torch.int32))
+
+
+def test_temperature_kernel_meets_the_entropy_tolerance(generator):
+    """``|H(z / T) - target| <= TEMPERATURE_RTOL * target`` in float64 for the T the
+    kernel applied, up to what a float32 T resolves (one ulp of T moves H by
+    ``|dH/du| 2^-23``); rows of scale 0.3 to 30, alpha 0.05 to 0.95."""
+    from em_inf.config import TEMPERATURE_RTOL
+
+    rows, vocab = 12, 20_000
+    scales = torch.tensor([0.3, 1.0, 3.0, 10.0, 30.0, 2.0] * 2)
+    logits = torch.randn(rows, vocab, generator=generator) * scales[:, None]
+    logits[:, 0] += 5.0
+    alpha = torch.rand(rows, generator=generator) * 0.9 + 0.05
+    params = {
+        "threshold": torch.full((rows,), 1e-5),
+        "alpha": alpha,
+        "t_min": torch.full((rows,), 0.01),
+        "t_max": torch.full((rows,), 1.0),
+    }
+    out = logits.clone()
+    adaptive_temperature_rows_(out, torch.arange(rows, dtype=torch.int32), **params)
+    z = logits.double()
+    h0 = entropy(z)
+    solved = 0
+    for row in range(rows):
+        target = max(1e-5, alpha[row].item() * h0[row].item())
+        top = z[row].abs().argmax()
+        temperature = (z[row, top] / out[row, top].double()).item()
+        b = 1.0 / temperature
+        q = torch.softmax(z[row] * b, -1)
+        slope = b * b * ((q * z[row] ** 2).sum() - (q * z[row]).sum() ** 2).item()
+        reached = entropy(z[row] * b).item()
+        allowed = TEMPERATURE_RTOL * target + slope * 2.0**-23
+        if temperature < 0.01 * (1 + 1e-6) or temperature > 1.0 - 1e-6:
+            continue  # pinned at an end (target out of reach): not a root
+        assert abs(reached - target) <= allowed, (row, reached, target, allowed)
+        solved += 1
+    assert solved >= rows - 2

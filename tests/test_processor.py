@@ -238,3 +238,166 @@ def test_vllm_loaders_accept_the_qualified_name():
 
     assert _load_custom_logitsprocs(("em_inf:EMInf",)) == [EMInf]
     assert _load_v2_logitsprocs_by_fqcns(["em_inf:EMInf"]) == [EMInf]
+
+
+# -- per-slot device tables (the kernel path's staging), on CPU tensors -------------
+
+
+def _assert_tables(settings, configs):
+    """The kernels' per-slot tables hold ``configs`` (``None``: EM-INF off): a slot
+    outside a mode shows ``steps == 0`` / ``temperature_threshold == inf``, and
+    the settings of the mode it uses."""
+    tables = settings.tables(torch.device("cpu"))
+    for slot, config in enumerate(configs):
+        logits = config is not None and config.mode == "logits"
+        temperature = config is not None and config.mode == "temperature"
+        assert tables.steps[slot] == (config.steps if logits else 0), slot
+        want = config.threshold if temperature else torch.inf
+        assert tables.temperature_threshold[slot] == torch.tensor(want), slot
+        fields = ("threshold", "kl_weight", "lr") if logits else ()
+        fields += ("alpha", "t_min", "t_max") if temperature else ()
+        for name in fields:
+            want = torch.tensor(getattr(config, name), dtype=torch.float32)
+            assert getattr(tables, name)[slot] == want, (slot, name)
+
+
+def test_slot_settings_device_tables_follow_sets_moves_and_swaps():
+    from em_inf.core import SlotSettings
+
+    math, temperature = PRESETS["math"], PRESETS["adaptive-temperature"]
+    physics = PRESETS["physics"]
+    settings = SlotSettings(4, torch.device("cpu"))
+    for slot, config in enumerate([math, None, temperature, physics]):
+        settings.set(slot, config)
+    _assert_tables(settings, [math, None, temperature, physics])
+    settings.move(3, 1)  # 1 gets physics; 3 keeps a stale copy
+    settings.set(3, None)
+    settings.swap(0, 2)
+    _assert_tables(settings, [temperature, physics, math, None])
+    settings.set(2, physics)  # recycled
+    _assert_tables(settings, [temperature, physics, physics, None])
+
+
+def test_slot_settings_flush_copies_only_after_a_change():
+    from em_inf.core import SlotSettings
+
+    settings = SlotSettings(2, torch.device("cpu"))
+    settings.set(0, PRESETS["math"])
+    tables = settings.tables(torch.device("cpu"))
+    tables.lr[0] = -1.0  # stands in for "not copied again"
+    settings.flush()
+    assert tables.lr[0] == -1.0
+    settings.set(1, None)
+    settings.flush()
+    assert tables.lr[0] == PRESETS["math"].lr
+
+
+def test_slot_settings_grow_past_their_slots_and_rebind():
+    from em_inf.core import SlotSettings
+
+    settings = SlotSettings(2, torch.device("cpu"))
+    settings.set(0, PRESETS["math"])
+    settings.set(9, PRESETS["adaptive-temperature"])
+    assert settings.num_slots >= 10
+    configs = [PRESETS["math"]] + [None] * 8 + [PRESETS["adaptive-temperature"]]
+    _assert_tables(settings, configs)
+
+
+def test_host_to_device_staging_reuses_its_buffer_when_copies_are_done():
+    from em_inf.staging import HostToDevice
+
+    staging = HostToDevice((3,), torch.int64, torch.device("cpu"))
+    for step in range(3):
+        staging.host()[:] = (step, step + 1, step + 2)
+        staging.send()
+        assert staging.device.tolist() == [step, step + 1, step + 2]
+    assert staging.buffers == 1
+
+
+# -- the operators' log line ----------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stats_log_one_line_per_interval_with_what_happened_since_the_last():
+    from em_inf.stats import EMInfStats
+
+    clock, lines = _Clock(), []
+    stats = EMInfStats(interval=10.0, log=lines.append, clock=clock)
+    counters = stats.counters(torch.device("cpu"))
+    counters[0] += torch.tensor([2, 30, 1, 12])  # below, steps, restored, rows
+    counters[1] += torch.tensor([1, 20, 0, 4])
+    stats.tick()
+    assert lines == []  # the interval has not passed
+    clock.now += 10.0
+    stats.tick()
+    assert lines == [
+        "EM-INF, last 10.0 s: logits mode 12 rows (2 already below threshold, "
+        "2.50 Adam steps per row), temperature mode 4 rows (1 already below "
+        "threshold, 5.00 solver passes per row), 1 rows restored by the fail-safe"
+    ]
+    clock.now += 12.0
+    stats.tick()  # nothing happened since: no line
+    counters[0, 3] += 3
+    stats.count_rows(2, 1)  # the torch path's rows, counted on the host
+    clock.now += 10.0
+    stats.tick()
+    assert len(lines) == 2
+    assert lines[1].startswith("EM-INF, last 10.0 s: logits mode 5 rows (0 already")
+    assert "temperature mode 1 rows" in lines[1]
+
+
+@pytest.mark.parametrize("value, interval", [("2.5", 2.5), ("0", 10.0), ("x", 10.0)])
+def test_stats_interval_follows_vllm_log_stats_interval(monkeypatch, value, interval):
+    from em_inf.stats import log_interval
+
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", value)
+    assert log_interval() == interval
+
+
+def test_processor_logs_rows_per_mode_through_vllms_logger(monkeypatch):
+    """On the torch path the rows are counted on the host; the line goes to
+    ``vllm.em_inf``, a child of vLLM's configured logger."""
+    import logging
+
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "1e-9")
+    logger = logging.getLogger("vllm.em_inf")
+    handler = Collect()
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        proc = EMInf(make_config(), torch.device("cpu"), False)
+        proc.update_state(
+            BatchUpdate(
+                batch_size=3,
+                removed=[],
+                added=[
+                    (0, params({"em_inf": {"preset": "math"}}), [1], []),
+                    (1, params({"em_inf": False}), [1], []),
+                    (
+                        2,
+                        params({"em_inf": {"preset": "adaptive-temperature"}}),
+                        [1],
+                        [],
+                    ),
+                ],
+                moved=[],
+            )
+        )
+        proc.apply(random_logits(3, VOCAB))
+    finally:
+        logger.removeHandler(handler)
+    (line,) = lines
+    assert "logits mode 1 rows" in line and "temperature mode 1 rows" in line

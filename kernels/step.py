@@ -1,0 +1,280 @@
+"""One decoding step of the vLLM processor on the kernel path: every launch of both
+modes, eagerly or replayed as a CUDA graph.
+
+A step is ``n + 1`` launches of the logits-mode kernel (``n`` = the largest
+``steps`` among the batch's logits-mode requests) and one of the temperature
+kernel. Launched from Python, each costs the host several microseconds (argument
+handling and the driver call), which at batch 1 is most of the step. So on CUDA
+:class:`StepRunner` captures the whole sequence once per :class:`StepShape` (row
+bucket, vocabulary, ``n``, whether the temperature kernel runs, block, slot dtype)
+and replays it: one host-to-device copy of three integers and one graph launch per
+step, whatever ``n``.
+
+A graph fixes its kernels' arguments, but vLLM hands over new logits and a new
+row -> slot mapping every step, with a varying row count. The captured kernels are
+therefore *indirect*: they read the logits' address, the mapping's address and
+the row count from a small device tensor (``launch``) that each step fills with a
+non-blocking copy from pinned memory (:class:`em_inf.staging.HostToDevice`); the
+grid covers a power-of-two bucket of rows and programs past the row count exit at
+once. Everything else a graph touches is static: the per-slot tables (their
+address is part of the key), the statistics counters, and the chunk partials,
+allocated per graph. No logits are copied in or out.
+
+Without CUDA (Triton's interpreter) nothing can be captured; ``graphs=True`` then
+runs, every step, exactly the indirect launch sequence a graph would replay, so
+tests exercise buckets, padding rows and static buffers. Batches above
+:data:`GRAPH_MAX_ROWS`, logits not contiguous, or ``EM_INF_CUDA_GRAPHS=0`` take the
+direct launches (the GPU work there dwarfs the launches).
+
+The first step of a new shape runs the sequence eagerly (compiling the kernels) and
+then captures it; capturing does not synchronise the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+from em_inf.kernels import logits_mode, temperature_mode
+from em_inf.kernels._common import plan_block
+
+from em_inf.backend import batch_invariant
+from em_inf.staging import HostToDevice
+
+logger = logging.getLogger(__name__)
+
+#: Largest row count replayed as a graph; buckets are the powers of two up to it.
+GRAPH_MAX_ROWS = 512
+#: Graphs kept (least recently used dropped first): shapes a deployment meets are
+#: few (the buckets times the distinct ``steps`` of its requests).
+MAX_GRAPHS = 64
+#: ``EM_INF_CUDA_GRAPHS=0`` launches every step eagerly.
+GRAPHS_ENV = "EM_INF_CUDA_GRAPHS"
+
+
+def graphs_wanted(device: torch.device) -> bool:
+    """Whether steps on ``device`` replay CUDA graphs: on CUDA, unless
+    ``EM_INF_CUDA_GRAPHS=0``."""
+    return device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+
+
+def bucket_rows(n_rows: int) -> int | None:
+    """The graph bucket of a batch of ``n_rows`` rows (the next power of two), or
+    ``None`` above :data:`GRAPH_MAX_ROWS`."""
+    if n_rows > GRAPH_MAX_ROWS:
+        return None
+    return 1 << max(0, (n_rows - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What one step's launch sequence (and its graph) depends on.
+
+    Attributes:
+        rows: rows of the grid (the batch, or its bucket).
+        n_cols: vocabulary size ``V``.
+        max_steps: logits-mode passes ``n`` (0: no logits-mode row).
+        temperature: whether the temperature kernel runs.
+        block: logits per program of the logits kernel (``plan_block``).
+        slot_int64: whether the row -> slot mapping is int64 (else int32).
+    """
+
+    rows: int
+    n_cols: int
+    max_steps: int
+    temperature: bool
+    block: int
+    slot_int64: bool
+
+    def partials(self, device: torch.device) -> torch.Tensor | None:
+        """Scratch of the logits kernel for this shape (``None`` without it)."""
+        if self.max_steps == 0:
+            return None
+        chunks = -(-self.n_cols // self.block)
+        size = (self.rows, self.max_steps, 3, chunks)
+        return torch.empty(size, dtype=torch.float32, device=device)
+
+
+def launch_step(
+    shape: StepShape,
+    row_stride: int,
+    target: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+    tables: Any,
+    stats: torch.Tensor | None,
+    partials: torch.Tensor | None,
+) -> None:
+    """Every launch of one step, in order: the logits-mode passes, then the
+    temperature kernel. The kernels tell the modes apart by the tables: a slot
+    outside the logits mode has ``steps == 0``, one outside the temperature mode
+    ``temperature_threshold == +inf``.
+
+    Args:
+        target: ``(logits, row_slot)``, or the int64 ``[3]`` launch tensor of an
+            indirect (graph) sequence (see :func:`logits_mode.launch_passes`).
+        tables: per-slot device tensors ``threshold, kl_weight, lr, steps,
+            temperature_threshold, alpha, t_min, t_max`` (``em_inf.core.SlotTables``).
+        stats: int64 ``[2, 4]`` counters (logits, temperature mode) or ``None``.
+    """
+    if shape.max_steps:
+        logits_mode.launch_passes(
+            shape.rows,
+            shape.n_cols,
+            row_stride,
+            target,
+            tables.threshold,
+            tables.kl_weight,
+            tables.lr,
+            tables.steps,
+            partials,
+            shape.max_steps,
+            shape.block,
+            None if stats is None else stats[0],
+            count_rows=True,
+            slot_int64=shape.slot_int64,
+        )
+    if shape.temperature:
+        temperature_mode.launch_rows(
+            shape.rows,
+            shape.n_cols,
+            row_stride,
+            target,
+            tables.temperature_threshold,
+            tables.alpha,
+            tables.t_min,
+            tables.t_max,
+            None if stats is None else stats[1],
+            count_rows=True,
+            slot_int64=shape.slot_int64,
+        )
+
+
+class _Replay:
+    """One shape's static buffers and, on CUDA, its captured graph."""
+
+    def __init__(self, shape: StepShape, device: torch.device) -> None:
+        self.shape = shape
+        self.partials = shape.partials(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class StepRunner:
+    """Runs the processor's steps on one device: eager launches, or replays of one
+    CUDA graph per :class:`StepShape` (see the module docstring).
+
+    Args:
+        device: the logits' device.
+        graphs: replay graphs (on CUDA), or run the indirect sequence a graph would
+            replay (elsewhere: for tests); ``False``: direct launches only.
+
+    The block plan follows :func:`em_inf.backend.batch_invariant` as it is when the
+    runner is made.
+    """
+
+    def __init__(self, device: torch.device, *, graphs: bool) -> None:
+        self.device = torch.device(device)
+        self.graphs = graphs
+        self._cuda = self.device.type == "cuda"
+        #: The batch-invariant block plan (read once: vLLM's mode is per engine).
+        self.invariant = batch_invariant()
+        self._launch = HostToDevice((3,), torch.int64, self.device)
+        self._replays: collections.OrderedDict[tuple, _Replay] = (
+            collections.OrderedDict()
+        )
+
+    def run(
+        self,
+        logits: torch.Tensor,
+        row_slot: torch.Tensor,
+        max_steps: int,
+        temperature: bool,
+        tables: Any,
+        stats: torch.Tensor | None,
+    ) -> None:
+        """One step in place on ``logits`` (float32 ``[N, V]``); ``row_slot``
+        (int32/int64 ``[N]``) on the same device; ``max_steps`` / ``temperature``
+        as in :class:`StepShape`; ``tables`` and ``stats`` as in
+        :func:`launch_step`."""
+        n_rows, n_cols = logits.shape
+        bucket = bucket_rows(n_rows) if self.graphs else None
+        if bucket is None or n_rows == 0 or logits.stride(0) != n_cols:
+            shape = self._shape(n_rows, n_cols, max_steps, temperature, row_slot)
+            partials = shape.partials(self.device)
+            launch_step(
+                shape, logits.stride(0), (logits, row_slot), tables, stats, partials
+            )
+            return
+        # Everything the sequence depends on, cheap to hash (this runs every step).
+        key = (bucket, n_cols, max_steps, temperature, row_slot.dtype)
+        key += (tables.threshold.data_ptr(), 0 if stats is None else stats.data_ptr())
+        launch = self._launch.host()
+        launch[:] = (logits.data_ptr(), row_slot.data_ptr(), n_rows)
+        self._launch.send()
+        replay = self._replays.get(key)
+        if replay is not None and replay.graph is not None:
+            self._replays.move_to_end(key)
+            replay.graph.replay()
+            return
+        if replay is None:
+            shape = self._shape(bucket, n_cols, max_steps, temperature, row_slot)
+            replay = self._remember(key, _Replay(shape, self.device))
+        launch_step(
+            replay.shape, n_cols, self._launch.device, tables, stats, replay.partials
+        )
+        if self._cuda:
+            replay.graph = self._capture(replay, tables, stats)
+
+    def _shape(
+        self,
+        rows: int,
+        n_cols: int,
+        max_steps: int,
+        temperature: bool,
+        row_slot: torch.Tensor,
+    ) -> StepShape:
+        block = (
+            plan_block(rows, n_cols, self.device, batch_invariant()) if max_steps else 0
+        )
+        return StepShape(
+            rows, n_cols, max_steps, temperature, block, row_slot.dtype == torch.int64
+        )
+
+    def _remember(self, key: tuple, replay: _Replay) -> _Replay:
+        self._replays[key] = replay
+        while len(self._replays) > MAX_GRAPHS:
+            self._replays.popitem(last=False)
+        return replay
+
+    def _capture(
+        self, replay: _Replay, tables: Any, stats: torch.Tensor | None
+    ) -> torch.cuda.CUDAGraph | None:
+        """Capture ``replay``'s launch sequence (kernels already compiled by the
+        eager run before); on failure log once and stay eager for good."""
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    launch_step(
+                        replay.shape,
+                        replay.shape.n_cols,
+                        self._launch.device,
+                        tables,
+                        stats,
+                        replay.partials,
+                    )
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:
+            logger.warning(
+                "EM-INF: capturing a CUDA graph failed (%s); launching eagerly", error
+            )
+            self.graphs = False
+            return None
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return graph

@@ -1,0 +1,150 @@
+"""The processor's step runner (``em_inf.kernels.step``) under Triton's interpreter:
+row buckets, the indirect launch sequence a CUDA graph replays (logits and mapping
+read through device addresses, padding rows past the row count), its static
+buffers, and agreement with the direct launches and the float64 oracle.
+
+On CPU nothing can be captured: ``StepRunner(cpu, graphs=True)`` runs, every step,
+exactly the launch sequence a graph would replay. Runs in its own process (see
+tests/kernel_helpers.py).
+"""
+
+from __future__ import annotations
+
+from tests import kernel_helpers
+from tests.kernel_helpers import (  # noqa: F401  (fixtures)
+    oracle_rows,
+    poisoned_empty,
+    quiet_interpreter,
+    seeded,
+    slot_settings,
+)
+
+kernel_helpers.require_interpreter()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from em_inf.kernels import step  # noqa: E402
+from em_inf.kernels.step import StepRunner, bucket_rows, graphs_wanted  # noqa: E402
+
+from em_inf.config import PRESETS  # noqa: E402
+from tests.oracle import assert_matches  # noqa: E402
+from tests.test_functional import mask_randomly, random_logits  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter", "seeded")
+
+CPU = torch.device("cpu")
+CONFIGS = [
+    PRESETS["math"],
+    PRESETS["adaptive-temperature"].replace(alpha=0.6),
+    None,
+    PRESETS["default"].replace(steps=4, threshold=0.0),
+    PRESETS["adaptive-temperature"],
+]
+
+
+def _run(runner, logits, row_slot, settings, stats=None, max_steps=4):
+    """One step on a copy of ``logits``; returns it and the counters."""
+    out = logits.clone()
+    if stats is None:
+        stats = torch.zeros(2, 4, dtype=torch.int64)
+    runner.run(out, row_slot, max_steps, True, settings.tables(CPU), stats)
+    return out, stats
+
+
+@pytest.mark.parametrize(
+    "rows, bucket", [(1, 1), (2, 2), (3, 4), (5, 8), (64, 64), (65, 128), (512, 512)]
+)
+def test_rows_round_up_to_a_power_of_two_bucket(rows, bucket):
+    assert bucket_rows(rows) == bucket
+
+
+def test_batches_above_the_largest_bucket_launch_directly():
+    assert bucket_rows(step.GRAPH_MAX_ROWS + 1) is None
+
+
+def test_graphs_only_on_cuda_and_only_unless_switched_off(monkeypatch):
+    monkeypatch.delenv(step.GRAPHS_ENV, raising=False)
+    assert graphs_wanted(torch.device("cuda"))
+    assert not graphs_wanted(CPU)
+    monkeypatch.setenv(step.GRAPHS_ENV, "0")
+    assert not graphs_wanted(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_graph_sequence_matches_direct_launches_bitwise(monkeypatch, slot_dtype):
+    """Same block plan (batch-invariant mode), same arithmetic: the indirect
+    sequence over a bucket of 8 rows gives the direct launches' bits and counts,
+    and both match the oracle; rows share slots as under speculative decoding."""
+    monkeypatch.setenv("EM_INF_BATCH_INVARIANT", "1")
+    settings = slot_settings(CONFIGS)
+    row_slot = torch.tensor([3, 0, 1, 2, 3, 4], dtype=slot_dtype)
+    logits = mask_randomly(random_logits(6, 2_500), 0.1)
+    direct, direct_stats = _run(
+        StepRunner(CPU, graphs=False), logits, row_slot, settings
+    )
+    graph, graph_stats = _run(StepRunner(CPU, graphs=True), logits, row_slot, settings)
+    assert torch.equal(graph, direct)
+    assert torch.equal(graph_stats, direct_stats)
+    assert_matches(graph, oracle_rows(logits, row_slot.tolist(), CONFIGS))
+    # Rows counted per mode by the kernels: 3 logits-mode rows (slot 3 twice),
+    # 2 temperature rows; slot 2 is off.
+    assert graph_stats[:, 3].tolist() == [3, 2]
+
+
+def test_padding_rows_past_the_row_count_touch_nothing():
+    """The logits and the mapping are views into longer buffers: rows past the
+    batch (up to the bucket and beyond) hold valid-looking data that must stay."""
+    settings = slot_settings(CONFIGS)
+    storage = random_logits(8, 1_500)
+    mapping = torch.tensor([0, 3, 1, 0, 0, 3, 4, 1], dtype=torch.int64)
+    logits = storage[:3]  # bucket 4: program row 3 reads past the batch
+    before = storage.clone()
+    runner = StepRunner(CPU, graphs=True)
+    runner.run(logits, mapping[:3], 4, True, settings.tables(CPU), None)
+    assert torch.equal(storage[3:], before[3:])
+    assert_matches(logits, oracle_rows(before[:3], [0, 3, 1], CONFIGS))
+
+
+def test_replays_reuse_static_buffers_for_new_tensors_every_step():
+    """Three steps of one shape: fresh logits and mapping tensors each time (new
+    addresses), one set of static buffers, every step exact."""
+    settings = slot_settings(CONFIGS)
+    runner = StepRunner(CPU, graphs=True)
+    stats = torch.zeros(2, 4, dtype=torch.int64)
+    partials = set()
+    for rows in (3, 4, 3):
+        row_slot = torch.randint(0, len(CONFIGS), (rows,))
+        logits = random_logits(rows, 1_200)
+        out, _ = _run(runner, logits, row_slot, settings, stats)
+        assert_matches(out, oracle_rows(logits, row_slot.tolist(), CONFIGS))
+        (replay,) = runner._replays.values()
+        partials.add(replay.partials.data_ptr())
+    assert len(partials) == 1
+    assert runner._launch.buffers == 1  # host staging reused (no copies in flight)
+
+
+def test_new_device_tables_get_their_own_replay(monkeypatch):
+    monkeypatch.setattr(step, "MAX_GRAPHS", 2)
+    settings = slot_settings(CONFIGS)
+    runner = StepRunner(CPU, graphs=True)
+    stats = torch.zeros(2, 4, dtype=torch.int64)
+    logits = random_logits(2, 700)
+    row_slot = torch.tensor([0, 1])
+    _run(runner, logits, row_slot, settings, stats)
+    settings.set(40, PRESETS["math"])  # the slots grow: tables move
+    out, _ = _run(runner, logits, row_slot, settings, stats)
+    assert len(runner._replays) == 2
+    assert_matches(out, oracle_rows(logits, [0, 1], CONFIGS))
+    _run(runner, logits, row_slot, settings, stats, max_steps=3)  # a third shape
+    assert len(runner._replays) == 2  # least recently used dropped
+
+
+def test_non_contiguous_logits_take_the_direct_launches():
+    settings = slot_settings(CONFIGS)
+    wide = random_logits(3, 1_000)
+    logits = wide[:, :900]  # row stride 1000 != V
+    expected = oracle_rows(logits.contiguous(), [0, 3, 1], CONFIGS)
+    runner = StepRunner(CPU, graphs=True)
+    runner.run(logits, torch.tensor([0, 3, 1]), 4, True, settings.tables(CPU), None)
+    assert not runner._replays
+    assert_matches(logits.contiguous(), expected)
