@@ -5,10 +5,12 @@ A *slot* is where vLLM keeps a request between steps: the persistent-batch index
 Model Runner V1, the request-state slot on V2. Settings live in host (numpy) arrays
 indexed by slot, so deciding which rows to process never syncs with the device.
 
-Two paths, chosen by :func:`em_inf.backend.backend_for`: on CUDA the Triton
-kernels process the batch in place, reading each row's settings through a row -> slot
-index from per-slot device tensors (mirrored from the host arrays when they change);
-elsewhere the rows that use EM-INF are gathered and run through the PyTorch path.
+Paths, chosen by :func:`em_inf.backend.backend_for`: on CUDA the Triton kernels
+process the batch in place, reading each row's settings through a row -> slot index
+from per-slot device tensors (mirrored from the host arrays when they change); on CPU
+the compiled kernels process the rows that use EM-INF in place, by row index;
+elsewhere (or where those cannot be built) those rows are gathered and run through
+the eager PyTorch path.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from em_inf import torch_backend
+from em_inf import cpu_backend, torch_backend
 from em_inf.backend import backend_for
 from em_inf.config import EMInfConfig
 
@@ -126,9 +128,10 @@ def apply_to_rows(
     enabled = settings.enabled[row_slots]
     if not enabled.any():
         return logits
-    if backend_for(logits.device) == "triton":
+    backend = backend_for(logits.device)
+    if backend == "triton":
         return _apply_kernels(logits, row_slots, enabled, settings, device_row_slots)
-    return _apply_torch(logits, row_slots, enabled, settings)
+    return _apply_torch(logits, row_slots, enabled, settings, backend)
 
 
 def _apply_torch(
@@ -136,9 +139,11 @@ def _apply_torch(
     row_slots: np.ndarray,
     enabled: np.ndarray,
     settings: SlotSettings,
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """The PyTorch path, in place: per mode, the rows that use it (all of them
-    without a copy, else gathered and scattered back)."""
+    """The CPU paths, in place: per mode, the rows that use it; the compiled
+    kernels (``backend == "cpu"``) process them where they lie, the eager PyTorch
+    path on the whole batch or on a gathered copy scattered back."""
     temperature_mode = settings.temperature_mode[row_slots]
     for use_temperature in (False, True):
         rows = np.flatnonzero(enabled & (temperature_mode == use_temperature))
@@ -147,12 +152,30 @@ def _apply_torch(
         slots = row_slots[rows]
         whole_batch = rows.size == logits.shape[0]
         index = None if whole_batch else torch.from_numpy(rows).to(logits.device)
-        sub = logits if whole_batch else logits.index_select(0, index)
 
         def per_row(array: np.ndarray, slots: np.ndarray = slots) -> torch.Tensor:
             """``[rows, 1]`` tensor of the rows' settings."""
             return torch.from_numpy(array[slots]).to(logits.device).unsqueeze(1)
 
+        if backend == "cpu":
+            process_ = (
+                cpu_backend.adaptive_temperature_
+                if use_temperature
+                else cpu_backend.em_inf_
+            )
+            fields = (
+                ("alpha", "t_min", "t_max")
+                if use_temperature
+                else ("kl_weight", "lr", "steps")
+            )
+            process_(
+                logits,
+                per_row(settings.threshold),
+                *(per_row(getattr(settings, name)) for name in fields),
+                rows=index,
+            )
+            continue
+        sub = logits if whole_batch else logits.index_select(0, index)
         if use_temperature:
             torch_backend.adaptive_temperature_(
                 sub,

@@ -36,6 +36,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
+from em_inf.backend import prepare_backend
 from em_inf.config import (
     PRESETS,
     REQUEST_KEY,
@@ -86,6 +87,7 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
             self.settings, self.enabled, additional
         )
         self._slots = SlotSettings(vllm_config.scheduler_config.max_num_seqs)
+        prepare_backend(vllm_config.device_config.device_type)  # compile now, not later
 
     # -- shared ----------------------------------------------------------------
     @classmethod
