@@ -49,7 +49,7 @@ _SIGNATURES = {
     ),
     "em_inf_temperature": (
         None,
-        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _P, _P, _INT],
+        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _P, _P, _P, _INT],
     ),
     "em_inf_exp_floor": (None, [_P, _I64, _I64, _P, _INT]),
     "em_inf_exp": (None, [_P, _P, _I64]),
@@ -153,11 +153,14 @@ def adaptive_temperature_(
     *,
     rows: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
+    inv_temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The adaptive-temperature mode in place, as :func:`em_inf_`; each processed
     row's entropy ends within ``TEMPERATURE_RTOL`` of its target (or ``T`` at the
     end of ``[t_min, t_max]`` nearer to it). ``stats[1]`` counts entropy
-    evaluations (the first, at ``T = 1``, included)."""
+    evaluations (the first, at ``T = 1``, included). ``inv_temperature``: a
+    float32 ``[n]`` CPU tensor that receives each row's ``1 / T`` (1 where the row
+    was left as it was)."""
     count, index = _rows(logits, rows)
     params = [
         _per_row(p, count, torch.float32) for p in (threshold, alpha, t_min, t_max)
@@ -174,6 +177,7 @@ def adaptive_temperature_(
             logits.stride(0),
             *(p.data_ptr() for p in params),
             TEMPERATURE_RTOL,
+            _inv_temperature_pointer(inv_temperature, count),
             scratch,
             _stats_pointer(stats),
             threads,
@@ -259,6 +263,22 @@ def _per_row(value: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tenso
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _inv_temperature_pointer(out: torch.Tensor | None, count: int) -> int | None:
+    if out is None:
+        return None
+    if (
+        out.dtype != torch.float32
+        or out.shape != (count,)
+        or not out.is_contiguous()
+        or out.device.type != "cpu"
+    ):
+        raise ValueError(
+            f"inv_temperature must be a contiguous float32 [{count}] CPU tensor, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out.data_ptr()
 
 
 def _stats_pointer(stats: torch.Tensor | None) -> int | None:

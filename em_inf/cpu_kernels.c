@@ -528,6 +528,7 @@ typedef struct {
     const float *threshold, *kl_weight, *lr, *alpha, *t_min, *t_max;
     const int64_t *steps;
     double beta1, beta2, eps, rtol;
+    float *inv_t; /* temperature mode: receives each row's 1/T, when not NULL */
 } Batch;
 
 /* Counts a row adds to the caller's stats: below threshold, steps or passes,
@@ -618,12 +619,13 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         mean = total.sum_ez / total.sum_e;
         entropy = log(sum) - mean;
     }
-    counts->work += taken;
-    if (restored) {
+    if (restored) { /* its steps are undone, and not counted */
         FOR_CHUNKS(split, c, nc,
                    copy_chunk(z, slot->keep, CHUNK_LO(c), CHUNK_HI(c, vocab)));
         counts->restored++;
+        return;
     }
+    counts->work += taken;
 }
 
 /* Entropy and its slope in u = log b at inverse temperature b. */
@@ -641,19 +643,21 @@ static void temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int
     *slope = -(double)b * (double)b * (var > 0.0 ? var : 0.0);
 }
 
-static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
-                            Counts *counts) {
+/* The adaptive temperature on row r; returns the factor 1/T it applied (1 where it
+ * left the row as it was). */
+static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
+                               Counts *counts) {
     float *z = b->logits + (b->index ? b->index[r] : r) * b->stride;
     const int64_t vocab = b->vocab, nc = chunk_count(vocab);
     const double threshold = b->threshold[r];
     Partial total = scan_row(z, vocab, slot, split);
     if (total.bad) {
         counts->restored++;
-        return;
+        return 1.0f;
     }
     if (total.count == 0) { /* entropy 0 <= any threshold */
         counts->below++;
-        return;
+        return 1.0f;
     }
     const float shift = total.max, lowest = total.min;
     int set = 1;
@@ -662,11 +666,14 @@ static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
     set ^= 1;
     if (entropy <= threshold) {
         counts->below++;
-        return;
+        return 1.0f;
     }
     int64_t passes = 1;
     const double target = fmax(threshold, (double)b->alpha[r] * entropy);
-    const double tol = b->rtol * target;
+    /* Aim at half the tolerance: the other half covers the float32 rounding of
+     * this evaluation (the entropy at the same 1/T in exact arithmetic differs by
+     * about 1e-7 of itself). */
+    const double tol = 0.5 * b->rtol * target;
     double lo = -log((double)b->t_max[r]), hi = -log((double)b->t_min[r]);
     if (lo > hi) {
         double swap = lo;
@@ -719,14 +726,25 @@ static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
         set ^= 1;
         passes++;
     }
-    counts->work += passes;
     /* z * b is finite for every unmasked z iff it is for the extremes (rounding
-     * is monotonic); otherwise the row stays as it came. */
+     * is monotonic); otherwise the row stays as it came (its passes not counted). */
     if (!isfinite(shift * best) || !isfinite(lowest * best)) {
         counts->restored++;
-        return;
+        return 1.0f;
     }
+    counts->work += passes;
     FOR_CHUNKS(split, c, nc, scale_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), best));
+    return best;
+}
+
+static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
+                            Counts *counts) {
+    float inv_t = temperature_solve(b, r, slot, split, counts);
+    int lead = 1;
+#ifdef _OPENMP
+    lead = !split || omp_get_thread_num() == 0;
+#endif
+    if (b->inv_t && lead) b->inv_t[r] = inv_t;
 }
 
 /* -- entry points ---------------------------------------------------------------- */
@@ -786,27 +804,31 @@ int64_t em_inf_scratch_bytes(int64_t vocab, int threads) {
  * logits + index[r] * stride, or logits + r * stride when index is NULL; `vocab`
  * logits each). Parameters, entry r for row r: threshold, kl_weight, lr (float32),
  * steps (int64). stats (int64[3], may be NULL): += rows below their threshold,
- * Adam steps taken, rows restored by the fail-safe. scratch: em_inf_scratch_bytes
- * for `threads`. */
+ * Adam steps taken (by rows not restored), rows restored by the fail-safe (and rows
+ * holding NaN or +inf, left as they are). scratch: em_inf_scratch_bytes for
+ * `threads`. */
 void em_inf_logits(float *logits, const int64_t *index, int64_t rows, int64_t vocab,
                    int64_t stride, const float *threshold, const float *kl_weight,
                    const float *lr, const int64_t *steps, double beta1, double beta2,
                    double eps, void *scratch, int64_t *stats, int threads) {
     Batch b = {logits, index, vocab, stride, threshold, kl_weight, lr, NULL, NULL,
-               NULL, steps, beta1, beta2, eps, 0.0};
+               NULL, steps, beta1, beta2, eps, 0.0, NULL};
     run_batch(&b, rows, logits_row, scratch, stats, threads);
 }
 
 /* The adaptive-temperature mode, in place, on rows as em_inf_logits; parameters
  * threshold, alpha, t_min, t_max (float32); the entropy of a processed row ends
  * within rtol of its target (or at the end of [t_min, t_max] nearer to it).
- * stats[1] += entropy evaluations (solver passes, the first at T = 1 included). */
+ * stats[1] += entropy evaluations (solver passes, the first at T = 1 included).
+ * inv_t (float32 [rows], may be NULL) receives the factor 1/T each row got (1 for
+ * rows left as they were). */
 void em_inf_temperature(float *logits, const int64_t *index, int64_t rows,
                         int64_t vocab, int64_t stride, const float *threshold,
                         const float *alpha, const float *t_min, const float *t_max,
-                        double rtol, void *scratch, int64_t *stats, int threads) {
+                        double rtol, float *inv_t, void *scratch, int64_t *stats,
+                        int threads) {
     Batch b = {logits, index, vocab, stride, threshold, NULL, NULL, alpha, t_min,
-               t_max, NULL, 0.0, 0.0, 0.0, rtol};
+               t_max, NULL, 0.0, 0.0, 0.0, rtol, inv_t};
     run_batch(&b, rows, temperature_row, scratch, stats, threads);
 }
 

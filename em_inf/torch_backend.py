@@ -22,8 +22,8 @@ Callers (:mod:`em_inf.functional`, :mod:`em_inf.core`) hand over validated input
 ``logits`` is a float32 ``[B, V]`` tensor modified in place, and every parameter a
 ``[B, 1]`` (or ``[B]``) tensor (``steps`` integer). ``stats``, when given, is an int64
 ``[3]`` tensor on ``logits``' device that the counts are added to: rows left alone
-below their threshold, Adam steps (temperature mode: entropy evaluations), rows
-restored by the fail-safe.
+below their threshold, Adam steps (temperature mode: entropy evaluations) of the rows
+not restored, rows restored by the fail-safe (or left alone for NaN / ``+inf``).
 """
 
 from __future__ import annotations
@@ -152,12 +152,13 @@ def _em_inf_row_(
     exp_avg = torch.zeros_like(z)
     exp_avg_sq = torch.zeros_like(z)
     beta1, beta2 = ADAM_BETAS
+    taken = 0
     for t in range(1, steps + 1):
         if t > 1:
             zs, q, mean, ent = _softmax_stats(z)
             if ent < threshold:
                 break
-        counts.work += 1
+        taken = t
         # g = -q (log q + H) + lam (q - p0) = q (E_q[zs] - zs) + lam (q - p0).
         # The KL term is kept apart: q - p0 is small (exactly 0 at step 1), and
         # q (lam + ...) - lam p0 would cancel two terms of size lam q.
@@ -174,7 +175,9 @@ def _em_inf_row_(
         z.addcdiv_(exp_avg, denom, value=-1.0)
     if _broken(z, original):  # a NaN or inf on the way spreads to the end
         z.copy_(original)
-        counts.restored += 1
+        counts.restored += 1  # its steps are undone, and not counted
+    else:
+        counts.work += taken
 
 
 def adaptive_temperature_(
@@ -185,8 +188,11 @@ def adaptive_temperature_(
     t_max: torch.Tensor,
     *,
     stats: torch.Tensor | None = None,
+    inv_temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Adaptive temperature in place on ``logits`` (float32 ``[B, V]``), row by row.
+    """Adaptive temperature in place on ``logits`` (float32 ``[B, V]``), row by row;
+    ``inv_temperature`` (float32 ``[B]``), when given, receives each row's ``1 / T``
+    (1 where the row was left as it was).
 
     Solves ``H(b) = max(threshold, alpha * H0)`` for the inverse temperature ``b``
     in ``[1 / t_max, 1 / t_min]`` to a relative :data:`TEMPERATURE_RTOL`, with
@@ -207,7 +213,9 @@ def adaptive_temperature_(
     for row, args in enumerate(
         zip(_rows(threshold), _rows(alpha), _rows(t_min), _rows(t_max), strict=True)
     ):
-        _adaptive_temperature_row_(logits[row : row + 1], *args, counts)
+        inv_t = _adaptive_temperature_row_(logits[row : row + 1], *args, counts)
+        if inv_temperature is not None:
+            inv_temperature[row] = inv_t
     counts.add_to(stats)
     return logits
 
@@ -219,15 +227,16 @@ def _adaptive_temperature_row_(
     t_min: float,
     t_max: float,
     counts: _Counts,
-) -> None:
-    """:func:`adaptive_temperature_` on one ``[1, V]`` row."""
+) -> float:
+    """:func:`adaptive_temperature_` on one ``[1, V]`` row; returns the factor
+    ``1 / T`` applied (1 where the row was left as it was)."""
     if _unusable(z):
         counts.restored += 1
-        return
+        return 1.0
     unmasked = z > MASKED_AT
     if not bool(unmasked.any()):  # entropy 0 <= any threshold
         counts.below += 1
-        return
+        return 1.0
     zs = torch.where(unmasked, z - z.amax(), 0.0).double()
 
     def entropy_and_slope(b: float) -> tuple[float, float]:
@@ -240,7 +249,7 @@ def _adaptive_temperature_row_(
     h0, slope = entropy_and_slope(1.0)
     if h0 <= threshold:
         counts.below += 1
-        return
+        return 1.0
     target = max(threshold, alpha * h0)
     lo, hi = sorted((-math.log(t_max), -math.log(t_min)))  # u = log b
     lo_seen = hi_seen = False  # whether lo / hi are evaluated points
@@ -254,7 +263,11 @@ def _adaptive_temperature_row_(
         err = ent - target
         if abs(err) < best_err:
             best_err, best_u = abs(err), u
-        if abs(err) <= TEMPERATURE_RTOL * target or passes >= _TEMPERATURE_MAX_PASSES:
+        # Half the tolerance: the other half covers this evaluation's rounding.
+        if (
+            abs(err) <= 0.5 * TEMPERATURE_RTOL * target
+            or passes >= _TEMPERATURE_MAX_PASSES
+        ):
             break
         if err > 0:
             lo, lo_seen = u, True
@@ -273,10 +286,11 @@ def _adaptive_temperature_row_(
             u = (lo + hi) / 2
         ent, slope = entropy_and_slope(math.exp(u))
         passes += 1
-    counts.work += passes
     inv_t = torch.tensor(math.exp(best_u), dtype=torch.float32, device=z.device)
     scaled = torch.where(unmasked, z * inv_t, z)
     if _broken(scaled, z):
-        counts.restored += 1
-        return
+        counts.restored += 1  # its passes are not counted
+        return 1.0
+    counts.work += passes
     z.copy_(scaled)
+    return float(inv_t)
