@@ -483,3 +483,87 @@ def test_without_a_compiler_the_eager_path_runs_after_one_warning(tmp_path):
     warnings = [line for line in done.stderr.splitlines() if "em-inf" in line]
     assert len(warnings) == 1, done.stderr
     assert "eager PyTorch path" in warnings[0] and "no-such-cc" in warnings[0]
+
+
+# -- in a vLLM engine -----------------------------------------------------------------
+
+ENGINE_PROMPTS = ("The quick brown fox", "a b c d e f g h", "Numbers: 1 2 3 4 5 6")
+FILLER_PROMPTS = ("Entropy is", "Hello there, how are you today?")
+ENGINE_SETTINGS = (
+    EMInfConfig.from_preset("math"),
+    EMInfConfig(threshold=0.0, kl_weight=0.01, lr=0.2, steps=5),
+    EMInfConfig.from_preset("adaptive-temperature", alpha=0.5),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+    from tests.vllm_engines import engine
+
+    with engine(str(tiny_model_dir(TINY_VOCAB_SIZE)), dtype="float32") as llm:
+        yield llm
+
+
+def test_in_an_engine_a_requests_em_inf_ignores_its_neighbours(tiny_engine, generator):
+    """A request's EM-INF logits are bitwise em_inf.functional applied alone to the
+    raw logits of an identical request with EM-INF off in the same batch, whatever
+    else the batch holds. (The model's forward need not be batch invariant; the
+    two identical requests in one batch get identical raw logits, which the test
+    checks first.)"""
+    from em_inf import functional
+    from em_inf.models import TINY_VOCAB_SIZE
+    from tests.vllm_engines import full_vocab_params, generate, processed_logits
+
+    def params(config: EMInfConfig | None):
+        extra = {"em_inf": False if config is None else config.as_dict()}
+        return full_vocab_params(extra)
+
+    def expected(raw: torch.Tensor, config: EMInfConfig) -> torch.Tensor:
+        if config.mode == "temperature":
+            return functional.adaptive_temperature(
+                raw,
+                threshold=config.threshold,
+                alpha=config.alpha,
+                t_min=config.t_min,
+                t_max=config.t_max,
+            )
+        return functional.em_inf(
+            raw,
+            threshold=config.threshold,
+            kl_weight=config.kl_weight,
+            lr=config.lr,
+            steps=config.steps,
+        )
+
+    pairs = [("on", k) for k in range(3)] + [("off", k) for k in range(3)]
+    fillers = [("filler", k) for k in range(9)]
+    batches = [
+        [("on", 0), ("off", 0), ("off", 0)],
+        pairs + fillers[:4],
+        pairs + fillers,
+    ]
+    for batch in batches[1:]:
+        order = torch.randperm(len(batch), generator=generator).tolist()
+        batch[:] = [batch[i] for i in order]
+    for batch in batches:
+        requests = []
+        for kind, k in batch:
+            if kind == "filler":
+                prompt = FILLER_PROMPTS[k % 2]
+                config = ENGINE_SETTINGS[k % 3] if k % 4 else None
+            else:
+                prompt = ENGINE_PROMPTS[k]
+                config = ENGINE_SETTINGS[k] if kind == "on" else None
+            requests.append((prompt, params(config)))
+        outputs = generate(tiny_engine, *zip(*requests, strict=True))
+        logits = [processed_logits(out, TINY_VOCAB_SIZE) for out in outputs]
+        raw: dict[int, torch.Tensor] = {}
+        for (kind, k), row in zip(batch, logits, strict=True):
+            if kind == "off":
+                assert torch.equal(raw.setdefault(k, row), row), "twins differ"
+        for (kind, k), row in zip(batch, logits, strict=True):
+            if kind == "on":
+                assert not torch.equal(row, raw[k])  # EM-INF did something
+                want = expected(raw[k], ENGINE_SETTINGS[k])
+                assert torch.equal(row, want), (len(batch), k)
