@@ -225,6 +225,8 @@ def hostile_batch(generator: torch.Generator, vocab: int) -> torch.Tensor:
         torch.randn(vocab, generator=generator) + 1e4,  # a common offset
         torch.randn(vocab, generator=generator).half().float() * 6e4,  # float16 max
         torch.full((vocab,), 2.0),  # flat
+        torch.randn(vocab, generator=generator) * 1e-6 + 5.0,  # near ties
+        (torch.randn(vocab, generator=generator) * 3).bfloat16().float(),
         torch.full((vocab,), -torch.inf),  # all masked
     ]
     one = torch.full((vocab,), FLOAT32_MIN)
