@@ -13,6 +13,11 @@ decode time = last token - first token of each request; inter-token latency =
 decode time / (tokens - 1); decode throughput = B * (tokens - 1) / (latest last
 token - earliest first token). Wall time of the whole ``generate`` call is kept too.
 
+Each row also records the machine's floor for its ``[batch, vocab]`` logits (one
+compiled exp pass, ``floor_ms``); the environment records the CPU model, which CPU
+path em-inf takes (``cpu_backend``), the time the CPU kernels' compile adds to an
+engine's start (cold and cached) and the load average at start and end.
+
 Models: ``smollm2`` (SmolLM2-135M-Instruct, vocabulary 49,152, from
 ``em_inf.models.prepare_default_model()``), ``tiny`` (a 2-layer random Qwen2 with
 Qwen2.5's 151,936 vocabulary, where the logits, not the model, dominate), or a path.
@@ -188,6 +193,7 @@ def bench_model(
             for a, b in zip(runs["on"], runs["off"], strict=True)
         ]
         row = {
+            "floor_ms": floor_ms(batch, vocab),
             "model": label,
             "model_path": model,
             "vocab": vocab,
@@ -215,6 +221,26 @@ def bench_model(
         )
     llm.llm_engine.engine_core.shutdown()  # before the next model's engine starts
     return rows
+
+
+def floor_ms(batch: int, vocab: int, repeats: int = 50) -> float | None:
+    """The machine's floor for one step's logits: one compiled pass taking exp of
+    every logit of a ``[batch, vocab]`` batch, the fastest of ``repeats`` (taken
+    beside an idle engine, whose threads may still hold the cores; ``None`` where
+    the CPU kernels are unavailable)."""
+    import torch
+
+    from em_inf import cpu_backend
+
+    if not cpu_backend.available():
+        return None
+    logits = torch.randn(batch, vocab)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        cpu_backend.exp_floor(logits)
+        times.append(time.perf_counter() - started)
+    return 1e3 * min(times)
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -271,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_model(path, label, args, device)
     import vllm
 
+    from bench.latency import cpu_environment, kernel_build_seconds
+
     result = {
         "kind": "e2e",
         "command": "python bench/e2e.py "
@@ -282,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda"
             else f"CPU x{os.cpu_count()}",
             "platform": platform.platform(),
+            **(cpu_environment() if device == "cpu" else {}),
+            "cpu_kernels_build_s": kernel_build_seconds() if device == "cpu" else None,
             "vllm": vllm.__version__,
             "torch": torch.__version__,
             "loadavg_start": loadavg_start,

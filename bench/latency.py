@@ -5,11 +5,23 @@ call so that load from other processes hits them alike):
 
 * ``reference``: the authors' per-row loop (:mod:`em_inf.reference`, autograd +
   ``torch.optim.Adam`` / bisection with their tolerance 0.1), float32, CPU.
-* ``torch``: :mod:`em_inf.functional` on CPU tensors (the batched torch path).
-* ``torch-cuda``: the same torch path on CUDA tensors (GPU only), forced with
+* ``cpu``: :mod:`em_inf.functional` on CPU tensors with the compiled CPU kernels
+  (``EM_INF_BACKEND=cpu``; what CPU tensors get by default).
+* ``torch``: the same on the eager PyTorch path (``EM_INF_BACKEND=torch``: the
+  fallback where the kernels cannot be compiled).
+* ``floor``: the machine's floor for the batch: one compiled pass that takes ``exp``
+  of every logit and sums each row (``em_inf.cpu_backend.exp_floor``). Every row of
+  the results also gives its time in floors (``x_floor``).
+* ``torch-cuda``: the eager path on CUDA tensors (GPU only), forced with
   ``EM_INF_BACKEND=torch``.
 * ``triton``: :mod:`em_inf.functional` on CUDA tensors, which dispatches to the
   Triton kernels of :mod:`em_inf.kernels` (GPU only).
+
+``--breakdown`` adds where the compiled path's time goes, for B = 8 at the largest V:
+a row left alone (the scan and the first statistics pass), then each Adam step (one
+update and one statistics pass), and one temperature-solver pass, in ms and in
+floors. The environment records the CPU model, the load average at start and end,
+and the time the kernels' compile adds to an engine's start (cold, and cached).
 
 Grid: B in {1, 8, 64}, V in {49,152 (SmolLM2), 151,936 (Qwen2.5)}; the logits mode
 (preset ``default``: threshold 0.3, kl_weight 0.05, lr 0.1) at 3 and 5 steps, and the
@@ -25,7 +37,7 @@ bandwidth against the floor of one read and one write of the logits
 Usage::
 
     python bench/latency.py --quick          # CPU, under a minute on 2 cores
-    python bench/latency.py                  # CPU, full grid (3 passes), ~3 minutes
+    python bench/latency.py --breakdown      # CPU, full grid (3 passes), ~5 minutes
     python bench/latency.py --out bench/results/latency_gpu.json   # on a GPU box
 
 Writes JSON (``--out``) and a PNG next to it (``bench/plots.py`` redraws it).
@@ -44,6 +56,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,7 +68,7 @@ if __package__ in (None, ""):  # `python bench/latency.py`: make the repo import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.checkout import map_kernels_package  # noqa: E402
-from em_inf import backend, functional, reference  # noqa: E402
+from em_inf import backend, cpu_backend, cpu_build, functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 
 VOCABS = (49_152, 151_936)
@@ -128,14 +141,22 @@ def implementations(
         def batched(x: torch.Tensor) -> torch.Tensor:
             return functional.adaptive_temperature(x, **params)
 
-    def torch_path(x: torch.Tensor) -> torch.Tensor:
-        with _forced_backend("torch"):
-            return batched(x)
+    def forced(name: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with _forced_backend(name):
+                return batched(x)
 
-    impls: dict[str, Callable] = {"reference": ref, "torch": lambda: batched(logits)}
+        return run
+
+    impls: dict[str, Callable] = {"reference": ref}
+    if cpu_backend.available():
+        impls["cpu"] = forced("cpu", logits)
+    impls["torch"] = forced("torch", logits)
+    if cpu_backend.available():
+        impls["floor"] = lambda: cpu_backend.exp_floor(logits)
     if cuda:
         on_gpu = logits.cuda()
-        impls["torch-cuda"] = lambda: torch_path(on_gpu)
+        impls["torch-cuda"] = forced("torch", on_gpu)
         impls["triton"] = lambda: batched(on_gpu)
     return impls
 
@@ -204,13 +225,18 @@ def _rows(
 ) -> list[dict]:
     """One result row per implementation of ``case``."""
     ref_median = statistics.median(times["reference"]) if "reference" in times else None
+    floor = statistics.median(times["floor"]) if "floor" in times else None
     min_bytes = 2 * case.batch * case.vocab * 4
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
         q20, q80 = (float(q) for q in np.quantile(samples, [0.2, 0.8]))
         diff = None
-        if "reference" in outputs and name != "reference" and case.mode == "logits":
+        if (
+            "reference" in outputs
+            and name not in ("reference", "floor")
+            and case.mode == "logits"
+        ):
             diff = float((outputs[name].cpu() - outputs["reference"]).abs().max())
         rows.append(
             {
@@ -221,10 +247,13 @@ def _rows(
                 "impl": name,
                 "device": "cuda" if name in ("torch-cuda", "triton") else "cpu",
                 "median_ms": 1e3 * median,
+                "min_ms": 1e3 * min(samples),
                 "p20_ms": 1e3 * q20,
                 "p80_ms": 1e3 * q80,
                 "repeats": len(samples),
                 "speedup_vs_reference": ref_median / median if ref_median else None,
+                "floor_ms": 1e3 * floor if floor else None,
+                "x_floor": median / floor if floor else None,
                 "achieved_GBps": min_bytes / median / 1e9,
                 "max_abs_diff_vs_reference": diff,
             }
@@ -273,7 +302,8 @@ def measure_grid(
                     f"{r['impl']} {r['median_ms']:.2f} ms"
                     + (
                         f" ({r['speedup_vs_reference']:.1f}x)"
-                        if r["impl"] != "reference" and r["speedup_vs_reference"]
+                        if r["impl"] not in ("reference", "floor")
+                        and r["speedup_vs_reference"]
                         else ""
                     )
                     for r in case_rows
@@ -297,6 +327,67 @@ def measure(
     return _rows(case, times, outputs)
 
 
+def breakdown(batch: int, vocab: int, repeats: int = 30) -> dict:
+    """Where the compiled path's time goes on a ``[batch, vocab]`` batch (in place,
+    no copies; ms and floors, from the fastest of ``repeats`` interleaved calls,
+    the least disturbed by other processes): a call that leaves every row alone
+    (the scan and the first statistics pass), calls of 1, 2, 3 Adam steps
+    (threshold 0: every row takes every step), and a temperature call divided by
+    its solver passes."""
+    logits = make_logits(batch, vocab)
+    work = logits.clone()
+
+    def column(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full((batch, 1), value, dtype=dtype)
+
+    def logits_call(threshold: float, steps: int) -> Callable[[], None]:
+        params = (column(threshold), column(0.05), column(0.1))
+        return lambda: cpu_backend.em_inf_(work, *params, column(steps, torch.int64))
+
+    preset = PRESETS["adaptive-temperature"]
+    temperature_params = [
+        column(v) for v in (preset.threshold, preset.alpha, preset.t_min, preset.t_max)
+    ]
+    stats = torch.zeros(3, dtype=torch.int64)
+
+    def temperature_call() -> None:
+        work.copy_(logits)
+        cpu_backend.adaptive_temperature_(work, *temperature_params, stats=stats)
+
+    calls = {
+        "floor": lambda: cpu_backend.exp_floor(logits),
+        "copy": lambda: work.copy_(logits),
+        "left_alone": logits_call(1e9, 3),
+        **{f"steps_{n}": logits_call(0.0, n) for n in (1, 2, 3)},
+        "temperature": temperature_call,
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):  # interleaved, like the grid
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    ms = {name: 1e3 * min(samples) for name, samples in times.items()}
+    passes_per_row = float(stats[1]) / (repeats * batch)
+    floor = ms["floor"]
+    parts = {
+        "scan + first statistics pass (row left alone)": ms["left_alone"],
+        "first Adam step (update)": ms["steps_1"] - ms["left_alone"],
+        "each further step (statistics + update)": (ms["steps_3"] - ms["steps_1"]) / 2,
+        "temperature: per solver pass (copy excluded)": (ms["temperature"] - ms["copy"])
+        / passes_per_row,
+    }
+    return {
+        "batch": batch,
+        "vocab": vocab,
+        "floor_ms": floor,
+        "calls_ms": ms,
+        "temperature_passes_per_row": passes_per_row,
+        "parts_ms": parts,
+        "parts_in_floors": {name: value / floor for name, value in parts.items()},
+    }
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -311,12 +402,58 @@ def _git_commit() -> str | None:
         return None
 
 
+def cpu_environment() -> dict:
+    """The CPU (model, vector extensions), torch's thread count, and which CPU path
+    em-inf takes here (``cpu``: the compiled kernels; ``torch``: eager, and why)."""
+    description = cpu_build.cpu_description()
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in description.splitlines()
+            if line.lower().startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    flags = description.split()
+    return {
+        "cpu_model": model,
+        "cpu_vector_extensions": [
+            f
+            for f in ("avx2", "fma", "avx512f", "avx512bw", "asimd", "sve")
+            if f in flags
+        ],
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_backend": backend.backend_for("cpu"),
+        "cpu_backend_unavailable": cpu_backend.unavailable_reason(),
+    }
+
+
+def kernel_build_seconds() -> dict[str, float] | None:
+    """What compiling the CPU kernels adds to an engine's start: a cold build (an
+    empty cache) and a cached one (the cache found), in seconds."""
+    previous = os.environ.get("EM_INF_CACHE")
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["EM_INF_CACHE"] = cache
+            cold = cpu_build.build()
+            cached = cpu_build.build()
+    except cpu_build.BuildError:
+        return None
+    finally:
+        if previous is None:
+            os.environ.pop("EM_INF_CACHE", None)
+        else:
+            os.environ["EM_INF_CACHE"] = previous
+    return {"cold": round(cold.seconds, 3), "cached": round(cached.seconds, 4)}
+
+
 def environment(cuda: bool) -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **cpu_environment(),
+        "cpu_kernels_build_s": kernel_build_seconds(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "git_commit": _git_commit(),
@@ -369,6 +506,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds, discarded")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads first (default: torch's; 1 gives steadier "
+        "figures on a machine busy with other work)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the compiled path's passes (B = 8, the largest V)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -382,6 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device == "auto" and torch.cuda.is_available()
     if cuda:
         map_kernels_package()
@@ -426,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
+    if args.breakdown and cpu_backend.available():
+        result["breakdown"] = breakdown(8, max(args.vocab))
+        for name, value in result["breakdown"]["parts_ms"].items():
+            floors = result["breakdown"]["parts_in_floors"][name]
+            print(f"breakdown: {name:48s} {value:7.3f} ms  {floors:5.2f} floors")
+    result["environment"]["loadavg_end"] = list(os.getloadavg())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

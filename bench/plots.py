@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 _IMPL_STYLE = {
     "reference": ("tab:gray", "o"),
+    "cpu": ("tab:orange", "v"),
+    "floor": ("black", ""),
     "torch": ("tab:blue", "s"),
     "torch-cuda": ("tab:green", "^"),
     "triton": ("tab:red", "D"),
@@ -57,7 +59,8 @@ def plot_latency(result: dict[str, Any], path: Path) -> None:
                     [r["median_ms"] for r in line],
                     marker=marker,
                     color=color,
-                    label=impl,
+                    linestyle=":" if impl == "floor" else "-",
+                    label="floor (one exp pass)" if impl == "floor" else impl,
                 )
                 ax.fill_between(
                     xs,

@@ -1,4 +1,5 @@
-"""Which implementation runs a batch: the Triton kernels or the PyTorch path.
+"""Which implementation runs a batch: the Triton kernels, the compiled CPU kernels or
+the eager PyTorch path.
 
 :mod:`em_inf.functional` and :mod:`em_inf.core` both ask :func:`backend_for`, so a
 direct call and the vLLM processor always take the same path for the same tensors.
@@ -11,21 +12,26 @@ import os
 
 import torch
 
-#: Environment variable that forces a backend: ``triton``, ``torch`` or ``auto``.
+#: Environment variable that forces a backend: ``cpu`` (compiled CPU kernels),
+#: ``torch`` (eager PyTorch), ``triton`` or ``auto``.
 BACKEND_ENV = "EM_INF_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+BACKENDS: tuple[str, ...] = ("auto", "cpu", "torch", "triton")
 
 
 def backend_for(device: torch.device | str) -> str:
-    """``"triton"`` or ``"torch"``: the backend a call on ``device`` takes now.
+    """``"triton"``, ``"cpu"`` or ``"torch"``: the backend a call on ``device`` takes
+    now.
 
-    ``EM_INF_BACKEND`` (read at every call) decides when set to ``triton`` or
-    ``torch``; otherwise (``auto`` or unset) CUDA takes Triton when it is installed,
-    everything else torch.
+    ``EM_INF_BACKEND`` (read at every call) decides when set to ``triton``, ``cpu``
+    or ``torch``; otherwise (``auto`` or unset) CUDA takes Triton when it is
+    installed, CPU tensors the compiled CPU kernels when they can be built (the
+    first call builds them; where they cannot, one warning and ``torch``), anything
+    else ``torch``.
 
     Raises:
-        ValueError: on an unknown ``EM_INF_BACKEND``, or ``triton`` forced on CPU
-            tensors without ``TRITON_INTERPRET=1``.
+        ValueError: on an unknown ``EM_INF_BACKEND``, ``triton`` forced on CPU
+            tensors without ``TRITON_INTERPRET=1``, or ``cpu`` forced on other
+            tensors or where the CPU kernels cannot be built.
     """
     device = torch.device(device)
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
@@ -34,15 +40,40 @@ def backend_for(device: torch.device | str) -> str:
             f"{BACKEND_ENV} must be one of {list(BACKENDS)}, got {choice!r}"
         )
     if choice == "auto":
-        has_triton = importlib.util.find_spec("triton") is not None
-        return "triton" if device.type == "cuda" and has_triton else "torch"
+        if device.type == "cuda":
+            has_triton = importlib.util.find_spec("triton") is not None
+            return "triton" if has_triton else "torch"
+        return "cpu" if device.type == "cpu" and _cpu_kernels() else "torch"
     if choice == "triton" and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
             raise ValueError(
                 f"{BACKEND_ENV}=triton on {device.type} tensors needs Triton's "
                 f"interpreter: set TRITON_INTERPRET=1 before em_inf.kernels is imported"
             )
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{BACKEND_ENV}=cpu on {device.type} tensors")
+        if not _cpu_kernels():
+            from em_inf import cpu_backend
+
+            raise ValueError(
+                f"{BACKEND_ENV}=cpu, but the compiled CPU kernels are unavailable: "
+                f"{cpu_backend.unavailable_reason()}"
+            )
     return choice
+
+
+def prepare_backend(device: torch.device | str) -> str:
+    """Choose the backend for ``device`` now and make it ready (compiling the CPU
+    kernels when they will be used), so that no request pays for it; an engine
+    calls this while it starts. Returns the backend's name."""
+    return backend_for(device)
+
+
+def _cpu_kernels() -> bool:
+    from em_inf import cpu_backend
+
+    return cpu_backend.available()
 
 
 #: Environment variables that ask for bitwise batch invariance: em-inf's own switch

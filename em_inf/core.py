@@ -5,14 +5,15 @@ A *slot* is where vLLM keeps a request between steps: the persistent-batch index
 Model Runner V1, the request-state slot on V2. Settings live in host (numpy) arrays
 indexed by slot, so deciding what to launch never syncs with the device.
 
-Two paths, chosen by :func:`em_inf.backend.backend_for`: on CUDA the Triton
-kernels process the batch in place (:mod:`em_inf.kernels.step`), reading each row's
-settings through the row -> slot mapping vLLM keeps on the device from per-slot
-device tables; elsewhere the rows that use EM-INF are gathered and run through the
-PyTorch path. The device tables are refreshed in vLLM's own hook for it
-(``apply_staged_writes`` / ``update_state``) by a non-blocking copy from pinned
-memory (:class:`em_inf.staging.HostToDevice`): nothing in a step waits for the
-device.
+Paths, chosen by :func:`em_inf.backend.backend_for`: on CUDA the Triton kernels
+process the batch in place (:mod:`em_inf.kernels.step`), reading each row's settings
+through the row -> slot mapping vLLM keeps on the device from per-slot device
+tables; on CPU the compiled kernels (:mod:`em_inf.cpu_backend`) process the rows
+that use EM-INF where they lie, by row index; elsewhere (or where those cannot be
+built) the rows are gathered and run through the eager PyTorch path. The device
+tables are refreshed in vLLM's own hook for it (``apply_staged_writes`` /
+``update_state``) by a non-blocking copy from pinned memory
+(:class:`em_inf.staging.HostToDevice`): nothing in a step waits for the device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from em_inf import torch_backend
+from em_inf import cpu_backend, torch_backend
 from em_inf.backend import backend_for
 from em_inf.config import EMInfConfig
 from em_inf.staging import HostToDevice
@@ -229,7 +230,8 @@ def apply_to_rows(
     """
     if logits.shape[0] == 0:
         return logits
-    if runner is not None or backend_for(logits.device) == "triton":
+    backend = "triton" if runner is not None else backend_for(logits.device)
+    if backend == "triton":
         return _apply_kernels(logits, request_slots, settings, row_slots, stats, runner)
     if not settings.enabled[request_slots].any():
         return logits
@@ -243,7 +245,8 @@ def apply_to_rows(
         stats.count_rows(
             int(counted.sum()), int(settings.temperature_on[host_rows].sum())
         )
-    return _apply_torch(logits, host_rows, enabled, settings)
+    counters = None if stats is None else stats.counters(logits.device)
+    return _apply_torch(logits, host_rows, enabled, settings, backend, counters)
 
 
 def _apply_torch(
@@ -251,39 +254,49 @@ def _apply_torch(
     row_slots: np.ndarray,
     enabled: np.ndarray,
     settings: SlotSettings,
+    backend: str,
+    counters: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The PyTorch path, in place: per mode, the rows that use it (all of them
-    without a copy, else gathered and scattered back)."""
+    """The CPU paths, in place: per mode, the rows that use it; the compiled
+    kernels (``backend == "cpu"``) process them where they lie, the eager PyTorch
+    path on the whole batch or on a gathered copy scattered back. ``counters``:
+    the int64 ``[2, 4]`` stats counters (:mod:`em_inf.stats`) or ``None``."""
     temperature_mode = settings.temperature_mode[row_slots]
-    for use_temperature in (False, True):
+    for mode, use_temperature in enumerate((False, True)):
         rows = np.flatnonzero(enabled & (temperature_mode == use_temperature))
         if rows.size == 0:
             continue
         slots = row_slots[rows]
         whole_batch = rows.size == logits.shape[0]
         index = None if whole_batch else torch.from_numpy(rows).to(logits.device)
-        sub = logits if whole_batch else logits.index_select(0, index)
+        stats = None if counters is None else counters[mode, :3]
 
         def per_row(array: np.ndarray, slots: np.ndarray = slots) -> torch.Tensor:
             """``[rows, 1]`` tensor of the rows' settings."""
             return torch.from_numpy(array[slots]).to(logits.device).unsqueeze(1)
 
-        if use_temperature:
-            torch_backend.adaptive_temperature_(
-                sub,
-                per_row(settings.threshold),
-                per_row(settings.alpha),
-                per_row(settings.t_min),
-                per_row(settings.t_max),
+        fields = (
+            ("alpha", "t_min", "t_max")
+            if use_temperature
+            else ("kl_weight", "lr", "steps")
+        )
+        params = [per_row(settings.threshold)]
+        params += [per_row(getattr(settings, name)) for name in fields]
+        if backend == "cpu":
+            process_ = (
+                cpu_backend.adaptive_temperature_
+                if use_temperature
+                else cpu_backend.em_inf_
             )
-        else:
-            torch_backend.em_inf_(
-                sub,
-                per_row(settings.threshold),
-                per_row(settings.kl_weight),
-                per_row(settings.lr),
-                per_row(settings.steps),
-            )
+            process_(logits, *params, rows=index, stats=stats)
+            continue
+        process_ = (
+            torch_backend.adaptive_temperature_
+            if use_temperature
+            else torch_backend.em_inf_
+        )
+        sub = logits if whole_batch else logits.index_select(0, index)
+        process_(sub, *params, stats=stats)
         if not whole_batch:
             logits.index_copy_(0, index, sub)
     return logits

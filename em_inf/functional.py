@@ -4,19 +4,25 @@ Each parameter is a Python number (shared by all rows) or a ``[B]`` tensor (one 
 per row). Rows are independent; a row already at or below its threshold comes back
 bit-identical (as float32), ``-inf`` entries stay ``-inf``, and no NaN is produced.
 
-Backends: CUDA tensors run the fused Triton kernels of :mod:`em_inf.kernels` (when
-``triton`` is installed), CPU tensors the PyTorch code of :mod:`em_inf.torch_backend`.
-The environment variable ``EM_INF_BACKEND`` (``triton`` | ``torch`` | ``auto``, read at
-every call) forces one; the kernels run on CPU tensors only under Triton's
-interpreter (``TRITON_INTERPRET=1``, set before ``em_inf.kernels`` is first imported).
-Triton is imported lazily, on the first kernel call, never at import time.
+Backends (:func:`em_inf.backend.backend_for`): CUDA tensors run the fused Triton
+kernels of :mod:`em_inf.kernels` (when ``triton`` is installed), CPU tensors the
+compiled kernels of :mod:`em_inf.cpu_backend` (built on the first call, about a
+second, then cached on disk), or the eager PyTorch code of :mod:`em_inf.torch_backend`
+where those cannot be built. The environment variable ``EM_INF_BACKEND`` (``cpu`` |
+``torch`` | ``triton`` | ``auto``, read at every call) forces one; the Triton kernels
+run on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before ``em_inf.kernels`` is first imported). Triton is imported lazily, on the first
+kernel call, never at import time.
+
+Every row's result is bitwise independent of the other rows and of the batch size on
+the CPU paths (both modes, compiled and eager).
 """
 
 from __future__ import annotations
 
 import torch
 
-from em_inf import torch_backend
+from em_inf import cpu_backend, torch_backend
 from em_inf.backend import backend_for
 
 Param = float | int | torch.Tensor
@@ -44,9 +50,10 @@ def em_inf(
     """
     out = _float32_copy(logits)
     rows = out.shape[0]
-    if backend_for(out.device) == "triton":
+    backend = backend_for(out.device)
+    if backend == "triton":
         return _em_inf_triton(out, threshold, kl_weight, lr, steps)
-    return torch_backend.em_inf_(
+    return _eager_or_compiled(backend).em_inf_(
         out,
         _per_row("threshold", threshold, rows, out.device, torch.float32),
         _per_row("kl_weight", kl_weight, rows, out.device, torch.float32),
@@ -65,8 +72,9 @@ def adaptive_temperature(
 ) -> torch.Tensor:
     """The paper's adaptive-temperature variant on a batch: each row with entropy
     ``H0 > threshold`` is divided by the ``T`` in ``[t_min, t_max]`` that gives
-    entropy ``max(threshold, alpha * H0)`` (within 1e-4 nats, or the nearer end of
-    the interval when the target is out of reach).
+    entropy ``max(threshold, alpha * H0)`` (to a relative
+    :data:`~em_inf.config.TEMPERATURE_RTOL`, or the nearer end of the interval when
+    the target is out of reach).
 
     Args:
         logits: ``[B, V]`` float tensor of raw, unscaled logits; ``-inf`` = masked.
@@ -76,15 +84,21 @@ def adaptive_temperature(
     """
     out = _float32_copy(logits)
     rows = out.shape[0]
-    if backend_for(out.device) == "triton":
+    backend = backend_for(out.device)
+    if backend == "triton":
         return _adaptive_temperature_triton(out, threshold, alpha, t_min, t_max)
-    return torch_backend.adaptive_temperature_(
+    return _eager_or_compiled(backend).adaptive_temperature_(
         out,
         _per_row("threshold", threshold, rows, out.device, torch.float32),
         _per_row("alpha", alpha, rows, out.device, torch.float32),
         _per_row("t_min", t_min, rows, out.device, torch.float32),
         _per_row("t_max", t_max, rows, out.device, torch.float32),
     )
+
+
+def _eager_or_compiled(backend: str):
+    """The module of the ``cpu`` or ``torch`` backend (same entry points)."""
+    return cpu_backend if backend == "cpu" else torch_backend
 
 
 def _float32_copy(logits: torch.Tensor) -> torch.Tensor:

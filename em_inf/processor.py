@@ -37,7 +37,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcessor as V2LogitsProcessor,
 )
 
-from em_inf.backend import backend_for
+from em_inf.backend import prepare_backend
 from em_inf.config import (
     PRESETS,
     REQUEST_KEY,
@@ -89,7 +89,9 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
             self.settings, self.enabled, additional
         )
         device = _runner_device(runner_args)
-        kernels = device is not None and backend_for(device) == "triton"
+        # The backend is chosen (and the CPU kernels compiled) now, not in a request.
+        backend = prepare_backend(device or vllm_config.device_config.device_type)
+        kernels = device is not None and backend == "triton"
         self._slots = SlotSettings(
             vllm_config.scheduler_config.max_num_seqs, device if kernels else None
         )

@@ -24,18 +24,21 @@ def test_inputs_are_reproducible_and_far_above_every_threshold():
 def test_measure_times_every_implementation_on_the_same_case(mode, steps):
     case = latency.Case(mode, batch=3, vocab=2048, steps=steps)
     rows = latency.measure(case, repeats=2, cuda=False, skip_reference=False)
-    assert [r["impl"] for r in rows] == ["reference", "torch"]
-    ref, fast = rows
+    assert [r["impl"] for r in rows] == ["reference", "cpu", "torch", "floor"]
+    ref, *fast, floor = rows
     for row in rows:
         assert row["repeats"] == 2
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         assert row["achieved_GBps"] > 0
+        assert row["floor_ms"] == pytest.approx(floor["median_ms"])
+        assert row["x_floor"] == pytest.approx(row["median_ms"] / floor["median_ms"])
     assert ref["speedup_vs_reference"] == pytest.approx(1.0)
-    assert fast["speedup_vs_reference"] == pytest.approx(
-        ref["median_ms"] / fast["median_ms"]
-    )
-    if mode == "logits":  # the batched path agrees with the per-row loop
-        assert fast["max_abs_diff_vs_reference"] < 1e-3
+    for row in fast:
+        assert row["speedup_vs_reference"] == pytest.approx(
+            ref["median_ms"] / row["median_ms"]
+        )
+        if mode == "logits":  # the batched paths agree with the per-row loop
+            assert row["max_abs_diff_vs_reference"] < 1e-3
 
 
 def test_grid_passes_pool_their_samples_per_cell():
@@ -44,24 +47,22 @@ def test_grid_passes_pool_their_samples_per_cell():
         latency.Case("temperature", batch=2, vocab=512, steps=None),
     ]
     rows = latency.measure_grid(cases, repeats=4, cuda=False, passes=2)
+    impls = ["reference", "cpu", "torch", "floor"]
     assert [(r["mode"], r["impl"]) for r in rows] == [
-        ("logits", "reference"),
-        ("logits", "torch"),
-        ("temperature", "reference"),
-        ("temperature", "torch"),
+        (mode, impl) for mode in ("logits", "temperature") for impl in impls
     ]
     assert all(r["repeats"] == 4 for r in rows)  # 2 rounds in each of 2 passes
     skipped = latency.measure_grid(
         cases[:1], repeats=1, cuda=False, no_reference_above=1
     )
-    assert [r["impl"] for r in skipped] == ["torch"]
+    assert [r["impl"] for r in skipped] == impls[1:]
     assert skipped[0]["speedup_vs_reference"] is None
 
 
 def test_latency_cli_writes_json_and_a_plot_drawn_from_it(tmp_path):
     out = tmp_path / "latency.json"
     argv = ["--batch", "2", "--vocab", "1024", "--steps", "3", "--repeats", "1"]
-    argv += ["--min-seconds", "0", "--warmup", "0", "--passes", "2"]
+    argv += ["--min-seconds", "0", "--warmup", "0", "--passes", "2", "--breakdown"]
     assert latency.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["kind"] == "latency"
@@ -69,8 +70,14 @@ def test_latency_cli_writes_json_and_a_plot_drawn_from_it(tmp_path):
     assert cells == {
         (mode, impl)
         for mode in ("logits", "temperature")
-        for impl in ("reference", "torch")
+        for impl in ("reference", "cpu", "torch", "floor")
     }
+    env = result["environment"]
+    assert env["cpu_backend"] == "cpu" and env["cpu_model"]
+    assert len(env["loadavg_start"]) == len(env["loadavg_end"]) == 3
+    assert env["cpu_kernels_build_s"]["cold"] > env["cpu_kernels_build_s"]["cached"]
+    assert result["breakdown"]["floor_ms"] > 0  # (differences of noisy times)
+    assert len(result["breakdown"]["parts_in_floors"]) == 4
     png = out.with_suffix(".png")
     png.unlink()
     assert plots_main([str(out)]) == 0  # redraw from the JSON alone

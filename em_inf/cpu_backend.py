@@ -1,0 +1,304 @@
+"""EM-INF on CPU tensors through the compiled kernels of ``cpu_kernels.c``.
+
+Both modes run in place, fused (logits mode: one update pass and one statistics pass
+per Adam step; temperature mode: one pass per solver step), over the rows of a
+float32 ``[N, V]`` tensor, in parallel over rows (or, for the rows left when there
+are fewer rows than threads, over chunks of a row) with ``torch.get_num_threads()``
+threads: the thread count vLLM's CPU worker gives torch. A row's result never depends
+on the other rows, the batch size or the thread count (batch invariance): its
+reductions run in a fixed order over chunks fixed by ``V``.
+
+The library is compiled on first use (:func:`load`, about a second, then cached on
+disk; see :mod:`em_inf.cpu_build`); :func:`em_inf.backend.prepare_backend` does that
+while an engine starts. Where it cannot be built, :func:`available` is false and
+callers use :mod:`em_inf.torch_backend`, after one warning.
+
+Entry points take the arguments of :mod:`em_inf.torch_backend` (``[N, 1]`` or
+``[N]`` parameter tensors) plus ``rows``: an optional int64 index of the rows of
+``logits`` to process (parameter entry ``i`` belongs to row ``rows[i]``), so that a
+sub-batch is processed where it lies, without a gather.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+import torch
+
+from em_inf import cpu_build
+from em_inf.config import ADAM_BETAS, ADAM_EPS, TEMPERATURE_RTOL
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()  # one call at a time: they share the scratch buffer
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+_scratch = torch.empty(0, dtype=torch.uint8)
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_F64 = ctypes.c_double
+_INT = ctypes.c_int
+_SIGNATURES = {
+    "em_inf_scratch_bytes": (_I64, [_I64, _INT]),
+    "em_inf_logits": (
+        None,
+        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64, _F64, _P, _P, _INT],
+    ),
+    "em_inf_temperature": (
+        None,
+        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _P, _P, _P, _INT],
+    ),
+    "em_inf_exp_floor": (None, [_P, _I64, _I64, _P, _INT]),
+    "em_inf_exp": (None, [_P, _P, _I64]),
+}
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on the first call; ``None`` (after one
+    warning per process) where they cannot be built or loaded."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                built = cpu_build.build()
+                library = ctypes.CDLL(str(built.path))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    function = getattr(library, name)
+                    function.restype = restype
+                    function.argtypes = argtypes
+            except (cpu_build.BuildError, OSError, AttributeError) as err:
+                _failure = str(err)
+                logger.warning(
+                    "em-inf: compiled CPU kernels unavailable (%s); using the "
+                    "slower eager PyTorch path",
+                    _failure,
+                )
+            else:
+                _library = library
+                logger.info(
+                    "em-inf: CPU kernels %s in %.2f s (%s)",
+                    "compiled" if built.compiled else "loaded from cache",
+                    built.seconds,
+                    built.path,
+                )
+    return _library
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (builds them on the first call)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is false (``None`` while it is true or untried)."""
+    return _failure
+
+
+def em_inf_(
+    logits: torch.Tensor,
+    threshold: torch.Tensor,
+    kl_weight: torch.Tensor,
+    lr: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EM-INF (logits mode) in place on the rows of float32 ``logits`` ``[N, V]``
+    (all of them, or those in ``rows``); returns ``logits``.
+
+    Args:
+        threshold, kl_weight, lr: one value per processed row (``[n]`` or
+            ``[n, 1]``), any float dtype. steps: the same, integer.
+        rows: int64 ``[n]`` indices of the rows to process, or ``None`` (all).
+        stats: int64 ``[3]`` CPU tensor to add the counts to (INTERFACES: rows
+            below threshold, Adam steps, rows restored by the fail-safe).
+    """
+    count, index = _rows(logits, rows)
+    params = [_per_row(p, count, torch.float32) for p in (threshold, kl_weight, lr)]
+    steps = _per_row(steps, count, torch.int64)
+    library = _library_or_raise()
+    threads = torch.get_num_threads()
+    with _lock:
+        scratch = _scratch_for(library, logits.shape[1], threads)
+        library.em_inf_logits(
+            logits.data_ptr(),
+            _pointer(index),
+            count,
+            logits.shape[1],
+            logits.stride(0),
+            *(p.data_ptr() for p in params),
+            steps.data_ptr(),
+            ADAM_BETAS[0],
+            ADAM_BETAS[1],
+            ADAM_EPS,
+            scratch,
+            _stats_pointer(stats),
+            threads,
+        )
+    return logits
+
+
+def adaptive_temperature_(
+    logits: torch.Tensor,
+    threshold: torch.Tensor,
+    alpha: torch.Tensor,
+    t_min: torch.Tensor,
+    t_max: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    inv_temperature: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The adaptive-temperature mode in place, as :func:`em_inf_`; each processed
+    row's entropy ends within ``TEMPERATURE_RTOL`` of its target (or ``T`` at the
+    end of ``[t_min, t_max]`` nearer to it). ``stats[1]`` counts entropy
+    evaluations (the first, at ``T = 1``, included). ``inv_temperature``: a
+    float32 ``[n]`` CPU tensor that receives each row's ``1 / T`` (1 where the row
+    was left as it was)."""
+    count, index = _rows(logits, rows)
+    params = [
+        _per_row(p, count, torch.float32) for p in (threshold, alpha, t_min, t_max)
+    ]
+    library = _library_or_raise()
+    threads = torch.get_num_threads()
+    with _lock:
+        scratch = _scratch_for(library, logits.shape[1], threads)
+        library.em_inf_temperature(
+            logits.data_ptr(),
+            _pointer(index),
+            count,
+            logits.shape[1],
+            logits.stride(0),
+            *(p.data_ptr() for p in params),
+            TEMPERATURE_RTOL,
+            _inv_temperature_pointer(inv_temperature, count),
+            scratch,
+            _stats_pointer(stats),
+            threads,
+        )
+    return logits
+
+
+def exp_floor(logits: torch.Tensor) -> torch.Tensor:
+    """The machine's floor for a batch, for benchmarks: one compiled pass that
+    takes ``exp`` of every logit and sums it per row. Returns float64 ``[N]``."""
+    logits = _check_logits(logits).contiguous()
+    sums = torch.empty(logits.shape[0], dtype=torch.float64)
+    _library_or_raise().em_inf_exp_floor(
+        logits.data_ptr(),
+        logits.shape[0],
+        logits.shape[1],
+        sums.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return sums
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``exp`` (meant for arguments <= 0) on a float32 tensor, for
+    tests."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    _library_or_raise().em_inf_exp(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _library_or_raise() -> ctypes.CDLL:
+    library = load()
+    if library is None:
+        raise RuntimeError(f"em-inf: compiled CPU kernels unavailable: {_failure}")
+    return library
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"logits must be a [N, V] tensor, got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError(
+            f"logits must be float32 on the CPU, got {logits.dtype} on {logits.device}"
+        )
+    return logits
+
+
+def _rows(
+    logits: torch.Tensor, rows: torch.Tensor | None
+) -> tuple[int, torch.Tensor | None]:
+    """(number of rows to process, int64 index or None), after checking that the
+    kernels can address ``logits``: rows may be strided, logits within a row not."""
+    _check_logits(logits)
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous along the vocabulary")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
+        raise ValueError("logits rows must not overlap")
+    if rows is None:
+        return logits.shape[0], None
+    index = rows.to(torch.int64).reshape(-1).contiguous()
+    if index.numel() and not (
+        0 <= int(index.min()) and int(index.max()) < logits.shape[0]
+    ):
+        raise ValueError(f"rows must index [0, {logits.shape[0]}), got {rows}")
+    return index.numel(), index
+
+
+def _per_row(value: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    flat = value.to(device="cpu", dtype=dtype).reshape(-1).contiguous()
+    if flat.numel() != count:
+        raise ValueError(
+            f"expected one parameter per row ({count}), got {flat.numel()}"
+        )
+    return flat
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _inv_temperature_pointer(out: torch.Tensor | None, count: int) -> int | None:
+    if out is None:
+        return None
+    if (
+        out.dtype != torch.float32
+        or out.shape != (count,)
+        or not out.is_contiguous()
+        or out.device.type != "cpu"
+    ):
+        raise ValueError(
+            f"inv_temperature must be a contiguous float32 [{count}] CPU tensor, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return out.data_ptr()
+
+
+def _stats_pointer(stats: torch.Tensor | None) -> int | None:
+    if stats is None:
+        return None
+    if stats.dtype != torch.int64 or stats.shape != (3,) or not stats.is_contiguous():
+        raise ValueError(
+            f"stats must be a contiguous int64 [3] tensor, got {stats.dtype} "
+            f"{tuple(stats.shape)}"
+        )
+    if stats.device.type != "cpu":
+        raise ValueError(f"stats must be on the CPU, got {stats.device}")
+    return stats.data_ptr()
+
+
+def _scratch_for(library: ctypes.CDLL, vocab: int, threads: int) -> int:
+    """Address of the shared scratch buffer, grown when needed (kept across calls:
+    a fresh one would page-fault its megabytes on every call). Call under _lock."""
+    global _scratch
+    needed = library.em_inf_scratch_bytes(vocab, threads)
+    if _scratch.numel() < needed:
+        _scratch = torch.empty(needed, dtype=torch.uint8)
+    return _scratch.data_ptr()

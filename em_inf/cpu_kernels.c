@@ -1,0 +1,903 @@
+/*
+ * Fused EM-INF on CPU: both modes over a [rows, vocab] float32 batch, in place.
+ *
+ * Built by em_inf/cpu_build.py with the system C compiler (GCC 12 or later, or
+ * clang: -O3 -march=native -fno-math-errno -ffp-contract=fast -fopenmp, never
+ * -ffast-math: masked logits are -inf and must stay so) and called through ctypes
+ * by em_inf/cpu_backend.py. No Python or torch headers: the compile takes about a
+ * second. Vectors are GCC vector extensions (one source for AVX-512, AVX2, NEON),
+ * with AVX-512 intrinsics in one place where the generic code is slow.
+ *
+ * Layout of the work
+ * ------------------
+ * A row is cut into chunks of CHUNK logits (the last one shorter). Every pass over
+ * a row runs chunk by chunk; each chunk reduces into its own Partial in a fixed
+ * lane order, and a row's Partials are combined in chunk order. The chunks depend
+ * on the vocabulary size alone, so a row's bits never depend on the batch, on the
+ * thread count or on which thread ran which chunk (batch invariance).
+ *
+ * Rows go one per thread while there are at least as many rows as threads; the
+ * rows left over are processed one after another by all threads together
+ * ("split": the chunks of one row shared out, an OpenMP barrier after each pass,
+ * every thread combining the same Partials into the same row scalars).
+ *
+ * Logits mode, per row and Adam step t (g = q (E_q[z] - z) + kl (q - p0)):
+ *   update pass: reads z, e = exp(z - M) of the previous statistics pass, m, v
+ *                (and p0 when kl != 0); writes z, m, v; tracks max(z).
+ *   stats pass:  reads z, writes e = exp(z - M), sums e and e (z - M) in double.
+ * so two passes and one exp per logit and step. Both are bound by arithmetic, not
+ * memory (about 12 cycles per 16 logits each on a Zen 5 core, whether the row fits
+ * in L2 or not; one exp pass alone takes 7): the scratch, five float rows (3 MB per
+ * thread at V = 151,936), may live in L3. The first statistics pass also keeps a
+ * copy of the row, from which the fail-safe restores it exactly.
+ *
+ * Temperature mode, per row: Newton on u = log(1/T), safeguarded by a bracket;
+ * one read of the row per solver pass for sum exp(b zs), sum exp(b zs) zs and
+ * sum exp(b zs) zs^2 (zs = z - max z, b = 1/T as float32, sums in double), then
+ * one pass writing z * b.
+ *
+ * Masked logits are those <= MASKED_AT (-inf, finfo(float32).min, ...): their
+ * probability is exactly 0 and they keep their input value.
+ */
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* Lanes: one AVX-512 vector of floats (the compiler splits it into two AVX2 or
+ * four SSE vectors where the machine has narrower ones). Reductions keep one
+ * accumulator per lane. */
+#define LANES 16
+/* Logits per chunk: a multiple of LANES. 8,192 cuts V = 151,936 into 19 chunks,
+ * enough to share one row among the threads of a larger machine. */
+#define CHUNK 8192
+/* Logits at or below this are masked. */
+#define MASKED_AT (-1e37f)
+/* exp of anything below this is returned as 0 (float32's normal range ends near
+ * -87.34; the probabilities lost are below 1e-38 of the largest). */
+#define EXP_FLOOR (-87.0f)
+/* Temperature solver: most passes per row (bisection alone needs < 30 to reach
+ * float32's resolution of 1/T from the widest bracket, [1e-4, 1e4]). */
+#define TEMPERATURE_MAX_PASSES 60
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+/* Half a vf, widened to double: one AVX-512 vector of doubles. */
+typedef double vd __attribute__((vector_size(LANES * 4)));
+/* The same, at any address (rows of an odd vocabulary are not aligned). */
+typedef float vf_any __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
+
+static inline vf load(const float *p) { return *(const vf_any *)p; }
+
+static inline void store(float *p, vf x) { *(vf_any *)p = x; }
+
+static inline vf splat(float x) { return (vf){0} + x; }
+
+/* m ? a : b per lane (m: all ones or all zeros). */
+static inline vf vselect(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+
+static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
+
+static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
+
+static inline vf vsqrt(vf x) {
+    vf r;
+    for (int j = 0; j < LANES; j++) r[j] = __builtin_sqrtf(x[j]);
+    return r;
+}
+
+/* Per-lane double accumulators (two vector halves: a single 16-double vector
+ * type would live in memory). */
+typedef struct {
+    vd lo, hi;
+} Acc;
+
+#if defined(__AVX512F__) && LANES == 16
+/* The compiler's generic widening goes through 128-bit pieces; converting the two
+ * 256-bit halves directly makes a statistics pass about 20% faster. */
+static inline void acc_add(Acc *a, vf x) {
+    const __m512 v = (__m512)x;
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    a->lo += (vd)_mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    a->hi += (vd)_mm512_cvtps_pd(high);
+}
+#else
+static inline void acc_add(Acc *a, vf x) {
+    a->lo += __builtin_convertvector(
+        __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+    a->hi += __builtin_convertvector(
+        __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+}
+#endif
+
+static inline float hmax(vf x) {
+    float m = x[0];
+    for (int j = 1; j < LANES; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+static inline float hmin(vf x) {
+    float m = x[0];
+    for (int j = 1; j < LANES; j++) m = x[j] < m ? x[j] : m;
+    return m;
+}
+
+static inline double acc_sum(Acc a) {
+    double s = 0.0;
+    for (int j = 0; j < LANES / 2; j++) s += a.lo[j];
+    for (int j = 0; j < LANES / 2; j++) s += a.hi[j];
+    return s;
+}
+
+static inline int hany(vi x) {
+    int any = 0;
+    for (int j = 0; j < LANES; j++) any |= x[j] != 0;
+    return any;
+}
+
+/* -- exp ------------------------------------------------------------------------- */
+
+/* exp(x) for x <= 0 (x = -inf allowed; NaN gives 0): x = k ln2 + r with
+ * |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error 2e-9 before
+ * rounding; fitted for this file), 2^k built in the exponent bits. Below EXP_FLOOR
+ * the result is 0. Accurate to about 2 ulp. */
+static inline vf exp_nonpos(vf x) {
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    vi keep = x > EXP_FLOOR;
+    vf xc = vselect(keep, x, splat(EXP_FLOOR));
+    vf kf = xc * 1.44269504088896341f + shift;
+    vi kbits = (vi)kf;
+    kf -= shift;
+    vf r = xc - kf * 0.693145751953125f; /* ln2 in two parts: k * hi is exact */
+    r = r - kf * 1.428606765330187e-06f;
+    vf p = r * 0.0013844391f + 0.0083741462f;
+    p = p * r + 0.041667990f;
+    p = p * r + 0.16666432f;
+    p = p * r + 0.49999994f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi sbits = (kbits - (0x4B400000 - 127)) << 23; /* 2^k, k in [-126, 0] for x <= 0 */
+    return (vf)((vi)(p * (vf)sbits) & keep);
+}
+
+/* z - m with -inf (and overflow) clamped to -FLT_MAX, so that 0 * zs stays 0. */
+static inline vf shifted(vf z, float m) { return vmax(z - m, splat(-FLT_MAX)); }
+
+/* -- partials -------------------------------------------------------------------- */
+
+typedef struct {
+    double sum_e;   /* sum of exp(.) */
+    double sum_ez;  /* sum of exp(.) * zs */
+    double sum_ez2; /* sum of exp(.) * zs^2 (temperature mode) */
+    float max;      /* largest logit (scan), largest new logit (update) */
+    float min;      /* smallest unmasked logit (scan for the temperature mode) */
+    int32_t count;  /* temperature passes: logits at the max */
+    int32_t bad;    /* scan: NaN or +inf seen; update: a non-finite result */
+} Partial;
+
+static inline int64_t chunk_count(int64_t vocab) { return (vocab + CHUNK - 1) / CHUNK; }
+
+static inline int64_t padded(int64_t vocab) { return (vocab + LANES - 1) / LANES * LANES; }
+
+static inline void partial_init(Partial *p) {
+    p->sum_e = p->sum_ez = p->sum_ez2 = 0.0;
+    p->max = -INFINITY;
+    p->min = INFINITY;
+    p->count = 0;
+    p->bad = 0;
+}
+
+/* Combine a row's chunk Partials in chunk order. */
+static Partial combine(const Partial *parts, int64_t n) {
+    Partial total;
+    partial_init(&total);
+    for (int64_t c = 0; c < n; c++) {
+        total.sum_e += parts[c].sum_e;
+        total.sum_ez += parts[c].sum_ez;
+        total.sum_ez2 += parts[c].sum_ez2;
+        total.max = parts[c].max > total.max ? parts[c].max : total.max;
+        total.min = parts[c].min < total.min ? parts[c].min : total.min;
+        total.count += parts[c].count;
+        total.bad |= parts[c].bad;
+    }
+    return total;
+}
+
+/* -- chunk passes ---------------------------------------------------------------- */
+/* Each pass runs over z[lo, hi) in blocks of BLOCK logits (BLOCK_VECTORS
+ * independent vectors, which overlap in the pipeline). The last, partial block is
+ * copied into local buffers padded with fillers (-inf for logits: masked, they add
+ * nothing), processed the same way, and the real values of its outputs copied
+ * back. Sums: a block's vectors are added in float as a fixed tree, then per lane
+ * into double accumulators (an error of at most two float32 ulp per block; the
+ * conversions, once per block, cost far less than the exp). */
+#define BLOCK_VECTORS 4
+#define BLOCK (BLOCK_VECTORS * LANES)
+#define EACH_VECTOR _Pragma("GCC unroll 4") for (int k = 0; k < BLOCK_VECTORS; k++)
+
+typedef struct {
+    float v[BLOCK] __attribute__((aligned(64)));
+} Tail;
+
+static inline float *tail_in(Tail *t, const float *src, int64_t n, float fill) {
+    for (int64_t j = 0; j < BLOCK; j++) t->v[j] = j < n ? src[j] : fill;
+    return t->v;
+}
+
+static inline void tail_out(float *dst, const Tail *t, int64_t n) {
+    memcpy(dst, t->v, (size_t)n * sizeof(float));
+}
+
+/* (x0 + x1) + (x2 + x3): a block's contributions, in a fixed order. */
+static inline vf block_sum(const vf x[BLOCK_VECTORS]) {
+    return (x[0] + x[1]) + (x[2] + x[3]);
+}
+
+/* The max of the logits (a masked one is the max only when all are), whether any
+ * is NaN (then the row is not processed, like a row whose max is +inf), and, with
+ * WITH_MIN, the min of the unmasked ones. */
+typedef struct {
+    vf max[BLOCK_VECTORS], min[BLOCK_VECTORS];
+    vi nan;
+} Scan;
+
+static inline void scan_block(const float *z, const int with_min, Scan *a) {
+    EACH_VECTOR {
+        vf x = load(z + k * LANES);
+        a->max[k] = vmax(a->max[k], x);
+        a->nan |= x != x;
+        if (with_min)
+            a->min[k] = vmin(a->min[k], vselect(x > MASKED_AT, x, splat(INFINITY)));
+    }
+}
+
+static inline void scan_body(const float *z, int64_t lo, int64_t hi, const int with_min,
+                             Partial *out) {
+    Scan a;
+    EACH_VECTOR {
+        a.max[k] = splat(-INFINITY);
+        a.min[k] = splat(INFINITY);
+    }
+    a.nan = (vi){0};
+    int64_t i = lo;
+    for (; i + BLOCK <= hi; i += BLOCK) scan_block(z + i, with_min, &a);
+    if (i < hi) {
+        Tail tz;
+        scan_block(tail_in(&tz, z + i, hi - i, -INFINITY), with_min, &a);
+    }
+    partial_init(out);
+    EACH_VECTOR {
+        float mx = hmax(a.max[k]), mn = hmin(a.min[k]);
+        out->max = mx > out->max ? mx : out->max;
+        out->min = mn < out->min ? mn : out->min;
+    }
+    out->bad = hany(a.nan) || out->max == INFINITY;
+}
+
+static void scan_chunk(const float *z, int64_t lo, int64_t hi, int with_min,
+                       Partial *out) {
+    if (with_min)
+        scan_body(z, lo, hi, 1, out);
+    else
+        scan_body(z, lo, hi, 0, out);
+}
+
+/* Logits-mode statistics at shift m: e = exp(z - m) into e_out, sums of e and
+ * e (z - m). With keep != NULL, also copies z into keep. */
+static inline void stats_block(const float *restrict z, float *restrict e_out,
+                               float *restrict keep, float m, Acc *s, Acc *t) {
+    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS];
+    EACH_VECTOR {
+        vf x = load(z + k * LANES);
+        vf zs = shifted(x, m);
+        e[k] = exp_nonpos(zs);
+        ez[k] = e[k] * zs;
+        store(e_out + k * LANES, e[k]);
+        if (keep) store(keep + k * LANES, x);
+    }
+    acc_add(s, block_sum(e));
+    acc_add(t, block_sum(ez));
+}
+
+static inline void stats_body(const float *z, float *e_out, float *keep, int64_t lo,
+                              int64_t hi, float m, Partial *out) {
+    Acc s = {{0}, {0}}, t = {{0}, {0}};
+    int64_t i = lo;
+    for (; i + BLOCK <= hi; i += BLOCK)
+        stats_block(z + i, e_out + i, keep ? keep + i : NULL, m, &s, &t);
+    if (i < hi) {
+        const int64_t n = hi - i;
+        Tail tz, te, tk;
+        stats_block(tail_in(&tz, z + i, n, -INFINITY), te.v, keep ? tk.v : NULL, m,
+                    &s, &t);
+        tail_out(e_out + i, &te, n);
+        if (keep) tail_out(keep + i, &tk, n);
+    }
+    partial_init(out);
+    out->sum_e = acc_sum(s);
+    out->sum_ez = acc_sum(t);
+}
+
+static void stats_chunk(const float *z, float *e_out, int64_t lo, int64_t hi, float m,
+                        Partial *out) {
+    stats_body(z, e_out, NULL, lo, hi, m, out);
+}
+
+static void stats_keep_chunk(const float *z, float *e_out, float *keep, int64_t lo,
+                             int64_t hi, float m, Partial *out) {
+    stats_body(z, e_out, keep, lo, hi, m, out);
+}
+
+/* Row scalars of one Adam step. */
+typedef struct {
+    float shift;        /* M: the max the previous statistics pass used */
+    float inv_sum;      /* 1 / sum exp(z - M) */
+    float mean;         /* E_q[z - M] */
+    float inv_sum0;     /* 1 / sum exp(z0 - M0), for p0 */
+    float kl;           /* kl_weight */
+    float step;         /* lr / (1 - beta1^t) */
+    float inv_sqrt_bc2; /* 1 / sqrt(1 - beta2^t) */
+    float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+} Step;
+
+/* The max of the new logits, and whether a result is non-finite where z was
+ * finite. */
+typedef struct {
+    vf max[BLOCK_VECTORS];
+    vi bad;
+} Moved;
+
+/* One Adam step, in place. e holds exp(z - M) of the last statistics pass, p0
+ * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
+ * read). LAST: m and v are not needed after the step (not written; the update
+ * pass is bound by memory traffic). A masked logit has e = p0 = 0, hence
+ * g = m = v = 0 and moves by exactly 0. */
+static inline void update_block(float *restrict z, const float *restrict e,
+                                const float *restrict p0, float *restrict m,
+                                float *restrict v, const Step *s, const int first,
+                                const int with_kl, const int last, Moved *a) {
+    EACH_VECTOR {
+        const int at = k * LANES;
+        vf x = load(z + at);
+        vf zs = shifted(x, s->shift);
+        vf q = load(e + at) * s->inv_sum;
+        vf g = q * (s->mean - zs);
+        if (with_kl) g += s->kl * (q - load(p0 + at) * s->inv_sum0);
+        vf gm = s->one_minus_beta1 * g, gv = s->one_minus_beta2 * (g * g);
+        if (!first) {
+            gm += s->beta1 * load(m + at);
+            gv += s->beta2 * load(v + at);
+        }
+        vf den = vsqrt(gv) * s->inv_sqrt_bc2 + s->eps;
+        vf y = x - s->step * (gm / den);
+        if (!last) {
+            store(m + at, gm);
+            store(v + at, gv);
+        }
+        store(z + at, y);
+        a->max[k] = vmax(a->max[k], y);
+        a->bad |= ((y - y) != 0.0f) & ((x - x) == 0.0f);
+    }
+}
+
+static inline void update_body(float *z, const float *e, const float *p0, float *m,
+                               float *v, int64_t lo, int64_t hi, const Step *s,
+                               const int first, const int with_kl, const int last,
+                               Partial *out) {
+    Moved a;
+    EACH_VECTOR a.max[k] = splat(-INFINITY);
+    a.bad = (vi){0};
+    int64_t i = lo;
+    for (; i + BLOCK <= hi; i += BLOCK)
+        update_block(z + i, e + i, p0 + i, m + i, v + i, s, first, with_kl, last, &a);
+    if (i < hi) {
+        const int64_t n = hi - i;
+        Tail tz, te, tp, tm, tv;
+        update_block(tail_in(&tz, z + i, n, -INFINITY), tail_in(&te, e + i, n, 0.0f),
+                     with_kl ? tail_in(&tp, p0 + i, n, 0.0f) : NULL,
+                     first ? tm.v : tail_in(&tm, m + i, n, 0.0f),
+                     first ? tv.v : tail_in(&tv, v + i, n, 0.0f), s, first, with_kl, last,
+                     &a);
+        tail_out(z + i, &tz, n);
+        if (!last) {
+            tail_out(m + i, &tm, n);
+            tail_out(v + i, &tv, n);
+        }
+    }
+    partial_init(out);
+    EACH_VECTOR {
+        float mx = hmax(a.max[k]);
+        out->max = mx > out->max ? mx : out->max;
+    }
+    out->bad = hany(a.bad);
+}
+
+static void update_chunk(float *z, const float *e, const float *p0, float *m, float *v,
+                         int64_t lo, int64_t hi, const Step *s, int first, int with_kl,
+                         int last, Partial *out) {
+    /* One specialised loop per case; q == p0 at step 1: no KL term there. */
+    if (first && last)
+        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 1, out);
+    else if (first)
+        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 0, out);
+    else if (with_kl && last)
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 1, out);
+    else if (with_kl)
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 0, out);
+    else if (last)
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 1, out);
+    else
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 0, out);
+}
+
+/* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs and
+ * e zs^2 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
+ * counted in `ties` instead of summed, so that the float32 block sums err
+ * relative to the mass of the other logits: a confident row's entropy is that
+ * mass times a few nats, and must be resolved to 1e-6 of itself. */
+typedef struct {
+    Acc e, ez, ez2;
+    vi ties;
+} Moments;
+
+static inline void temperature_block(const float *restrict z, float m, float b,
+                                     Moments *a) {
+    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS];
+    EACH_VECTOR {
+        vf zs = shifted(load(z + k * LANES), m);
+        vi top = zs == 0.0f;
+        a->ties -= top;
+        e[k] = vselect(top, splat(0.0f), exp_nonpos(b * zs));
+        ez[k] = e[k] * zs;
+        ez2[k] = ez[k] * zs;
+    }
+    acc_add(&a->e, block_sum(e));
+    acc_add(&a->ez, block_sum(ez));
+    acc_add(&a->ez2, block_sum(ez2));
+}
+
+static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, float b,
+                              Partial *out) {
+    Moments a = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {0}};
+    int64_t i = lo;
+    for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, &a);
+    if (i < hi) {
+        Tail tz;
+        temperature_block(tail_in(&tz, z + i, hi - i, -INFINITY), m, b, &a);
+    }
+    partial_init(out);
+    out->sum_e = acc_sum(a.e);
+    out->sum_ez = acc_sum(a.ez);
+    out->sum_ez2 = acc_sum(a.ez2);
+    for (int j = 0; j < LANES; j++) out->count += a.ties[j];
+}
+
+/* z[lo, hi) *= b for unmasked logits. */
+static inline void scale_block(float *z, float b) {
+    EACH_VECTOR {
+        vf x = load(z + k * LANES);
+        store(z + k * LANES, vselect(x > MASKED_AT, x * b, x));
+    }
+}
+
+static void scale_chunk(float *z, int64_t lo, int64_t hi, float b) {
+    int64_t i = lo;
+    for (; i + BLOCK <= hi; i += BLOCK) scale_block(z + i, b);
+    if (i < hi) {
+        Tail tz;
+        scale_block(tail_in(&tz, z + i, hi - i, -INFINITY), b);
+        tail_out(z + i, &tz, hi - i);
+    }
+}
+
+static void copy_chunk(float *restrict dst, const float *restrict src, int64_t lo,
+                       int64_t hi) {
+    memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof(float));
+}
+
+/* -- per-row drivers --------------------------------------------------------------- */
+
+/* Run BODY for every chunk c of the row: split among the team (with a barrier at
+ * the end) when SPLIT, else all by the calling thread. */
+#ifdef _OPENMP
+#define FOR_CHUNKS(split, c, n, BODY)                                                \
+    do {                                                                         \
+        if (split) {                                                             \
+            _Pragma("omp for schedule(static)") for (int64_t c = 0; c < (n); c++) { \
+                BODY;                                                            \
+            }                                                                    \
+        } else {                                                                 \
+            for (int64_t c = 0; c < (n); c++) {                                  \
+                BODY;                                                            \
+            }                                                                    \
+        }                                                                        \
+    } while (0)
+#else
+#define FOR_CHUNKS(split, c, n, BODY)                                                \
+    do {                                                                         \
+        for (int64_t c = 0; c < (n); c++) {                                      \
+            BODY;                                                                \
+        }                                                                        \
+    } while (0)
+#endif
+
+#define CHUNK_LO(c) ((c) * CHUNK)
+#define CHUNK_HI(c, vocab) ((c) * CHUNK + CHUNK < (vocab) ? (c) * CHUNK + CHUNK : (vocab))
+
+/* Scratch of one row being processed: five padded float rows, then two sets
+ * (alternating from pass to pass) of chunk Partials. */
+typedef struct {
+    float *keep, *p0, *e, *m, *v;
+    Partial *parts[2];
+} Slot;
+
+static size_t slot_bytes(int64_t vocab) {
+    size_t floats = 5 * (size_t)padded(vocab) * sizeof(float);
+    size_t partials = 2 * (size_t)chunk_count(vocab) * sizeof(Partial);
+    return (floats + partials + 63) / 64 * 64;
+}
+
+static Slot slot_at(void *scratch, int64_t vocab, int index) {
+    char *base = (char *)scratch + (size_t)index * slot_bytes(vocab);
+    size_t row = (size_t)padded(vocab);
+    float *f = (float *)base;
+    Slot s;
+    s.keep = f;
+    s.p0 = f + row;
+    s.e = f + 2 * row;
+    s.m = f + 3 * row;
+    s.v = f + 4 * row;
+    s.parts[0] = (Partial *)(f + 5 * row);
+    s.parts[1] = s.parts[0] + chunk_count(vocab);
+    return s;
+}
+
+/* A batch: the rows to process (row r is logits + index[r] * stride, or
+ * logits + r * stride without an index) and their parameters (entry r). */
+typedef struct {
+    float *logits;
+    const int64_t *index;
+    int64_t vocab, stride;
+    const float *threshold, *kl_weight, *lr, *alpha, *t_min, *t_max;
+    const int64_t *steps;
+    double beta1, beta2, eps, rtol;
+    float *inv_t; /* temperature mode: receives each row's 1/T, when not NULL */
+} Batch;
+
+/* Counts a row adds to the caller's stats: below threshold, steps or passes,
+ * restored by the fail-safe. */
+typedef struct {
+    int64_t below, work, restored;
+} Counts;
+
+/* The scan every row starts with. */
+static Partial scan_row(float *z, int64_t vocab, Slot *slot, int split, int with_min) {
+    int64_t nc = chunk_count(vocab);
+    FOR_CHUNKS(split, c, nc, scan_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), with_min,
+                                        &slot->parts[0][c]));
+    return combine(slot->parts[0], nc);
+}
+
+static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
+                       Counts *counts) {
+    float *z = b->logits + (b->index ? b->index[r] : r) * b->stride;
+    const int64_t vocab = b->vocab, nc = chunk_count(vocab);
+    const int64_t steps = b->steps[r];
+    const float threshold = b->threshold[r];
+    if (steps <= 0) return;
+    Partial total = scan_row(z, vocab, slot, split, 0);
+    if (total.bad) { /* NaN or +inf in the input: not processed */
+        counts->restored++;
+        return;
+    }
+    if (!(total.max > MASKED_AT)) { /* all masked: nothing to change, entropy 0 */
+        if (0.0f < threshold)
+            counts->below++;
+        else
+            counts->work += steps;
+        return;
+    }
+    int set = 1; /* the Partials set the next pass writes */
+    float shift = total.max;
+    FOR_CHUNKS(split, c, nc,
+               stats_keep_chunk(z, slot->p0, slot->keep, CHUNK_LO(c),
+                                CHUNK_HI(c, vocab), shift, &slot->parts[set][c]));
+    total = combine(slot->parts[set], nc);
+    set ^= 1;
+    double sum = total.sum_e, mean = total.sum_ez / total.sum_e;
+    double entropy = log(sum) - mean;
+    if (entropy < threshold) {
+        counts->below++;
+        return;
+    }
+    Step s;
+    s.inv_sum0 = (float)(1.0 / sum);
+    s.kl = b->kl_weight[r];
+    s.beta1 = (float)b->beta1;
+    s.beta2 = (float)b->beta2;
+    s.one_minus_beta1 = (float)(1.0 - b->beta1);
+    s.one_minus_beta2 = (float)(1.0 - b->beta2);
+    s.eps = (float)b->eps;
+    const int with_kl = s.kl != 0.0f;
+    const double lr = b->lr[r];
+    int restored = 0;
+    int64_t taken = 0;
+    for (int64_t t = 1; t <= steps; t++) {
+        if (t > 1 && entropy < threshold) break;
+        taken = t;
+        s.shift = shift;
+        s.inv_sum = (float)(1.0 / sum);
+        s.mean = (float)mean;
+        s.step = (float)(lr / (1.0 - pow(b->beta1, (double)t)));
+        s.inv_sqrt_bc2 = (float)(1.0 / sqrt(1.0 - pow(b->beta2, (double)t)));
+        const float *e = t == 1 ? slot->p0 : slot->e;
+        FOR_CHUNKS(split, c, nc,
+                   update_chunk(z, e, slot->p0, slot->m, slot->v, CHUNK_LO(c),
+                                CHUNK_HI(c, vocab), &s, t == 1, with_kl, t == steps,
+                                &slot->parts[set][c]));
+        total = combine(slot->parts[set], nc);
+        set ^= 1;
+        if (total.bad) {
+            restored = 1;
+            break;
+        }
+        if (t == steps) break;
+        shift = total.max;
+        FOR_CHUNKS(split, c, nc,
+                   stats_chunk(z, slot->e, CHUNK_LO(c), CHUNK_HI(c, vocab), shift,
+                               &slot->parts[set][c]));
+        total = combine(slot->parts[set], nc);
+        set ^= 1;
+        sum = total.sum_e;
+        mean = total.sum_ez / total.sum_e;
+        entropy = log(sum) - mean;
+    }
+    if (restored) { /* its steps are undone, and not counted */
+        FOR_CHUNKS(split, c, nc,
+                   copy_chunk(z, slot->keep, CHUNK_LO(c), CHUNK_HI(c, vocab)));
+        counts->restored++;
+        return;
+    }
+    counts->work += taken;
+}
+
+/* Entropy and its slope in u = log b at inverse temperature b. */
+static void temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
+                             float shift, float b, double *entropy, double *slope) {
+    const int64_t nc = chunk_count(vocab);
+    FOR_CHUNKS(split, c, nc,
+               temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b,
+                                 &slot->parts[set][c]));
+    Partial total = combine(slot->parts[set], nc); /* count: logits at the max */
+    const double sum = (double)total.count + total.sum_e;
+    double mean = total.sum_ez / sum;
+    double var = total.sum_ez2 / sum - mean * mean;
+    *entropy = log(sum) - (double)b * mean;
+    *slope = -(double)b * (double)b * (var > 0.0 ? var : 0.0);
+}
+
+/* The adaptive temperature on row r; returns the factor 1/T it applied (1 where it
+ * left the row as it was). */
+static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
+                               Counts *counts) {
+    float *z = b->logits + (b->index ? b->index[r] : r) * b->stride;
+    const int64_t vocab = b->vocab, nc = chunk_count(vocab);
+    const double threshold = b->threshold[r];
+    Partial total = scan_row(z, vocab, slot, split, 1);
+    if (total.bad) {
+        counts->restored++;
+        return 1.0f;
+    }
+    if (!(total.max > MASKED_AT)) { /* all masked: entropy 0 <= any threshold */
+        counts->below++;
+        return 1.0f;
+    }
+    const float shift = total.max, lowest = total.min;
+    int set = 1;
+    double entropy, slope;
+    temperature_eval(z, vocab, slot, split, set, shift, 1.0f, &entropy, &slope);
+    set ^= 1;
+    if (entropy <= threshold) {
+        counts->below++;
+        return 1.0f;
+    }
+    int64_t passes = 1;
+    const double target = fmax(threshold, (double)b->alpha[r] * entropy);
+    /* Aim at half the tolerance: the other half covers the float32 rounding of
+     * this evaluation (the entropy at the same 1/T in exact arithmetic differs by
+     * about 1e-7 of itself). */
+    const double tol = 0.5 * b->rtol * target;
+    double lo = -log((double)b->t_max[r]), hi = -log((double)b->t_min[r]);
+    if (lo > hi) {
+        double swap = lo;
+        lo = hi;
+        hi = swap;
+    }
+    int lo_seen = 0, hi_seen = 0; /* whether lo / hi are evaluated points */
+    double u = 0.0;
+    float inv_t = 1.0f;
+    if (u < lo || u > hi) {
+        u = u < lo ? lo : hi;
+        inv_t = (float)exp(u);
+        temperature_eval(z, vocab, slot, split, set, shift, inv_t, &entropy, &slope);
+        set ^= 1;
+        passes++;
+    }
+    double best_err = INFINITY;
+    float best = inv_t;
+    /* H decreases in u: err > 0 means the root lies at a larger u. */
+    for (;;) {
+        double err = entropy - target;
+        if (fabs(err) < best_err) {
+            best_err = fabs(err);
+            best = inv_t;
+        }
+        if (fabs(err) <= tol || passes >= TEMPERATURE_MAX_PASSES) break;
+        if (err > 0) {
+            lo = u;
+            lo_seen = 1;
+        } else {
+            hi = u;
+            hi_seen = 1;
+        }
+        /* The bracket is below float32's resolution of b: nothing better to find. */
+        if (hi - lo <= 1e-7 * fmax(1.0, fabs(u))) break;
+        double next = u - err / slope;
+        if (!(next > lo && next < hi)) { /* outside the bracket (or NaN) */
+            if (err > 0 && !hi_seen)
+                next = hi; /* try the end it points to, once */
+            else if (err < 0 && !lo_seen)
+                next = lo;
+            else
+                next = 0.5 * (lo + hi);
+        }
+        float next_inv_t = (float)exp(next);
+        if (next_inv_t == inv_t) break; /* the same float32 b again */
+        u = next;
+        inv_t = next_inv_t;
+        temperature_eval(z, vocab, slot, split, set, shift, inv_t, &entropy, &slope);
+        set ^= 1;
+        passes++;
+    }
+    /* z * b is finite for every unmasked z iff it is for the extremes (rounding
+     * is monotonic); otherwise the row stays as it came (its passes not counted). */
+    if (!isfinite(shift * best) || !isfinite(lowest * best)) {
+        counts->restored++;
+        return 1.0f;
+    }
+    counts->work += passes;
+    FOR_CHUNKS(split, c, nc, scale_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), best));
+    return best;
+}
+
+static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
+                            Counts *counts) {
+    float inv_t = temperature_solve(b, r, slot, split, counts);
+    int lead = 1;
+#ifdef _OPENMP
+    lead = !split || omp_get_thread_num() == 0;
+#endif
+    if (b->inv_t && lead) b->inv_t[r] = inv_t;
+}
+
+/* -- entry points ---------------------------------------------------------------- */
+
+typedef void (*RowFn)(const Batch *, int64_t, Slot *, int, Counts *);
+
+/* Rows [0, whole) one per thread, the rest split among all threads. */
+static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
+                      int64_t *stats, int threads) {
+    if (threads < 1) threads = 1;
+    const int64_t whole = rows - rows % threads;
+    Counts total = {0, 0, 0};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        Counts mine = {0, 0, 0};
+        Slot own = slot_at(scratch, b->vocab, tid);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t r = 0; r < whole; r++) fn(b, r, &own, 0, &mine);
+        Slot shared = slot_at(scratch, b->vocab, 0);
+        Counts split_counts = {0, 0, 0};
+        for (int64_t r = whole; r < rows; r++) fn(b, r, &shared, 1, &split_counts);
+        if (tid == 0) { /* every thread saw the split rows; count them once */
+            mine.below += split_counts.below;
+            mine.work += split_counts.work;
+            mine.restored += split_counts.restored;
+        }
+#ifdef _OPENMP
+#pragma omp critical(em_inf_counts)
+#endif
+        {
+            total.below += mine.below;
+            total.work += mine.work;
+            total.restored += mine.restored;
+        }
+    }
+    if (stats) {
+        stats[0] += total.below;
+        stats[1] += total.work;
+        stats[2] += total.restored;
+    }
+}
+
+/* Bytes of scratch em_inf_logits / em_inf_temperature need for `threads` threads. */
+int64_t em_inf_scratch_bytes(int64_t vocab, int threads) {
+    return (int64_t)slot_bytes(vocab) * (threads < 1 ? 1 : threads);
+}
+
+/* EM-INF's logits mode in place on `rows` rows of `logits` (row r at
+ * logits + index[r] * stride, or logits + r * stride when index is NULL; `vocab`
+ * logits each). Parameters, entry r for row r: threshold, kl_weight, lr (float32),
+ * steps (int64). stats (int64[3], may be NULL): += rows below their threshold,
+ * Adam steps taken (by rows not restored), rows restored by the fail-safe (and rows
+ * holding NaN or +inf, left as they are). scratch: em_inf_scratch_bytes for
+ * `threads`. */
+void em_inf_logits(float *logits, const int64_t *index, int64_t rows, int64_t vocab,
+                   int64_t stride, const float *threshold, const float *kl_weight,
+                   const float *lr, const int64_t *steps, double beta1, double beta2,
+                   double eps, void *scratch, int64_t *stats, int threads) {
+    Batch b = {logits, index, vocab, stride, threshold, kl_weight, lr, NULL, NULL,
+               NULL, steps, beta1, beta2, eps, 0.0, NULL};
+    run_batch(&b, rows, logits_row, scratch, stats, threads);
+}
+
+/* The adaptive-temperature mode, in place, on rows as em_inf_logits; parameters
+ * threshold, alpha, t_min, t_max (float32); the entropy of a processed row ends
+ * within rtol of its target (or at the end of [t_min, t_max] nearer to it).
+ * stats[1] += entropy evaluations (solver passes, the first at T = 1 included).
+ * inv_t (float32 [rows], may be NULL) receives the factor 1/T each row got (1 for
+ * rows left as they were). */
+void em_inf_temperature(float *logits, const int64_t *index, int64_t rows,
+                        int64_t vocab, int64_t stride, const float *threshold,
+                        const float *alpha, const float *t_min, const float *t_max,
+                        double rtol, float *inv_t, void *scratch, int64_t *stats,
+                        int threads) {
+    Batch b = {logits, index, vocab, stride, threshold, NULL, NULL, alpha, t_min,
+               t_max, NULL, 0.0, 0.0, 0.0, rtol, inv_t};
+    run_batch(&b, rows, temperature_row, scratch, stats, threads);
+}
+
+/* The machine's floor for a batch: one pass computing exp of every logit (shifted
+ * by the row's first one plus 80, so that nothing overflows) and summing it per
+ * row into sums; nothing written. */
+void em_inf_exp_floor(const float *logits, int64_t rows, int64_t vocab, double *sums,
+                      int threads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *z = logits + r * vocab;
+        const float m = z[0] + 80.0f;
+        vf s = {0};
+        int64_t i = 0;
+        for (; i + BLOCK <= vocab; i += BLOCK) {
+            vf e[BLOCK_VECTORS];
+            EACH_VECTOR e[k] = exp_nonpos(load(z + i + k * LANES) - m);
+            s += block_sum(e);
+        }
+        for (; i < vocab; i++) s[0] += exp_nonpos(splat(z[i] - m))[0];
+        double total = 0.0;
+        for (int j = 0; j < LANES; j++) total += s[j];
+        sums[r] = total;
+    }
+}
+
+/* exp_nonpos over n values (tests compare it with libm). */
+void em_inf_exp(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = exp_nonpos(splat(x[i]))[0];
+}

@@ -1,0 +1,571 @@
+"""The CPU paths: the compiled kernels (em_inf.cpu_backend) against the float64
+oracle, their fail-safe and counts, their compile step and cache, the eager fallback
+where they cannot be built, and bitwise batch invariance on both CPU paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from em_inf import backend, cpu_backend, cpu_build, torch_backend
+from em_inf.config import TEMPERATURE_RTOL, EMInfConfig
+from em_inf.core import SlotSettings, apply_to_rows
+from em_inf.reference import entropy
+from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
+
+pytestmark = pytest.mark.skipif(
+    not cpu_backend.available(),
+    reason=f"compiled CPU kernels unavailable: {cpu_backend.unavailable_reason()}",
+)
+
+BACKENDS = {"cpu": cpu_backend, "torch": torch_backend}
+FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+def draw_logits(generator: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    """Gaussian logits, per-row scale in [0.5, 6], one boosted token per row (some
+    rows confident, some flat)."""
+    scale = 0.5 + 5.5 * torch.rand(rows, 1, generator=generator)
+    logits = torch.randn(rows, vocab, generator=generator) * scale
+    peaks = torch.randint(0, vocab, (rows,), generator=generator)
+    boost = torch.rand(rows, generator=generator) * 4 * scale.squeeze(1)
+    logits[torch.arange(rows), peaks] += boost
+    return logits
+
+
+def mask(
+    generator: torch.Generator, logits: torch.Tensor, fraction: float, value: float
+) -> torch.Tensor:
+    """Set about ``fraction`` of each row to ``value`` (``-inf`` or float32's
+    min), keeping entry 0."""
+    hit = torch.rand(logits.shape, generator=generator) < fraction
+    hit[:, 0] = False
+    return logits.masked_fill(hit, value)
+
+
+def logits_params(generator: torch.Generator, rows: int) -> dict[str, torch.Tensor]:
+    """Per-row logits-mode settings across the accepted ranges' useful part."""
+    return dict(
+        threshold=torch.rand(rows, generator=generator) * 2.0,
+        kl_weight=torch.rand(rows, generator=generator) * 0.1,
+        lr=torch.rand(rows, generator=generator) * 0.2 + 0.01,
+        steps=torch.randint(0, 7, (rows,), generator=generator),
+    )
+
+
+def temperature_params(
+    generator: torch.Generator, rows: int
+) -> dict[str, torch.Tensor]:
+    t_min = 10 ** (-3 * torch.rand(rows, generator=generator))
+    return dict(
+        threshold=torch.rand(rows, generator=generator) * 1.5,
+        alpha=torch.rand(rows, generator=generator) * 0.9 + 0.05,
+        t_min=t_min,
+        t_max=t_min + (1.5 - t_min) * torch.rand(rows, generator=generator),
+    )
+
+
+def run(
+    path: str, mode: str, logits: torch.Tensor, params: dict, **kwargs
+) -> torch.Tensor:
+    """One backend entry point on a float32 copy of ``logits``."""
+    out = logits.float().clone()
+    columns = [params[k].reshape(-1, 1) for k in params]
+    module = BACKENDS[path]
+    if mode == "logits":
+        module.em_inf_(out, *columns, **kwargs)
+    else:
+        module.adaptive_temperature_(out, *columns, **kwargs)
+    return out
+
+
+def oracle(mode: str, logits: torch.Tensor, params: dict) -> torch.Tensor:
+    """The float64 oracle, with masked logits (<= -1e37) kept as they are: the
+    authors' temperature loop divides finfo(float32).min by T like any logit."""
+    if mode == "logits":
+        expected = em_inf_oracle(logits, **params)
+    else:
+        expected = adaptive_temperature_oracle(logits, **params)
+    return torch.where(logits <= -1e37, logits.double(), expected)
+
+
+# -- fidelity ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, vocab",
+    [(5, 1), (6, 3), (8, 257), (6, 4_097), (3, 49_152), (2, 151_936), (2, 152_064)],
+)
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_compiled_path_matches_the_float64_oracle(generator, rows, vocab, mode):
+    logits = draw_logits(generator, rows, vocab)
+    if vocab > 3:
+        logits[: rows // 2] = mask(generator, logits[: rows // 2], 0.3, -torch.inf)
+        logits[rows // 2 :] = mask(generator, logits[rows // 2 :], 0.3, FLOAT32_MIN)
+    params = (logits_params if mode == "logits" else temperature_params)(
+        generator, rows
+    )
+    out = run("cpu", mode, logits, params)
+    assert_matches(out, oracle(mode, logits, params))
+    masked = logits <= -1e37
+    assert torch.equal(out[masked], logits[masked])  # masked logits keep their value
+
+
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_rows_left_alone_come_back_bit_identical(generator, mode):
+    rows, vocab = 8, 5_000
+    logits = draw_logits(generator, rows, vocab)
+    logits[::2, 11] = 80.0  # near one-hot: entropy far below every threshold
+    stats = torch.zeros(3, dtype=torch.int64)
+    if mode == "logits":
+        params = dict(
+            threshold=torch.full((rows,), 0.3),
+            kl_weight=torch.full((rows,), 0.05),
+            lr=torch.full((rows,), 0.1),
+            steps=torch.tensor([3, 3, 3, 0, 3, 3, 3, 3]),  # row 3: steps == 0
+        )
+    else:
+        params = dict(
+            threshold=torch.full((rows,), 0.3),
+            alpha=torch.full((rows,), 0.5),
+            t_min=torch.full((rows,), 0.05),
+            t_max=torch.full((rows,), 1.0),
+        )
+    out = run("cpu", mode, logits, params, stats=stats)
+    left_alone = entropy(logits.double()) < 0.3
+    assert left_alone[::2].all() and not left_alone[1::2].any()
+    if mode == "logits":
+        left_alone[3] = True
+    assert torch.equal(out[left_alone], logits[left_alone])
+    assert not torch.equal(out[~left_alone], logits[~left_alone])
+    assert stats[0] == rows // 2  # below threshold; the steps == 0 row not counted
+    assert stats[2] == 0
+
+
+def test_early_stop_counts_the_steps_taken(generator):
+    """A row stops once its entropy is below its threshold: the steps counted are
+    the oracle's (how many steps the authors' loop runs)."""
+    rows, vocab = 6, 2_000
+    logits = draw_logits(generator, rows, vocab) * 3
+    h0 = entropy(logits.double())
+    params = dict(
+        threshold=(h0 * 0.97).float(),  # a step or two gets each row below it
+        kl_weight=torch.zeros(rows),
+        lr=torch.full((rows,), 0.05),
+        steps=torch.full((rows,), 20),
+    )
+    stats = torch.zeros(3, dtype=torch.int64)
+    out = run("cpu", "logits", logits, params, stats=stats)
+    assert_matches(out, em_inf_oracle(logits, **params))
+    expected_steps = 0  # the oracle's: step t runs while H(z after t - 1) >= threshold
+    for row in range(rows):
+        one = {k: v[row].item() for k, v in params.items()}
+        taken = 0
+        while taken < 20:
+            z = em_inf_oracle(logits[row : row + 1], **(one | {"steps": taken}))
+            if entropy(z[0]) < one["threshold"]:
+                break
+            taken += 1
+        expected_steps += taken
+    assert stats.tolist() == [0, expected_steps, 0]
+    assert rows <= expected_steps < 20 * rows
+
+
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+def test_temperature_meets_the_stated_tolerance(generator, path):
+    """|H(z / T) - target| <= TEMPERATURE_RTOL * target for the T each row got
+    (exactly, in float64), and the row returned is z * (1 / T) in float32."""
+    rows, vocab = 32, 30_000
+    logits = draw_logits(generator, rows, vocab)
+    params = temperature_params(generator, rows)
+    params["t_min"] = torch.full((rows,), 1e-3)  # every target within reach
+    params["t_max"] = torch.full((rows,), 10.0)
+    inv_t = torch.full((rows,), torch.nan)
+    out = run(path, "temperature", logits, params, inv_temperature=inv_t)
+    h0 = entropy(logits.double())
+    target = torch.maximum(params["threshold"].double(), params["alpha"].double() * h0)
+    moved = h0 > params["threshold"].double()
+    assert moved.sum() > rows // 2
+    assert (inv_t[~moved] == 1).all()
+    reached = entropy(logits.double() * inv_t.double()[:, None])
+    error = ((reached - target).abs() / target)[moved]
+    assert (error <= TEMPERATURE_RTOL).all(), error.max()
+    assert torch.equal(out, logits * inv_t[:, None])
+
+
+def test_exp_is_accurate_and_zero_for_masked_logits():
+    x = torch.cat(
+        [
+            -torch.linspace(0, 87, 200_001),
+            torch.tensor([-87.5, -100.0, -1e30, FLOAT32_MIN, -torch.inf]),
+        ]
+    )
+    got = cpu_backend.exp(x).double()
+    want = torch.exp(x.double())
+    normal = x > -87
+    relative = ((got - want).abs() / want)[normal]
+    assert relative.max() < 4 * 2.0**-24, relative.max()  # within 4 half-ulps
+    assert (got[~normal] == 0).all()
+
+
+# -- fail-safe and counts --------------------------------------------------------------
+
+
+def hostile_batch(generator: torch.Generator, vocab: int) -> torch.Tensor:
+    """Rows at the edges of float32, then a row holding NaN and one holding +inf."""
+    rows = [
+        (torch.rand(vocab, generator=generator) * 2 - 1) * 3.4e38,  # huge scale
+        torch.randn(vocab, generator=generator) * 1e-30,  # tiny scale: flat
+        torch.randn(vocab, generator=generator) + 1e4,  # a common offset
+        torch.randn(vocab, generator=generator).half().float() * 6e4,  # float16 max
+        torch.full((vocab,), 2.0),  # flat
+        torch.randn(vocab, generator=generator) * 1e-6 + 5.0,  # near ties
+        (torch.randn(vocab, generator=generator) * 3).bfloat16().float(),
+        torch.full((vocab,), -torch.inf),  # all masked
+    ]
+    one = torch.full((vocab,), FLOAT32_MIN)
+    one[vocab // 2] = 1.0  # one unmasked entry
+    rows.append(one)
+    nan = torch.randn(vocab, generator=generator)
+    nan[3] = torch.nan
+    inf = torch.randn(vocab, generator=generator)
+    inf[-1] = torch.inf
+    rows += [nan, inf]
+    return torch.stack(rows)
+
+
+UNUSABLE = 2  # the NaN and +inf rows at the end of hostile_batch
+
+
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+@pytest.mark.parametrize(
+    "mode, settings",
+    [
+        ("logits", dict(threshold=0.0, kl_weight=0.05, lr=0.1, steps=3)),
+        ("logits", dict(threshold=0.0, kl_weight=3e38, lr=3e38, steps=50)),
+        ("logits", dict(threshold=0.0, kl_weight=1e3, lr=1e2, steps=100)),
+        ("temperature", dict(threshold=0.0, alpha=0.5, t_min=1e-4, t_max=1e-4)),
+        ("temperature", dict(threshold=0.0, alpha=1.0, t_min=1e4, t_max=1e4)),
+        ("temperature", dict(threshold=0.0, alpha=0.1, t_min=3e38, t_max=3e38)),
+    ],
+)
+def test_hostile_rows_and_settings_never_give_nan(generator, path, mode, settings):
+    """Every row comes back either exactly as it went in, or finite exactly where it
+    was finite with its masked logits kept; rows holding NaN or +inf are left as
+    they are and counted."""
+    logits = hostile_batch(generator, 1_000)
+    rows = logits.shape[0]
+    params = {k: torch.full((rows,), float(v)) for k, v in settings.items()}
+    stats = torch.zeros(3, dtype=torch.int64)
+    out = run(path, mode, logits, params, stats=stats)
+    nan_in = torch.isnan(logits)
+    assert torch.equal(torch.isnan(out), nan_in)  # no NaN but the input's own
+    unchanged = ((out == logits) | nan_in).all(dim=1)
+    finite_where_it_was = (torch.isfinite(out) == torch.isfinite(logits)).all(dim=1)
+    assert (unchanged | finite_where_it_was).all(), (unchanged, finite_where_it_was)
+    masked = logits <= -1e37
+    assert torch.equal(out[masked], logits[masked])
+    assert unchanged[-UNUSABLE:].all()
+    assert UNUSABLE <= stats[2] <= rows
+
+
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_rows_that_would_break_are_restored_exactly_and_counted(generator, path, mode):
+    """The settings of the report that found NaN (lr = kl_weight = 3e38), and a
+    temperature that takes every logit past float32's range: each row comes back
+    bit for bit as it went in, counted once, its steps not counted."""
+    rows = 5
+    logits = torch.randn(rows, 3_000, generator=generator) * 3
+    logits[1] = mask(generator, logits[1:2], 0.5, -torch.inf)[0]
+    if mode == "logits":
+        settings = dict(threshold=0.0, kl_weight=3e38, lr=3e38, steps=50)
+    else:
+        logits[:, 7] = -1e36  # unmasked; divided by T = 1e-4, past float32's range
+        settings = dict(threshold=0.0, alpha=0.5, t_min=1e-4, t_max=1e-4)
+    params = {k: torch.full((rows,), float(v)) for k, v in settings.items()}
+    stats = torch.tensor([1, 2, 3])
+    out = run(path, mode, logits, params, stats=stats)
+    assert torch.equal(out, logits)
+    assert stats.tolist() == [1, 2, 3 + rows]
+
+
+def test_stats_add_to_what_is_there(generator):
+    logits = draw_logits(generator, 4, 3_000)
+    stats = torch.tensor([10, 20, 30])
+    params = dict(
+        threshold=torch.zeros(4),
+        kl_weight=torch.full((4,), 0.01),
+        lr=torch.full((4,), 0.1),
+        steps=torch.tensor([1, 2, 3, 0]),
+    )
+    run("cpu", "logits", logits, params, stats=stats)
+    assert stats.tolist() == [10, 26, 30]
+
+
+def test_row_index_processes_rows_where_they_lie(generator):
+    logits = draw_logits(generator, 10, 4_097)
+    rows = torch.tensor([7, 2, 5])
+    params = logits_params(generator, 3)
+    params["steps"] = torch.full((3,), 3)
+    params["threshold"] = torch.zeros(3)
+    out = logits.clone()
+    cpu_backend.em_inf_(out, *(params[k].reshape(-1, 1) for k in params), rows=rows)
+    alone = run("cpu", "logits", logits[rows], params)
+    assert torch.equal(out[rows], alone)
+    others = torch.ones(10, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(out[others], logits[others])
+
+
+def test_bad_arguments_are_named():
+    logits = torch.zeros(2, 8)
+    ones = torch.ones(2, 1)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_backend.em_inf_(logits.double(), ones, ones, ones, ones.long())
+    with pytest.raises(ValueError, match="one parameter per row"):
+        cpu_backend.em_inf_(logits, torch.ones(3, 1), ones, ones, ones.long())
+    with pytest.raises(ValueError, match="rows"):
+        cpu_backend.em_inf_(
+            logits, ones, ones, ones, ones.long(), rows=torch.tensor([0, 2])
+        )
+    with pytest.raises(ValueError, match="stats"):
+        cpu_backend.em_inf_(logits, ones, ones, ones, ones.long(), stats=torch.zeros(3))
+
+
+# -- batch invariance -----------------------------------------------------------------
+
+
+@pytest.fixture
+def threads():
+    """Restores torch's thread count after a test changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def row_pool(generator: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    logits = draw_logits(generator, rows, vocab)
+    logits[1::4] = mask(generator, logits[1::4], 0.2, -torch.inf)
+    logits[2::4] = mask(generator, logits[2::4], 0.5, FLOAT32_MIN)
+    logits[3::8, 5] = 90.0  # confident: left alone
+    return logits
+
+
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+@pytest.mark.parametrize("vocab", [4_097, 49_152])
+def test_a_rows_bits_do_not_depend_on_its_batch(generator, threads, path, mode, vocab):
+    """Each row alone, then in random batches of 1 to 64 pool rows (mixed settings
+    and masks, rows repeated, different thread counts): bitwise the same."""
+    pool_size = 12
+    pool = row_pool(generator, pool_size, vocab)
+    draw = logits_params if mode == "logits" else temperature_params
+    params = draw(generator, pool_size)
+    alone = torch.cat(
+        [
+            run(
+                path,
+                mode,
+                pool[i : i + 1],
+                {k: v[i : i + 1] for k, v in params.items()},
+            )
+            for i in range(pool_size)
+        ]
+    )
+    # The compiled kernels do not depend on the thread count either (a row's
+    # reductions run over the same chunks in the same order, split or not); the
+    # eager path's torch reductions do, so it keeps torch's.
+    default = torch.get_num_threads()
+    if path == "cpu":
+        plan = [(1, 1), (2, 2), (3, 3), (5, 2), (64, 3), (64, 1)]
+    else:
+        plan = [(2, default), (64, default)]
+    for size, thread_count in plan:
+        torch.set_num_threads(thread_count)
+        pick = torch.randint(0, pool_size, (size,), generator=generator)
+        out = run(path, mode, pool[pick], {k: v[pick] for k, v in params.items()})
+        differs = (out != alone[pick]).any(dim=1).nonzero().flatten()
+        assert differs.numel() == 0, (
+            f"batch of {size} on {thread_count} threads: rows {pick[differs].tolist()}"
+        )
+
+
+@pytest.mark.parametrize("path", ["cpu", "torch"])
+def test_mixed_modes_through_the_processor_core_are_batch_invariant(
+    generator, monkeypatch, path
+):
+    """apply_to_rows (what vLLM calls) with both modes, EM-INF off and settings per
+    slot: every row equals that row processed in a batch of its own."""
+    monkeypatch.setenv(backend.BACKEND_ENV, path)
+    vocab, slots = 3_001, 16
+    pool = row_pool(generator, slots, vocab)
+    settings = SlotSettings(slots)
+    choices = [
+        None,
+        EMInfConfig(threshold=0.1, kl_weight=0.001, lr=0.1, steps=3),
+        EMInfConfig(threshold=0.3, kl_weight=0.05, lr=0.05, steps=5),
+        EMInfConfig(mode="temperature", threshold=1e-5, alpha=0.85),
+        EMInfConfig(mode="temperature", threshold=0.5, alpha=0.3, t_min=0.1),
+    ]
+    for slot in range(slots):
+        settings.set(slot, choices[int(torch.randint(0, 5, (), generator=generator))])
+    alone = []
+    for slot in range(slots):
+        row = pool[slot : slot + 1].clone()
+        apply_to_rows(row, np.array([slot]), settings)
+        alone.append(row)
+    alone = torch.cat(alone)
+    for size in (5, 16, 40):
+        row_slots = torch.randint(0, slots, (size,), generator=generator).numpy()
+        batch = pool[row_slots].clone()
+        apply_to_rows(batch, row_slots, settings)
+        assert torch.equal(batch, alone[row_slots]), size
+
+
+# -- compile step, cache and fallback -------------------------------------------------
+
+
+def test_build_is_cached_and_rebuilt_for_another_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("EM_INF_CACHE", str(tmp_path))
+    first = cpu_build.build()
+    assert first.compiled and first.path.parent == tmp_path / "cpu-kernels"
+    again = cpu_build.build()
+    assert not again.compiled and again.path == first.path
+    monkeypatch.setenv(cpu_build.COMPILER_ENV, "cc")  # another compiler: another key
+    other = cpu_build.build()
+    assert other.path != first.path
+    assert sorted(p.suffix for p in first.path.parent.iterdir()) == [".so", ".so"]
+
+
+FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import logging, torch
+    from em_inf import backend, functional, reference
+    logging.basicConfig(level=logging.WARNING, format="WARNING %(message)s")
+    assert backend.backend_for("cpu") == "torch"
+    logits = torch.randn(3, 2_000, generator=torch.Generator().manual_seed(0)) * 3
+    params = dict(threshold=0.1, kl_weight=0.01, lr=0.1, steps=3)
+    for _ in range(2):
+        out = functional.em_inf(logits, **params)
+    assert reference.mismatch(out, reference.em_inf_oracle(logits, **params)) is None
+    backend.prepare_backend("cpu")
+    try:
+        import os
+        os.environ["EM_INF_BACKEND"] = "cpu"
+        backend.backend_for("cpu")
+    except ValueError as err:
+        assert "unavailable" in str(err), err
+    else:
+        raise AssertionError("EM_INF_BACKEND=cpu without kernels did not raise")
+    print("OK")
+    """
+)
+
+
+def test_without_a_compiler_the_eager_path_runs_after_one_warning(tmp_path):
+    env = dict(os.environ)
+    env.update(EM_INF_CC=str(tmp_path / "no-such-cc"), EM_INF_CACHE=str(tmp_path))
+    env.pop(backend.BACKEND_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "OK"
+    warnings = [line for line in done.stderr.splitlines() if "em-inf" in line]
+    assert len(warnings) == 1, done.stderr
+    assert "eager PyTorch path" in warnings[0] and "no-such-cc" in warnings[0]
+
+
+# -- in a vLLM engine -----------------------------------------------------------------
+
+ENGINE_PROMPTS = ("The quick brown fox", "a b c d e f g h", "Numbers: 1 2 3 4 5 6")
+FILLER_PROMPTS = ("Entropy is", "Hello there, how are you today?")
+ENGINE_SETTINGS = (
+    EMInfConfig.from_preset("math"),
+    EMInfConfig(threshold=0.0, kl_weight=0.01, lr=0.2, steps=5),
+    EMInfConfig.from_preset("adaptive-temperature", alpha=0.5),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+    from tests.vllm_engines import engine
+
+    with engine(str(tiny_model_dir(TINY_VOCAB_SIZE)), dtype="float32") as llm:
+        yield llm
+
+
+def test_in_an_engine_a_requests_em_inf_ignores_its_neighbours(tiny_engine, generator):
+    """A request's EM-INF logits are bitwise em_inf.functional applied alone to the
+    raw logits of an identical request with EM-INF off in the same batch, whatever
+    else the batch holds. (The model's forward need not be batch invariant; the
+    two identical requests in one batch get identical raw logits, which the test
+    checks first.)"""
+    from em_inf import functional
+    from em_inf.models import TINY_VOCAB_SIZE
+    from tests.vllm_engines import full_vocab_params, generate, processed_logits
+
+    def params(config: EMInfConfig | None):
+        extra = {"em_inf": False if config is None else config.as_dict()}
+        return full_vocab_params(extra)
+
+    def expected(raw: torch.Tensor, config: EMInfConfig) -> torch.Tensor:
+        if config.mode == "temperature":
+            return functional.adaptive_temperature(
+                raw,
+                threshold=config.threshold,
+                alpha=config.alpha,
+                t_min=config.t_min,
+                t_max=config.t_max,
+            )
+        return functional.em_inf(
+            raw,
+            threshold=config.threshold,
+            kl_weight=config.kl_weight,
+            lr=config.lr,
+            steps=config.steps,
+        )
+
+    pairs = [("on", k) for k in range(3)] + [("off", k) for k in range(3)]
+    fillers = [("filler", k) for k in range(9)]
+    batches = [
+        [("on", 0), ("off", 0), ("off", 0)],
+        pairs + fillers[:4],
+        pairs + fillers,
+    ]
+    for batch in batches[1:]:
+        order = torch.randperm(len(batch), generator=generator).tolist()
+        batch[:] = [batch[i] for i in order]
+    for batch in batches:
+        requests = []
+        for kind, k in batch:
+            if kind == "filler":
+                prompt = FILLER_PROMPTS[k % 2]
+                config = ENGINE_SETTINGS[k % 3] if k % 4 else None
+            else:
+                prompt = ENGINE_PROMPTS[k]
+                config = ENGINE_SETTINGS[k] if kind == "on" else None
+            requests.append((prompt, params(config)))
+        outputs = generate(tiny_engine, *zip(*requests, strict=True))
+        logits = [processed_logits(out, TINY_VOCAB_SIZE) for out in outputs]
+        raw: dict[int, torch.Tensor] = {}
+        for (kind, k), row in zip(batch, logits, strict=True):
+            if kind == "off":
+                assert torch.equal(raw.setdefault(k, row), row), "twins differ"
+        for (kind, k), row in zip(batch, logits, strict=True):
+            if kind == "on":
+                assert not torch.equal(row, raw[k])  # EM-INF did something
+                want = expected(raw[k], ENGINE_SETTINGS[k])
+                assert torch.equal(row, want), (len(batch), k)
