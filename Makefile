@@ -30,7 +30,7 @@ serve: setup
 # the interpreter switch is process-wide and must not reach vLLM's engines.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels.py tests/test_kernels_processor.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels.py tests/test_kernels_processor.py tests/test_kernels_properties.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check em_inf kernels server tests bench
