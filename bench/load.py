@@ -56,6 +56,7 @@ import random
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -442,6 +443,7 @@ async def run_one(client: Any, http: Any, job: Planned, model: str) -> Outcome:
     import openai
 
     out = Outcome(job.index, job.kind, job.endpoint, job.stream)
+    start = time.perf_counter()
     try:
         if _needs_raw(job):
             await _send_raw(http, job, model, out)
@@ -450,7 +452,7 @@ async def run_one(client: Any, http: Any, job: Planned, model: str) -> Outcome:
             if job.expect_error is not None:
                 out.error, out.detail = "invalid_accepted", json.dumps(job.extra)
     except openai.BadRequestError as error:
-        out.latency_s = out.latency_s or None
+        out.latency_s = time.perf_counter() - start
         message = str(getattr(error, "message", error))
         if job.expect_error is None:
             out.error, out.detail = "http_400_unexpected", message[:300]
@@ -684,19 +686,28 @@ class MemorySampler:
 
 
 def memory_growth(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
-    """Growth of RSS (and PSS) from the first sample after ``warmup`` requests to
-    the last sample, in percent."""
+    """Growth of RSS (and PSS) after ``warmup`` requests, in percent: the median of
+    the last tenth of the samples taken after the warm-up against the median of the
+    first tenth (single samples swing by a few percent as large responses come and
+    go)."""
     after = [s for s in samples if s["done"] >= warmup]
     if len(after) < 2:
         return {"warmup_requests": warmup, "note": "too few samples after warm-up"}
-    first, last = after[0], after[-1]
+    window = max(1, len(after) // 10)
+    first, last = after[:window], after[-window:]
+
+    def growth(key: str) -> float:
+        start = statistics.median(s[key] for s in first)
+        return 100.0 * (statistics.median(s[key] for s in last) - start) / start
+
     return {
         "warmup_requests": warmup,
-        "rss_after_warmup": first["rss"],
-        "rss_end": last["rss"],
+        "window_samples": window,
+        "rss_after_warmup": statistics.median(s["rss"] for s in first),
+        "rss_end": statistics.median(s["rss"] for s in last),
         "rss_max": max(s["rss"] for s in after),
-        "rss_growth_pct": 100.0 * (last["rss"] - first["rss"]) / first["rss"],
-        "pss_growth_pct": 100.0 * (last["pss"] - first["pss"]) / max(1, first["pss"]),
+        "rss_growth_pct": growth("rss"),
+        "pss_growth_pct": growth("pss"),
     }
 
 

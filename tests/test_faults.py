@@ -264,15 +264,22 @@ def varied_settings(rng: random.Random, count: int) -> list[dict]:
 
 
 def test_dropped_streams_leave_no_slot_with_stale_settings(fault_server, seed):
-    """100 streams with distinctive settings are dropped mid-way (after two chunks,
-    before their last); the requests that take their slots next are exact at every
-    position, and the engine aborted every dropped stream."""
+    """100 streams are dropped mid-way (after two chunks, before their last): half
+    with the server's default EM-INF, half with distinctive settings in the body.
+    The requests that take their slots next are exact at every position.
+
+    The engine frees a dropped request's slot by aborting it, or, when it notices
+    the disconnect only after the request finished (it learns of it on a later
+    write; a fast model may get there first), by finishing it: both paths must
+    leave no stale settings. How many were aborted (the engine's log names each)
+    depends on that timing and is printed, not asserted: 0 to 100 of 100 in runs on
+    the tiny model."""
     base_url, model, log_path = fault_server
     rng = random.Random(seed)
     aborted_before = aborted_requests(log_path)
     dropped_settings = {"threshold": 0.0, "kl_weight": 0.0, "lr": 0.7, "steps": 6}
 
-    async def drop(client, prompt) -> bool:
+    async def drop(client, prompt, extra) -> bool:
         """Whether the stream was dropped before it finished (vLLM merges tokens
         into fewer chunks when a client reads slowly, so two chunks may hold all)."""
         stream = await client.completions.create(
@@ -281,7 +288,7 @@ def test_dropped_streams_leave_no_slot_with_stale_settings(fault_server, seed):
             max_tokens=MAX_MODEL_LEN - 16,
             temperature=0.0,
             stream=True,
-            extra_body={"em_inf": dropped_settings, "ignore_eos": True},
+            extra_body={**extra, "ignore_eos": True},
         )
         received, finished = 0, False
         async for chunk in stream:
@@ -302,7 +309,11 @@ def test_dropped_streams_leave_no_slot_with_stale_settings(fault_server, seed):
                 wave = 100 - dropped
                 attempts += wave
                 midway = await asyncio.gather(
-                    *(drop(client, random_prompt(rng, 12)) for _ in range(wave))
+                    *(
+                        drop(client, random_prompt(rng, 12), extra)
+                        for extra in [{}, {"em_inf": dropped_settings}] * (wave // 2)
+                        + [{}] * (wave % 2)
+                    )
                 )
                 dropped += sum(midway)
             extras = varied_settings(rng, 30)
@@ -326,7 +337,7 @@ def test_dropped_streams_leave_no_slot_with_stale_settings(fault_server, seed):
     assert dropped >= 100, f"only {dropped} streams could be dropped mid-way"
     assert not problems, "\n".join(problems[:10])
     aborted = aborted_requests(log_path) - aborted_before
-    assert aborted >= dropped, f"the engine aborted {aborted} of {dropped} streams"
+    print(f"the engine aborted {aborted} of the {dropped} dropped streams")
     assert metric(base_url, "vllm:num_requests_running") == 0
     assert_still_serving(base_url, model)
 
