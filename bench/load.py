@@ -1,0 +1,1086 @@
+"""Load, soak and settings isolation of ``em-inf serve``, as a benchmark with figures.
+
+Starts ``em-inf serve`` on loopback (or drives one already running: ``--server URL``,
+loopback only), then sends ``--requests`` requests from ``--concurrency`` concurrent
+clients (the official ``openai`` client, no retries; ``httpx`` for bodies it cannot
+send, such as a NaN), bounded by ``--time-limit``. The requests are a fixed mix drawn
+from ``--seed``: chat and completions, streaming and not, ``n`` of 1 to 3, seeds, stop
+strings, greedy and sampled, EM-INF's logits and temperature modes with random
+settings, every preset, the server's defaults, ``"em_inf": false``, and about 10%
+invalid settings (each must get HTTP 400 naming the field).
+
+**Settings isolation.** About one request in six asks for the full first-token
+distribution (``logprobs`` / ``top_logprobs`` = -1, i.e. every token, with
+``--logprobs-mode processed_logprobs`` so the server returns the log-softmax of the
+logits after EM-INF). Each is checked against the float64 oracle
+(:func:`em_inf.reference.settings_oracle`) for its own settings, applied to the
+model's own distribution for the same prompt: an ``"em_inf": false`` request of the
+same prompt and endpoint in the same run (with processed logprobs and EM-INF off, the
+processed distribution is the raw one; greedy rows are not divided by a
+temperature). Those reference requests run throughout the load, several per prompt,
+so the run also measures whether a prompt's raw first-token distribution depends on
+the batch it was computed in (``reference_spread`` in the JSON: 0 means bit-identical
+in every batch). A check passes when it meets the agreement standard
+(:func:`em_inf.reference.mismatch`) against the oracle of one of its prompt's
+reference rows. Checks run after the load, so they do not compete with the server.
+
+**Memory.** The resident memory (RSS; PSS beside it) of the server process and every
+process under it (vLLM's engine core) is sampled every ``--memory-interval`` seconds
+with the number of requests done; growth is measured from the end of the warm-up
+(``--warmup`` requests) to the end of the run.
+
+Usage::
+
+    python bench/load.py --requests 200 --concurrency 16            # quick check
+    python bench/load.py --requests 2000 --concurrency 64           # the load target
+    python bench/load.py --requests 10000 --concurrency 64 --tag soak  # the soak
+    python bench/load.py --server http://127.0.0.1:8000 --requests 500
+
+Writes ``bench/results/load_<tag>.json`` and ``.png``; exits 1 when any request
+failed unexpectedly or any check mismatched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import ipaddress
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/load.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HOST = "127.0.0.1"
+
+PROMPTS = (
+    "The capital of France is",
+    "Solve for x: 3x + 5 = 20.",
+    "def add(a, b):",
+    "Write one sentence about the sea.",
+    "List three primary colours.",
+    "What is 12 + 30?",
+    "Translate 'good morning' into French.",
+    "A haiku about autumn:",
+    "Explain gravity to a child.",
+    "The quick brown fox",
+    "Name a planet with rings.",
+    "Once upon a time",
+)
+#: Prompts whose first-token distribution is checked (with both endpoints).
+CHECKED_PROMPTS = PROMPTS[:6]
+STOP_STRINGS = (["\n"], [".", "!"], ["\n\n", " and"], ["the"])
+PRESET_NAMES = (
+    "default",
+    "sampler",
+    "math",
+    "code",
+    "qwen-math",
+    "physics",
+    "scicode",
+    "adaptive-temperature",
+)
+
+#: Invalid settings and the name the 400's message must carry.
+INVALID = (
+    ({"em_inf": {"threshold": -1}}, "'threshold'"),
+    ({"em_inf": {"lr": 0}}, "'lr'"),
+    ({"em_inf": {"steps": 101}}, "'steps'"),
+    ({"em_inf": {"steps": 2.5}}, "'steps'"),
+    ({"em_inf": {"kl_weight": 1e4}}, "'kl_weight'"),
+    ({"em_inf": {"t_min": 2.0, "t_max": 1.0}}, "'t_min'"),
+    ({"em_inf": {"alpha": 0}}, "'alpha'"),
+    ({"em_inf": {"stepz": 3}}, "stepz"),
+    ({"em_inf": {"preset": "nope"}}, "preset"),
+    ({"em_inf": "maybe"}, "'em_inf'"),
+    ({"vllm_xargs": {"em_inf_lr": "fast"}}, "em_inf_lr"),
+    ({"em_inf": False, "vllm_xargs": {"em_inf_lr": 0.2}}, "turned off"),
+    ({"em_inf": {"lr": math.nan}}, "'lr'"),  # JSON NaN: sent with httpx
+    ({"em_inf": {"t_max": math.inf}}, "'t_max'"),  # JSON Infinity: httpx
+)
+
+
+# ----------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass
+class Planned:
+    """One request of the run, fixed before it starts."""
+
+    index: int
+    endpoint: str  # "chat" | "completion"
+    prompt: str
+    stream: bool
+    extra: dict[str, Any]  # body fields beyond the standard ones
+    n: int = 1
+    temperature: float = 0.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    max_tokens: int = 8
+    full_distribution: bool = False  # ask for every token's first logprob
+    reference: bool = False  # EM-INF off and full distribution: a raw row
+    expect_error: str | None = None  # invalid: the 400 must name this
+
+    @property
+    def kind(self) -> str:
+        if self.expect_error is not None:
+            return "invalid"
+        if self.reference:
+            return "reference"
+        if self.full_distribution:
+            return "checked"
+        return "plain"
+
+
+def random_settings(rng: random.Random, *, realistic: bool) -> Any:
+    """A valid ``em_inf`` field: ``None`` (absent: server defaults), ``False``, a
+    preset (sometimes with an override) or random settings of either mode.
+    ``realistic=False`` also draws the edges of the accepted ranges."""
+    roll = rng.random()
+    if roll < 0.15:
+        return None
+    if roll < 0.3:
+        return False
+    if roll < 0.55:
+        settings: dict[str, Any] = {"preset": rng.choice(PRESET_NAMES)}
+        if rng.random() < 0.3:
+            settings["threshold"] = round(rng.uniform(0.0, 2.0), 3)
+        return settings
+    if not realistic and rng.random() < 0.1:
+        return rng.choice(
+            [
+                {"threshold": 0.0, "kl_weight": 1e3, "lr": 1e2, "steps": 100},
+                {"threshold": 0.0, "kl_weight": 0.0, "lr": 1e2, "steps": 20},
+                {"mode": "temperature", "threshold": 0.0, "t_min": 1e-4, "t_max": 1e-4},
+                {"mode": "temperature", "alpha": 1e-6, "t_min": 1e4, "t_max": 1e4},
+            ]
+        )
+    if roll < 0.8:
+        return {
+            "threshold": rng.choice([0.0, round(rng.uniform(0.0, 3.0), 3)]),
+            "kl_weight": round(rng.uniform(0.0, 0.2), 4),
+            "lr": round(rng.uniform(0.01, 0.5), 3),
+            "steps": rng.randint(0, 6),
+        }
+    t_min = round(rng.uniform(0.01, 0.5), 3)
+    return {
+        "mode": "temperature",
+        "threshold": round(rng.uniform(0.0, 1.0), 3),
+        "alpha": round(rng.uniform(0.3, 1.0), 3),
+        "t_min": t_min,
+        "t_max": round(rng.uniform(t_min, 2.0), 3),
+    }
+
+
+def make_plan(requests: int, seed: int) -> list[Planned]:
+    """``requests`` requests: first one reference per checked prompt and endpoint,
+    then the mix (about 10% invalid, 11% checked, 6% more references)."""
+    rng = random.Random(seed)
+    keys = [(e, p) for p in CHECKED_PROMPTS for e in ("completion", "chat")]
+    plan: list[Planned] = []
+
+    def add(**fields: Any) -> None:
+        plan.append(Planned(index=len(plan), **fields))
+
+    for endpoint, prompt in keys[: max(0, requests)]:
+        add(
+            endpoint=endpoint,
+            prompt=prompt,
+            stream=False,
+            extra={"em_inf": False},
+            max_tokens=1,
+            full_distribution=True,
+            reference=True,
+        )
+    while len(plan) < requests:
+        roll = rng.random()
+        endpoint = rng.choice(["chat", "completion"])
+        stream = rng.random() < 0.4
+        if roll < 0.10:
+            body, named = rng.choice(INVALID)
+            add(
+                endpoint=endpoint,
+                prompt=rng.choice(PROMPTS),
+                stream=stream,
+                extra=dict(body),
+                expect_error=named,
+            )
+        elif roll < 0.16:
+            endpoint, prompt = rng.choice(keys)
+            add(
+                endpoint=endpoint,
+                prompt=prompt,
+                stream=stream,
+                extra={"em_inf": False},
+                max_tokens=1,
+                full_distribution=True,
+                reference=True,
+            )
+        elif roll < 0.27:
+            endpoint, prompt = rng.choice(keys)
+            settings = random_settings(rng, realistic=True)
+            while settings is False:
+                settings = random_settings(rng, realistic=True)
+            add(
+                endpoint=endpoint,
+                prompt=prompt,
+                stream=stream,
+                extra={} if settings is None else {"em_inf": settings},
+                temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
+                seed=rng.randrange(2**31),
+                max_tokens=rng.randint(1, 4),
+                full_distribution=True,
+            )
+        else:
+            settings = random_settings(rng, realistic=False)
+            extra: dict[str, Any] = {} if settings is None else {"em_inf": settings}
+            if rng.random() < 0.3:
+                extra["ignore_eos"] = True
+            temperature = rng.choice([0.0, 0.7, 1.0])
+            add(
+                endpoint=endpoint,
+                prompt=rng.choice(PROMPTS),
+                stream=stream,
+                extra=extra,
+                n=rng.choice([1, 1, 1, 1, 2, 3]) if temperature else 1,
+                temperature=temperature,
+                seed=rng.randrange(2**31) if rng.random() < 0.5 else None,
+                stop=rng.choice(STOP_STRINGS) if rng.random() < 0.25 else None,
+                max_tokens=rng.randint(2, 16),
+            )
+    return plan[:requests]
+
+
+# ------------------------------------------------------------------ one request
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one request got."""
+
+    index: int
+    kind: str
+    endpoint: str
+    stream: bool
+    latency_s: float | None = None
+    first_token_s: float | None = None
+    completion_tokens: int = 0
+    error: str | None = None  # unexpected: its class; None when as expected
+    detail: str = ""
+    first_row: dict[int, float] | None = None  # token id -> processed logprob
+    done_at: float = 0.0
+
+
+def _body(job: Planned, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": job.max_tokens,
+        "temperature": job.temperature,
+        "n": job.n,
+        "stream": job.stream,
+        **job.extra,
+    }
+    if job.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": job.prompt}]
+    else:
+        body["prompt"] = job.prompt
+    if job.seed is not None:
+        body["seed"] = job.seed
+    if job.stop is not None:
+        body["stop"] = job.stop
+    if job.stream:
+        body["stream_options"] = {"include_usage": True}
+    if job.full_distribution:
+        body["return_tokens_as_token_ids"] = True
+        if job.endpoint == "chat":
+            body.update(logprobs=True, top_logprobs=-1)
+        else:
+            body["logprobs"] = -1
+    return body
+
+
+def _token_id(token: str) -> int:
+    return int(token.removeprefix("token_id:"))
+
+
+def _first_row_from_chat(choice: Any) -> dict[int, float]:
+    entries = choice.logprobs.content[0].top_logprobs
+    return {_token_id(e.token): e.logprob for e in entries}
+
+
+def _first_row_from_completion(choice: Any) -> dict[int, float]:
+    return {_token_id(t): lp for t, lp in choice.logprobs.top_logprobs[0].items()}
+
+
+class BadResponse(Exception):
+    """A 200 answer that breaks the API's promises (choices, finish, stop)."""
+
+
+async def _send_openai(client: Any, job: Planned, model: str, out: Outcome) -> None:
+    body = _body(job, model)
+    standard = {
+        k: body.pop(k)
+        for k in list(body)
+        if k
+        in (
+            "model",
+            "max_tokens",
+            "temperature",
+            "n",
+            "stream",
+            "messages",
+            "prompt",
+            "seed",
+            "stop",
+            "stream_options",
+            "logprobs",
+            "top_logprobs",
+        )
+    }
+    create = (
+        client.chat.completions.create
+        if job.endpoint == "chat"
+        else client.completions.create
+    )
+    start = time.perf_counter()
+    response = await create(**standard, extra_body=body)
+    texts: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    first_row = None
+    if job.stream:
+        async for chunk in response:
+            if out.first_token_s is None and chunk.choices:
+                out.first_token_s = time.perf_counter() - start
+            if chunk.usage is not None:
+                out.completion_tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                piece = (
+                    choice.delta.content if job.endpoint == "chat" else choice.text
+                ) or ""
+                texts[choice.index] = texts.get(choice.index, "") + piece
+                if choice.finish_reason is not None:
+                    finishes[choice.index] = choice.finish_reason
+                if job.full_distribution and first_row is None and choice.logprobs:
+                    if job.endpoint == "chat" and choice.logprobs.content:
+                        first_row = _first_row_from_chat(choice)
+                    elif job.endpoint != "chat" and choice.logprobs.top_logprobs:
+                        first_row = _first_row_from_completion(choice)
+    else:
+        if response.usage is not None:
+            out.completion_tokens = response.usage.completion_tokens
+        for choice in response.choices:
+            texts[choice.index] = (
+                choice.message.content if job.endpoint == "chat" else choice.text
+            ) or ""
+            finishes[choice.index] = choice.finish_reason
+        if job.full_distribution:
+            choice = response.choices[0]
+            first_row = (
+                _first_row_from_chat(choice)
+                if job.endpoint == "chat"
+                else _first_row_from_completion(choice)
+            )
+    out.latency_s = time.perf_counter() - start
+    if sorted(finishes) != list(range(job.n)):
+        raise BadResponse(f"choices {sorted(finishes)} for n={job.n}")
+    if any(reason not in ("stop", "length") for reason in finishes.values()):
+        raise BadResponse(f"finish reasons {finishes}")
+    if job.stop:
+        for index, text in texts.items():
+            if any(s in text for s in job.stop):
+                raise BadResponse(f"choice {index} holds a stop string: {text!r}")
+    if job.full_distribution:
+        if first_row is None:
+            raise BadResponse("no first-token logprobs")
+        out.first_row = first_row
+
+
+async def _send_raw(http: Any, job: Planned, model: str, out: Outcome) -> None:
+    """Bodies the openai client cannot send (NaN, Infinity): plain httpx."""
+    path = "/v1/chat/completions" if job.endpoint == "chat" else "/v1/completions"
+    content = json.dumps(_body(job, model))  # allow_nan: writes NaN / Infinity
+    start = time.perf_counter()
+    response = await http.post(
+        path, content=content, headers={"content-type": "application/json"}
+    )
+    out.latency_s = time.perf_counter() - start
+    if response.status_code != 400:
+        raise BadResponse(f"HTTP {response.status_code} for an invalid body")
+    message = response.json().get("error", {}).get("message", "")
+    if job.expect_error not in message:
+        raise BadResponse(f"400 without naming {job.expect_error}: {message!r}")
+
+
+def _needs_raw(job: Planned) -> bool:
+    text = json.dumps(job.extra)
+    return "NaN" in text or "Infinity" in text
+
+
+async def run_one(client: Any, http: Any, job: Planned, model: str) -> Outcome:
+    """Send ``job``; classify anything unexpected in ``Outcome.error``."""
+    import openai
+
+    out = Outcome(job.index, job.kind, job.endpoint, job.stream)
+    start = time.perf_counter()
+    try:
+        if _needs_raw(job):
+            await _send_raw(http, job, model, out)
+        else:
+            await _send_openai(client, job, model, out)
+            if job.expect_error is not None:
+                out.error, out.detail = "invalid_accepted", json.dumps(job.extra)
+    except openai.BadRequestError as error:
+        out.latency_s = time.perf_counter() - start
+        message = str(getattr(error, "message", error))
+        if job.expect_error is None:
+            out.error, out.detail = "http_400_unexpected", message[:300]
+        elif job.expect_error not in message:
+            out.error, out.detail = "http_400_unclear", message[:300]
+    except openai.APITimeoutError:
+        out.error = "timeout"
+    except openai.APIConnectionError as error:
+        out.error, out.detail = "connection", repr(error)[:300]
+    except openai.APIStatusError as error:
+        out.error = f"http_{error.status_code}"
+        out.detail = str(error)[:300]
+    except BadResponse as error:
+        out.error, out.detail = "bad_response", str(error)[:300]
+    except Exception as error:  # anything else is a finding too: keep its class
+        out.error, out.detail = type(error).__name__, repr(error)[:300]
+    out.done_at = time.monotonic()
+    return out
+
+
+async def drive(
+    base_url: str,
+    plan: list[Planned],
+    *,
+    concurrency: int,
+    time_limit_s: float,
+    request_timeout_s: float,
+    progress: Any = None,
+) -> tuple[list[Outcome], float]:
+    """Send the plan from ``concurrency`` workers; returns outcomes and wall time.
+    Requests not started before ``time_limit_s`` are not sent."""
+    import httpx
+    import openai
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    client = openai.AsyncOpenAI(
+        base_url=base_url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=request_timeout_s,
+        http_client=httpx.AsyncClient(limits=limits, timeout=request_timeout_s),
+    )
+    http = httpx.AsyncClient(base_url=base_url, timeout=request_timeout_s)
+    model = (await client.models.list()).data[0].id
+    queue: asyncio.Queue[Planned] = asyncio.Queue()
+    for job in plan:
+        queue.put_nowait(job)
+    outcomes: list[Outcome] = []
+    start = time.monotonic()
+
+    async def worker() -> None:
+        while not queue.empty() and time.monotonic() - start < time_limit_s:
+            job = queue.get_nowait()
+            outcomes.append(await run_one(client, http, job, model))
+            if progress is not None:
+                progress(len(outcomes))
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await client.close()
+        await http.aclose()
+    return sorted(outcomes, key=lambda o: o.index), time.monotonic() - start
+
+
+# ---------------------------------------------------------------------- checking
+
+
+def _row_tensor(row: dict[int, float], vocab: int) -> Any:
+    import torch
+
+    out = torch.full((vocab,), math.nan, dtype=torch.float32)
+    for token, logprob in row.items():
+        out[token] = logprob
+    return out
+
+
+def check_distributions(
+    plan: list[Planned],
+    outcomes: list[Outcome],
+    defaults: dict[str, Any],
+    enabled: bool,
+    vocab: int,
+) -> dict[str, Any]:
+    """Every checked first-token row against the float64 oracle of its own settings
+    (see the module docstring). Returns counts, the reference spread per prompt and
+    the first failures."""
+    import torch
+
+    from em_inf.config import EMInfConfig
+    from em_inf.reference import mismatch, settings_oracle
+
+    server = EMInfConfig(**defaults)
+    by_index = {o.index: o for o in outcomes}
+    references: dict[tuple[str, str], list[Any]] = {}
+    for job in plan:
+        out = by_index.get(job.index)
+        if job.reference and out and out.error is None and out.first_row is not None:
+            references.setdefault((job.endpoint, job.prompt), []).append(
+                _row_tensor(out.first_row, vocab)
+            )
+    spread = {}
+    for (endpoint, prompt), rows in references.items():
+        worst = max(float((row - rows[0]).abs().nan_to_num(0.0).max()) for row in rows)
+        spread[f"{endpoint}: {prompt}"] = {"rows": len(rows), "max_abs_diff": worst}
+    counts = Counter()
+    failures: list[str] = []
+    oracle_cache: dict[tuple, list[Any]] = {}
+    for job in plan:
+        out = by_index.get(job.index)
+        if not job.full_distribution or out is None or out.first_row is None:
+            continue
+        key = (job.endpoint, job.prompt)
+        actual = _row_tensor(out.first_row, vocab)
+        if actual.isnan().any():
+            counts["incomplete"] += 1
+            failures.append(f"#{job.index}: not every token's logprob came back")
+            continue
+        if key not in references:
+            counts["no_reference"] += 1
+            continue
+        field = job.extra.get("em_inf", enabled)
+        config = (
+            None
+            if field is False
+            else server
+            if field is True
+            else server.updated(field)
+        )
+        cache_key = (key, None if config is None else tuple(config.as_dict().items()))
+        if cache_key not in oracle_cache:
+            oracle_cache[cache_key] = [
+                settings_oracle(row.double()[None], config)[0]
+                for row in references[key]
+            ]
+        temperature = job.temperature if job.temperature > 0 else 1.0
+        problems = []
+        for expected in oracle_cache[cache_key]:
+            expected = torch.log_softmax(expected / temperature, -1)
+            problem = mismatch(actual[None], expected[None])
+            if problem is None:
+                break
+            problems.append(problem)
+        else:
+            counts["mismatch"] += 1
+            failures.append(
+                f"#{job.index} {job.endpoint} {job.prompt!r} T={job.temperature} "
+                f"{json.dumps(job.extra)}: {problems[0]}"
+            )
+            continue
+        counts["references" if job.reference else "checked"] += 1
+        if config is not None:
+            plain = torch.log_softmax(references[key][0].double() / temperature, -1)
+            if mismatch(actual[None], plain[None]) is not None:
+                counts["changed_by_em_inf"] += 1
+    return {
+        "counts": dict(counts),
+        "reference_spread": spread,
+        "failures": failures[:20],
+    }
+
+
+# ------------------------------------------------------------------------ memory
+
+
+def process_tree(pid: int) -> list[Any]:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def memory_of(pid: int) -> dict[str, Any]:
+    """RSS and PSS (bytes) of ``pid`` and every process under it."""
+    import psutil
+
+    processes = []
+    for proc in process_tree(pid):
+        with contextlib.suppress(psutil.Error):
+            info = proc.memory_full_info()
+            processes.append(
+                {
+                    "pid": proc.pid,
+                    "name": proc.name(),
+                    "rss": info.rss,
+                    "pss": getattr(info, "pss", None),
+                }
+            )
+    return {
+        "rss": sum(p["rss"] for p in processes),
+        "pss": sum(p["pss"] or 0 for p in processes),
+        "processes": processes,
+    }
+
+
+class MemorySampler:
+    """Samples :func:`memory_of` every ``interval`` seconds in a thread, with the
+    count of requests done at that moment."""
+
+    def __init__(self, pid: int, interval: float) -> None:
+        self.pid, self.interval = pid, interval
+        self.done = 0
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._start = time.monotonic()
+
+    def sample(self) -> dict[str, Any]:
+        memory = memory_of(self.pid)
+        entry = {
+            "t_s": round(time.monotonic() - self._start, 2),
+            "done": self.done,
+            "rss": memory["rss"],
+            "pss": memory["pss"],
+        }
+        self.samples.append(entry)
+        return memory
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):
+                self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def memory_growth(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """Growth of RSS (and PSS) after ``warmup`` requests, in percent: the median of
+    the last tenth of the samples taken after the warm-up against the median of the
+    first tenth (single samples swing by a few percent as large responses come and
+    go)."""
+    after = [s for s in samples if s["done"] >= warmup]
+    if len(after) < 2:
+        return {"warmup_requests": warmup, "note": "too few samples after warm-up"}
+    window = max(1, len(after) // 10)
+    first, last = after[:window], after[-window:]
+
+    def growth(key: str) -> float:
+        start = statistics.median(s[key] for s in first)
+        return 100.0 * (statistics.median(s[key] for s in last) - start) / start
+
+    return {
+        "warmup_requests": warmup,
+        "window_samples": window,
+        "rss_after_warmup": statistics.median(s["rss"] for s in first),
+        "rss_end": statistics.median(s["rss"] for s in last),
+        "rss_max": max(s["rss"] for s in after),
+        "rss_growth_pct": growth("rss"),
+        "pss_growth_pct": growth("pss"),
+    }
+
+
+# ------------------------------------------------------------------------ server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def started_server(
+    serve_args: list[str], log_path: Path, timeout_s: float = 600.0
+) -> Iterator[tuple[str, int]]:
+    """``em-inf serve <serve_args>`` on loopback in its own session; yields its base
+    URL and pid; stops it (SIGINT, then SIGKILL of the group) on exit."""
+    script = Path(sys.executable).with_name("em-inf")
+    command = (
+        [str(script)] if script.is_file() else [sys.executable, "-m", "em_inf.cli"]
+    )
+    port = free_port()
+    command += ["serve", *serve_args, "--host", HOST, "--port", str(port)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    base_url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(base_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace").splitlines()[-40:]
+                raise RuntimeError("em-inf serve did not come up:\n" + "\n".join(tail))
+            time.sleep(2)
+        yield base_url, process.pid
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(60)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+
+
+def loopback_server_pid(base_url: str) -> int:
+    """The pid listening on ``base_url``'s port; refuses anything off loopback."""
+    import psutil
+
+    parsed = urllib.parse.urlparse(base_url)
+    host = parsed.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"--server must be on loopback (127.0.0.1), got {host!r}")
+    port = parsed.port or 80
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+            if connection.pid is not None:
+                return connection.pid
+    raise SystemExit(f"no process of this machine listens on port {port}")
+
+
+def get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def metric_total(base_url: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples on ``/metrics`` (0 when absent)."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
+        text = page.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+# ------------------------------------------------------------------------ report
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.error is None and o.latency_s is not None]
+    latencies = [o.latency_s for o in ok]
+    by_kind: dict[str, Any] = {}
+    for name, chosen in (
+        ("all", ok),
+        ("stream", [o for o in ok if o.stream]),
+        ("non-stream", [o for o in ok if not o.stream]),
+        ("invalid", [o for o in ok if o.kind == "invalid"]),
+    ):
+        values = [o.latency_s for o in chosen]
+        by_kind[name] = {
+            "count": len(values),
+            "p50_s": percentile(values, 50),
+            "p99_s": percentile(values, 99),
+        }
+    first = [o.first_token_s for o in ok if o.first_token_s is not None]
+    return {
+        "requests_sent": len(outcomes),
+        "requests_ok": len(ok),
+        "wall_s": wall_s,
+        "throughput_rps": len(outcomes) / wall_s if wall_s else None,
+        "completion_tokens": sum(o.completion_tokens for o in ok),
+        "tokens_per_s": sum(o.completion_tokens for o in ok) / wall_s
+        if wall_s
+        else None,
+        "latency": by_kind,
+        "stream_first_token": {
+            "p50_s": percentile(first, 50),
+            "p99_s": percentile(first, 99),
+        },
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        "kinds": dict(Counter(o.kind for o in outcomes)),
+        "errors": dict(Counter(o.error for o in outcomes if o.error)),
+        "error_examples": [
+            f"#{o.index} {o.kind} {o.endpoint}: {o.error} {o.detail}"
+            for o in outcomes
+            if o.error
+        ][:20],
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    latencies = result["latencies_s"]
+    for name, values in latencies.items():
+        if values:
+            ordered = sorted(values)
+            axes[0].plot(
+                ordered,
+                [(i + 1) / len(ordered) for i in range(len(ordered))],
+                label=f"{name} ({len(values)})",
+            )
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("latency (s)")
+    axes[0].set_ylabel("fraction of requests")
+    axes[0].set_title("latency CDF")
+    axes[0].legend()
+    done = result["completions_over_time"]
+    axes[1].plot([d[0] for d in done], [d[1] for d in done])
+    axes[1].set_xlabel("time (s)")
+    axes[1].set_ylabel("requests done")
+    axes[1].set_title(f"throughput: {result['summary']['throughput_rps']:.2f} req/s")
+    samples = result["memory"]["samples"]
+    axes[2].plot(
+        [s["done"] for s in samples], [s["rss"] / 2**20 for s in samples], label="RSS"
+    )
+    axes[2].plot(
+        [s["done"] for s in samples], [s["pss"] / 2**20 for s in samples], label="PSS"
+    )
+    growth = result["memory"]["growth"]
+    warmup = growth.get("warmup_requests")
+    if warmup:
+        axes[2].axvline(warmup, color="grey", linestyle=":", label="end of warm-up")
+    axes[2].set_xlabel("requests done")
+    axes[2].set_ylabel("server + engine memory (MiB)")
+    pct = growth.get("rss_growth_pct")
+    axes[2].set_title(
+        "memory" + (f": RSS {pct:+.1f}% after warm-up" if pct is not None else "")
+    )
+    axes[2].legend()
+    fig.suptitle(
+        f"em-inf serve under load: {result['args']['requests']} requests, "
+        f"{result['args']['concurrency']} concurrent ({result['model']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", help="drive this running server (loopback URL)")
+    parser.add_argument(
+        "--model", help="model to serve (default: em-inf serve's default model)"
+    )
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=3600.0,
+        help="stop sending new requests after this many seconds",
+    )
+    parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="requests before memory growth is measured (default: 10%% of --requests)",
+    )
+    parser.add_argument("--memory-interval", type=float, default=5.0)
+    parser.add_argument("--tag", default=None, help="output name: load_<tag>.json")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="extra em-inf serve argument (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{args.requests}x{args.concurrency}"
+    warmup = args.warmup if args.warmup is not None else args.requests // 10
+    serve_args = [
+        *([args.model] if args.model else []),
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--max-logprobs",
+        "-1",
+        *[a for extra in args.serve_arg for a in shlex.split(extra)],
+    ]
+    plan = make_plan(args.requests, args.seed)
+    loadavg_start = list(os.getloadavg())
+    started = dt.datetime.now(dt.UTC)
+    with contextlib.ExitStack() as stack:
+        if args.server:
+            base_url, pid = args.server.rstrip("/"), loopback_server_pid(args.server)
+            serve_command = None
+        else:
+            log_path = RESULTS / f"load_{tag}.server.log"
+            base_url, pid = stack.enter_context(started_server(serve_args, log_path))
+            serve_command = "em-inf serve " + shlex.join(serve_args)
+        info = get_json(base_url + "/v1/em-inf")
+        model = get_json(base_url + "/v1/models")["data"][0]["id"]
+        sampler = stack.enter_context(MemorySampler(pid, args.memory_interval))
+        before = sampler.sample()
+        done_times: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+
+        def progress(count: int) -> None:
+            sampler.done = count
+            done_times.append((round(time.monotonic() - t0, 2), count))
+            if count % max(1, args.requests // 20) == 0:
+                print(f"  {count}/{args.requests} done", flush=True)
+
+        print(
+            f"sending {args.requests} requests from {args.concurrency} clients "
+            f"to {base_url} ({model})",
+            flush=True,
+        )
+        outcomes, wall = asyncio.run(
+            drive(
+                base_url,
+                plan,
+                concurrency=args.concurrency,
+                time_limit_s=args.time_limit,
+                request_timeout_s=args.request_timeout,
+                progress=progress,
+            )
+        )
+        time.sleep(min(5.0, args.memory_interval))
+        after = sampler.sample()
+        preemptions = metric_total(base_url, "vllm:num_preemptions_total")
+        running = metric_total(base_url, "vllm:num_requests_running")
+    loadavg_end = list(os.getloadavg())
+    vocab = max((max(o.first_row) + 1 for o in outcomes if o.first_row), default=0)
+    checks = check_distributions(
+        plan, outcomes, info["defaults"], info["enabled_by_default"], vocab
+    )
+    summary = summarize(outcomes, wall)
+    result = {
+        "benchmark": "load",
+        "started_utc": started.isoformat(timespec="seconds"),
+        "args": vars(args),
+        "server": args.server or serve_command,
+        "model": model,
+        "vocab": vocab,
+        "em_inf_defaults": info["defaults"],
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "loadavg_start": loadavg_start,
+            "loadavg_end": loadavg_end,
+        },
+        "summary": summary,
+        "checks": checks,
+        "engine": {
+            "preemptions_total": preemptions,
+            "requests_running_after": running,
+        },
+        "memory": {
+            "before": before,
+            "after": after,
+            "growth": memory_growth(sampler.samples, warmup),
+            "samples": sampler.samples,
+        },
+        "latencies_s": {
+            "stream": [
+                o.latency_s
+                for o in outcomes
+                if o.error is None and o.stream and o.latency_s is not None
+            ],
+            "non-stream": [
+                o.latency_s
+                for o in outcomes
+                if o.error is None and not o.stream and o.latency_s is not None
+            ],
+        },
+        "completions_over_time": done_times,
+    }
+    out_json = RESULTS / f"load_{tag}.json"
+    out_json.write_text(json.dumps(result, indent=1))
+    with contextlib.suppress(ImportError):
+        plot(result, out_json.with_suffix(".png"))
+    counts = checks["counts"]
+    print(
+        json.dumps(
+            {
+                "requests": summary["requests_sent"],
+                "unexpected_errors": summary["errors"],
+                "p50_s": summary["latency_p50_s"],
+                "p99_s": summary["latency_p99_s"],
+                "throughput_rps": summary["throughput_rps"],
+                "checks": counts,
+                "memory_growth": result["memory"]["growth"].get("rss_growth_pct"),
+                "loadavg": [loadavg_start, loadavg_end],
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {out_json}")
+    bad = (
+        sum(summary["errors"].values())
+        + counts.get("mismatch", 0)
+        + counts.get("incomplete", 0)
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
