@@ -110,7 +110,8 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EMInfCon
 
 # (type, low, high, low inclusive, high inclusive) per numeric field: what is
 # meaningful, which also keeps float32 arithmetic finite for finite logits.
-# - threshold: any entropy; above log V it simply never acts.
+# - threshold: an entropy; no vocabulary comes near 1000 nats (log of a million
+#   tokens is 13.8), and above log V EM-INF simply never acts.
 # - kl_weight: at 1000 the KL term already outweighs the entropy by 10^4 or more
 #   (the authors use 0 to 0.05).
 # - lr: an Adam step moves a logit by about lr; at 100 one step reorders every
@@ -120,7 +121,7 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EMInfCon
 # - t_min, t_max: below 1e-4 sampling is greedy for any realistic logits and above
 #   1e4 uniform; logits are divided by T, so the bounds also keep z / T finite.
 _RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
-    "threshold": (float, 0.0, math.inf, True, False),
+    "threshold": (float, 0.0, 1e3, True, True),
     "kl_weight": (float, 0.0, 1e3, True, True),
     "lr": (float, 0.0, 1e2, False, True),
     "steps": (int, 0, 100, True, True),

@@ -58,7 +58,8 @@ def test_a_preset_in_a_dict_replaces_the_base_before_overrides():
     "field, value, words",
     [
         ("mode", "logit", ["mode", "logits", "temperature"]),
-        ("threshold", -0.1, ["threshold", "[0, inf)"]),
+        ("threshold", -0.1, ["threshold", "[0, 1000]"]),
+        ("threshold", 1e300, ["threshold", "[0, 1000]"]),
         ("threshold", math.nan, ["threshold"]),
         ("kl_weight", "0.1", ["kl_weight", "number"]),
         ("lr", 0.0, ["lr", "(0, 100]"]),
