@@ -735,7 +735,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     /* H decreases in u: err > 0 means the root lies at a larger u. */
     for (;;) {
         double err = entropy - target;
-        if (fabs(err) < best_err) {
+        if (fabs(err) <= best_err) { /* ties: the later point (an end, when H is flat) */
             best_err = fabs(err);
             best = inv_t;
         }

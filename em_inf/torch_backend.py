@@ -263,7 +263,7 @@ def _adaptive_temperature_row_(
     best_err, best_u = math.inf, u
     while True:  # H decreases in u: err > 0 means the root lies at a larger u
         err = ent - target
-        if abs(err) < best_err:
+        if abs(err) <= best_err:  # ties: the later point (an end, when H is flat)
             best_err, best_u = abs(err), u
         # Half the tolerance: the other half covers this evaluation's rounding.
         if (

@@ -156,6 +156,15 @@ def test_adaptive_temperature_clamps_to_t_min_when_target_out_of_reach():
     torch.testing.assert_close(out, logits / 0.5, rtol=1e-6, atol=0.0)
 
 
+def test_adaptive_temperature_pins_a_flat_row_at_t_min_like_the_oracle():
+    # Entropy log V at every temperature: the target is out of reach and the
+    # authors' bisection ends at t_min (a row of 1e4 + 1e-4 noise is flat in float32).
+    logits = torch.stack([torch.full((65,), 3.0), torch.full((65,), 1e4)])
+    params = dict(threshold=0.3, alpha=0.85, t_min=0.01, t_max=1.0)
+    out = functional.adaptive_temperature(logits, **params)
+    assert_matches(out, adaptive_temperature_oracle(logits, **params))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
