@@ -2,10 +2,8 @@
 Triton's interpreter in a pytest process of their own (Makefile): importing this
 module switches the interpreter on, so import it before anything imports Triton.
 
-Fixtures (import them into a test module by name to use them): ``poisoned_empty``
-(``torch.empty`` filled with NaN, so a kernel reading scratch it never wrote fails
-the test), ``quiet_interpreter`` (numpy errors raise, except underflow),
-``seeded`` (the global torch RNG seeded from the test id).
+Their fixtures (``poisoned_empty``, ``quiet_interpreter``) are in
+``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before em_inf.kernels imports triton
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -37,35 +34,6 @@ def require_interpreter() -> None:
             "tests/test_kernels*.py in their own pytest process",
             allow_module_level=True,
         )
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """``torch.empty`` returning NaN-filled float tensors for the test's duration."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(torch.nan)
-        return out
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-@pytest.fixture
-def quiet_interpreter():
-    """The interpreter evaluates both sides of ``tl.where`` with numpy; underflow in
-    ``exp`` is expected there. Anything else numpy flags fails the test."""
-    with np.errstate(all="raise", under="ignore"):
-        yield
-
-
-@pytest.fixture
-def seeded(seed):
-    """The global torch RNG (``random_logits``, ``mask_randomly``) seeded from the
-    test id."""
-    torch.manual_seed(seed)
 
 
 def slot_settings(configs: list[EMInfConfig | None]) -> SlotSettings:

@@ -1,4 +1,5 @@
-"""Start and stop a real ``em-inf serve`` process for the server tests.
+"""The server tests' helpers: start and stop a real ``em-inf serve`` process, ask it
+for whole first-token distributions, and compare them with the float64 oracle.
 
 The server runs as a child process on loopback, in its own session (so stopping it
 also stops vLLM's engine processes), with its output in a log file whose tail is
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,6 +21,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import openai
+import torch
+
+from em_inf.config import PRESETS, EMInfConfig
+from tests.oracle import assert_matches, settings_oracle
 
 HOST = "127.0.0.1"
 # Engine start-up took 50-90 s on a busy 2-core machine; leave room, but bound it.
@@ -115,3 +123,114 @@ def _stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(10)
+
+
+# ------------------------------------------ first-token distributions and the oracle
+
+TINY_VOCAB = 512
+SERVER_THRESHOLD = 0.25  # --em-inf-threshold of the tiny server (preset 'default')
+SERVER_DEFAULT = PRESETS["default"].replace(threshold=SERVER_THRESHOLD)
+PROMPTS = (
+    "The capital of France is",
+    "Solve for x: 3x + 5 = 20.",
+    "def add(a, b):",
+    "Entropy minimization sharpens",
+    "The quick brown fox",
+    "Numbers: 0 1 2 3",
+    "A language model assigns",
+    "What is 12 + 30?",
+)
+# Batched float32 numerics in the engine may differ from a lone request's in the
+# last bits; concurrent results are compared with this much more room.
+BATCHED_LOGIT_TOL = 1e-3
+BATCHED_TV_TOL = 1e-4
+
+
+def random_logits_settings(rng: random.Random) -> dict:
+    """Fresh logits-mode settings; thresholds sometimes above the row's entropy."""
+    return {
+        "threshold": rng.choice([0.0, rng.uniform(0.0, 4.0), 50.0]),
+        "kl_weight": rng.uniform(0.0, 0.2),
+        "lr": rng.uniform(0.01, 0.3),
+        "steps": rng.randint(0, 5),
+    }
+
+
+def row_from_top_logprobs(pairs) -> torch.Tensor:
+    """``[V]`` float32 logprobs from ``(\"token_id:<id>\", logprob)`` pairs (all V)."""
+    row = torch.full((TINY_VOCAB,), float("nan"), dtype=torch.float32)
+    for token, logprob in pairs:
+        row[int(token.removeprefix("token_id:"))] = logprob
+    assert not row.isnan().any(), "the server did not return every token's logprob"
+    return row
+
+
+def first_token_row(
+    client: openai.OpenAI, model: str, endpoint: str, prompt: str, extra: dict
+) -> torch.Tensor:
+    """The processed logprobs of the first generated token, all ``V`` of them."""
+    extra = {"return_tokens_as_token_ids": True, **extra}
+    if endpoint == "chat":
+        response = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=-1,
+            extra_body=extra,
+        )
+        top = response.choices[0].logprobs.content[0].top_logprobs
+        return row_from_top_logprobs((entry.token, entry.logprob) for entry in top)
+    response = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=-1,
+        extra_body=extra,
+    )
+    return row_from_top_logprobs(response.choices[0].logprobs.top_logprobs[0].items())
+
+
+def expected_row(plain: torch.Tensor, config: EMInfConfig | None) -> torch.Tensor:
+    """The reference's distribution (float64 logprobs) for ``config`` applied to the
+    model's own logprobs ``plain`` (EM-INF is shift-invariant in the logits)."""
+    if config is None:
+        return plain.double()
+    return torch.log_softmax(settings_oracle(plain[None], config)[0], dim=-1)
+
+
+def assert_row(actual: torch.Tensor, expected: torch.Tensor, **tolerances) -> None:
+    assert_matches(actual[None], expected[None], **tolerances)
+
+
+#: ``em-inf serve`` flags of the tiny-model servers: float32 (comparable with
+#: transformers), and every token's processed logprob on request.
+FULL_DISTRIBUTION_ARGS = [
+    "--dtype",
+    "float32",
+    "--max-logprobs",
+    "-1",
+    "--logprobs-mode",
+    "processed_logprobs",
+]
+
+
+def assert_model_distribution_matches_transformers(plain_rows: dict, model_dir) -> None:
+    """The served model's own first-token distribution (``"em_inf": false``) for
+    ``PROMPTS[1]`` is transformers' on the same float32 checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        logits = hf_model(ids).logits[0, -1].double()
+    assert_row(
+        plain_rows[("completion", prompt)],
+        torch.log_softmax(logits, -1),
+        logit_tol=BATCHED_LOGIT_TOL,
+        tv_tol=BATCHED_TV_TOL,
+    )

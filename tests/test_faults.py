@@ -32,11 +32,14 @@ import torch
 from em_inf import models
 from em_inf.config import PRESETS, EMInfConfig
 from em_inf.reference import mismatch, settings_oracle
-from tests.server_helpers import running_server
+from tests.server_helpers import (
+    FULL_DISTRIBUTION_ARGS,
+    SERVER_DEFAULT,
+    SERVER_THRESHOLD,
+    TINY_VOCAB,
+    running_server,
+)
 
-TINY_VOCAB = 512
-SERVER_THRESHOLD = 0.25
-SERVER_DEFAULT = PRESETS["default"].replace(threshold=SERVER_THRESHOLD)
 BLOCK = 32  # the CPU attention backend takes multiples of 32
 KV_TOKENS = 12 * BLOCK  # 12 blocks: three 140-token requests fill it
 KV_BYTES = KV_TOKENS * 2 * 2 * 64 * 4  # K and V, 2 layers, 1 head of 64, float32
@@ -51,8 +54,7 @@ def fault_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("fault-server") / "server.log"
     args = [
         str(models.tiny_model_dir(TINY_VOCAB)),
-        "--dtype",
-        "float32",
+        *FULL_DISTRIBUTION_ARGS,
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--block-size",
@@ -61,10 +63,6 @@ def fault_server(tmp_path_factory):
         str(KV_BYTES),
         "--max-num-seqs",
         "32",
-        "--max-logprobs",
-        "-1",
-        "--logprobs-mode",
-        "processed_logprobs",
         "--em-inf-threshold",
         str(SERVER_THRESHOLD),
         "--enable-log-requests",  # the log names every request the engine aborts

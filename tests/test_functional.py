@@ -8,6 +8,7 @@ import torch
 
 from em_inf import cpu_backend, functional, torch_backend
 from em_inf.reference import entropy
+from tests.inputs import mask_randomly, random_logits
 from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
 
 QWEN_VOCAB = 151_936
@@ -18,26 +19,6 @@ def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Every test runs on the compiled CPU kernels and on the eager PyTorch path."""
     monkeypatch.setenv("EM_INF_BACKEND", request.param)
     return request.param
-
-
-def random_logits(rows: int, vocab: int, *, scale: float = 3.0, seed=None):
-    """Fresh ``[rows, vocab]`` float32 logits: Gaussian with a heavy tail of
-    confident rows, so thresholds split the batch."""
-    gen = torch.Generator().manual_seed(
-        int(torch.randint(0, 2**31, ())) if seed is None else seed
-    )
-    logits = torch.randn(rows, vocab, generator=gen) * scale
-    peaks = torch.randint(0, vocab, (rows,), generator=gen)
-    boost = torch.rand(rows, generator=gen) * 4 * scale
-    logits[torch.arange(rows), peaks] += boost
-    return logits
-
-
-def mask_randomly(logits: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Set about ``fraction`` of each row to ``-inf``, keeping >= 1 finite entry."""
-    mask = torch.rand_like(logits) < fraction
-    mask[:, 0] = False
-    return logits.masked_fill(mask, -torch.inf)
 
 
 @pytest.mark.parametrize(

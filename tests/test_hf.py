@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from em_inf import PRESETS
 from em_inf.config import make_config
 from em_inf.hf import EMInfLogitsProcessor
 from em_inf.models import prepare_default_model
+from tests.inputs import mask_randomly, random_logits
 from tests.oracle import assert_matches, settings_oracle
-from tests.test_functional import mask_randomly, random_logits
 
 QUESTIONS = [
     "What is the capital of France? Answer in one sentence.",
@@ -29,11 +28,6 @@ QUESTIONS = [
 ]
 MATH = PRESETS["math"]
 ADAPTIVE = PRESETS["default"].replace(mode="temperature", alpha=0.7)
-
-
-def seed_of(request) -> int:
-    """A seed derived from the test id (printed by the tests that use it)."""
-    return zlib.crc32(request.node.nodeid.encode())
 
 
 class Recorder(transformers.LogitsProcessor):
@@ -126,35 +120,27 @@ def test_per_row_must_fit_the_batch():
 
 
 @pytest.mark.parametrize("repeat", [1, 3])
-def test_mixed_rows_match_the_oracle(request, repeat):
+def test_mixed_rows_match_the_oracle(generator, repeat):
     """Per-prompt settings (both modes, EM-INF off) over ``repeat`` rows each, as
     ``num_return_sequences`` lays them out; masked entries included."""
-    seed = seed_of(request)
     per_row = [MATH, None, ADAPTIVE, PRESETS["physics"]]
     rows = [config for config in per_row for _ in range(repeat)]
-    logits = mask_randomly(random_logits(len(rows), 4099, seed=seed), 0.1)
+    logits = mask_randomly(random_logits(len(rows), 4099, generator=generator), 0.1)
     processor = EMInfLogitsProcessor(per_row=per_row, temperature=0.5)
     out = processor(torch.zeros(len(rows), 1, dtype=torch.long), logits)
-    try:
-        assert_matches(out * 0.5, settings_oracle(logits, rows))
-    except AssertionError as err:
-        raise AssertionError(f"seed {seed}: {err}") from None
+    assert_matches(out * 0.5, settings_oracle(logits, rows))
     assert torch.equal(out[repeat : 2 * repeat], logits[repeat : 2 * repeat] / 0.5)
 
 
-def test_log_probability_rows_leave_as_log_probabilities(request):
+def test_log_probability_rows_leave_as_log_probabilities(generator):
     """Beam search hands processors log-probabilities: EM-INF sees the same
     distribution and returns the log-probabilities of the EM-INF distribution."""
-    seed = seed_of(request)
-    logits = random_logits(4, 4099, seed=seed)
+    logits = random_logits(4, 4099, generator=generator)
     processor = EMInfLogitsProcessor(per_row=[MATH, ADAPTIVE])
     log_probs = torch.log_softmax(logits, dim=-1)
     out = processor(torch.zeros(4, 1, dtype=torch.long), log_probs)
     rows = [MATH, MATH, ADAPTIVE, ADAPTIVE]
-    try:
-        assert_matches(out, torch.log_softmax(settings_oracle(logits, rows), -1))
-    except AssertionError as err:
-        raise AssertionError(f"seed {seed}: {err}") from None
+    assert_matches(out, torch.log_softmax(settings_oracle(logits, rows), -1))
 
 
 WITHOUT_TRANSFORMERS = """
@@ -192,13 +178,12 @@ torch.save(out, sys.argv[2])
 """
 
 
-def test_triton_kernels_give_the_same_rows(request, tmp_path):
+def test_triton_kernels_give_the_same_rows(generator, tmp_path):
     """The Triton path (what CUDA tensors take), run by Triton's interpreter in a
     process of its own (the interpreter switch is process-wide)."""
-    seed = seed_of(request)
     per_row = [{"preset": "math"}, False, {"mode": "temperature", "alpha": 0.7}]
     rows = [config for config in (MATH, None, ADAPTIVE) for _ in range(2)]
-    logits = mask_randomly(random_logits(len(rows), 4099, seed=seed), 0.1)
+    logits = mask_randomly(random_logits(len(rows), 4099, generator=generator), 0.1)
     torch.save(logits, tmp_path / "in.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", EM_INF_BACKEND="triton")
     run = subprocess.run(
@@ -217,10 +202,7 @@ def test_triton_kernels_give_the_same_rows(request, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
-    try:
-        assert_matches(out * 0.5, settings_oracle(logits, rows))
-    except AssertionError as err:
-        raise AssertionError(f"seed {seed}: {err}") from None
+    assert_matches(out * 0.5, settings_oracle(logits, rows))
 
 
 # ------------------------------------------------------------ SmolLM2, generate
@@ -304,13 +286,13 @@ def test_greedy_padded_batch_matches_the_oracle_at_every_step(model, padded):
 
 
 @pytest.mark.parametrize("where", ["processor", "generate"])
-def test_sampling_draws_from_em_inf_then_temperature(request, model, padded, where):
+def test_sampling_draws_from_em_inf_then_temperature(seed, model, padded, where):
     """The paper's order, EM-INF on the raw logits, then temperature 0.1: what
     ``generate`` samples from is ``softmax(EM-INF(z) / 0.1)``, with the temperature
     given to the processor (the documented way) or, on this transformers, to
     ``generate`` (it runs user processors before its own temperature warper).
     Each prompt's settings cover its num_return_sequences=2 rows."""
-    torch.manual_seed(seed_of(request))
+    torch.manual_seed(seed)
     per_row = [MATH, ADAPTIVE, PRESETS["default"]]
     recorder = Recorder()
     temperature = {"processor": 0.1, "generate": 1.0}[where]

@@ -12,67 +12,33 @@ as NaN in the output.
 
 from __future__ import annotations
 
-import os
+from tests import kernel_helpers  # switches the interpreter on: first
 
-os.environ["TRITON_INTERPRET"] = "1"  # before em_inf.kernels imports triton
+kernel_helpers.require_interpreter()
 
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
-from em_inf.kernels.logits_mode import em_inf_rows_with_plan_  # noqa: E402
 
 from em_inf import backend, cpu_backend, functional, reference  # noqa: E402
+from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
+from em_inf.kernels.logits_mode import em_inf_rows_with_plan_  # noqa: E402
 from em_inf.reference import entropy  # noqa: E402
+from tests.inputs import mask_randomly, random_logits  # noqa: E402
 from tests.oracle import (  # noqa: E402
     adaptive_temperature_oracle,
     assert_matches,
     em_inf_oracle,
 )
-from tests.test_functional import mask_randomly, random_logits  # noqa: E402
 
 QWEN_VOCAB = 151_936
 
-from em_inf.kernels import logits_mode  # noqa: E402
 
-if not type(logits_mode._em_inf_pass_kernel).__name__.startswith("Interpreted"):
-    pytest.skip(
-        "em_inf.kernels was imported before TRITON_INTERPRET=1 was set; run "
-        "tests/test_kernels.py in its own pytest process",
-        allow_module_level=True,
-    )
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """``torch.empty`` returning NaN-filled float tensors for the test's duration."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(torch.nan)
-        return out
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-@pytest.fixture(autouse=True)
-def seeded(seed):
-    """Draw the unseeded helpers' inputs (``random_logits``, masks) from the test's
-    seed too."""
-    torch.manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def quiet_interpreter():
-    """The interpreter evaluates both sides of ``tl.where`` with numpy; underflow in
-    ``exp`` is expected there. Anything else numpy flags fails the test."""
-    with np.errstate(all="raise", under="ignore"):
-        yield
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter")
 
 
 def _slot_params(slots: int, **values) -> dict[str, torch.Tensor]:
@@ -212,8 +178,9 @@ def test_logits_kernel_leaves_fully_masked_rows_alone_without_nan():
     logits[1] = -torch.inf
     params = _slot_params(2, threshold=0.0, kl_weight=0.05, lr=0.1, steps=3)
     out = _run_em_inf(logits, torch.arange(2, dtype=torch.int32), params)
-    assert not torch.isnan(out).any()
     assert torch.isneginf(out[1]).all()
+    single = {name: value[0].item() for name, value in params.items()}
+    assert_matches(out[:1], em_inf_oracle(logits[:1], **single))
 
 
 @pytest.mark.parametrize("scale", [1e-4, 50.0, 1e3])

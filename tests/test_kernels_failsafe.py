@@ -20,22 +20,21 @@ own process (see tests/kernel_helpers.py).
 from __future__ import annotations
 
 from tests import kernel_helpers
-from tests.kernel_helpers import poisoned_empty, seeded  # noqa: F401  (fixtures)
 
 kernel_helpers.require_interpreter()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
 
+from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
 from em_inf.reference import (  # noqa: E402
     adaptive_temperature_oracle,
     em_inf_oracle,
     mismatch,
 )
 
-pytestmark = pytest.mark.usefixtures("poisoned_empty", "seeded")
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 F32 = torch.finfo(torch.float32)
 MASK_LEVEL = kernel_helpers.MASK_LEVEL

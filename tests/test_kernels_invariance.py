@@ -11,11 +11,8 @@ or ``VLLM_BATCH_INVARIANT``), which fixes the block by V. Runs in its own proces
 from __future__ import annotations
 
 from tests import kernel_helpers
-from tests.kernel_helpers import (  # noqa: F401  (fixtures)
+from tests.kernel_helpers import (
     oracle_rows,
-    poisoned_empty,
-    quiet_interpreter,
-    seeded,
     slot_settings,
 )
 
@@ -23,15 +20,15 @@ kernel_helpers.require_interpreter()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from em_inf.config import PRESETS  # noqa: E402
 from em_inf.kernels import em_inf_rows_  # noqa: E402
 from em_inf.kernels._common import INVARIANT_BLOCK, plan_block  # noqa: E402
 from em_inf.kernels.step import StepRunner  # noqa: E402
-
-from em_inf.config import PRESETS  # noqa: E402
+from tests.inputs import random_logits  # noqa: E402
 from tests.oracle import assert_matches  # noqa: E402
-from tests.test_functional import random_logits  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter", "seeded")
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter")
 
 CPU = torch.device("cpu")
 VOCAB = 5_000  # 3 chunks of the invariant block; the fast plan varies 1024-4096
@@ -51,7 +48,12 @@ def _pool(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Ten rows with a slot each: varied scales, ``-inf`` and ``finfo.min`` masks."""
     seeds = torch.randint(0, 2**31, (10,), generator=generator).tolist()
     logits = torch.cat(
-        [random_logits(1, VOCAB, scale=1 + i, seed=s) for i, s in enumerate(seeds)]
+        [
+            random_logits(
+                1, VOCAB, scale=1 + i, generator=torch.Generator().manual_seed(s)
+            )
+            for i, s in enumerate(seeds)
+        ]
     )
     masks = torch.rand(logits.shape, generator=generator) < 0.2
     masks[:, 0] = False

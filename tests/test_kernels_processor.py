@@ -11,11 +11,8 @@ from __future__ import annotations
 import logging
 
 from tests import kernel_helpers
-from tests.kernel_helpers import (  # noqa: F401  (fixtures)
+from tests.kernel_helpers import (
     oracle_rows,
-    poisoned_empty,
-    quiet_interpreter,
-    seeded,
 )
 
 kernel_helpers.require_interpreter()
@@ -30,18 +27,21 @@ from vllm.v1.sample.logits_processor import (  # noqa: E402
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext  # noqa: E402
 
 from em_inf import PRESETS, EMInf  # noqa: E402
-from tests.oracle import adaptive_temperature_oracle, assert_matches  # noqa: E402
-from tests.sync_detector import HostSyncDetector  # noqa: E402
-from tests.test_functional import random_logits  # noqa: E402
-from tests.test_processor import (  # noqa: E402
-    expected_rows,
+from tests.inputs import random_logits  # noqa: E402
+from tests.oracle import (  # noqa: E402
+    adaptive_temperature_oracle,
+    assert_matches,
+    settings_oracle,
+)
+from tests.processor_helpers import (  # noqa: E402
     make_config,
     params,
     v2_context,
     v2_processor,
 )
+from tests.sync_detector import HostSyncDetector  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter", "seeded")
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter")
 
 MATH, PHYSICS, DEFAULT = PRESETS["math"], PRESETS["physics"], PRESETS["default"]
 TEMPERATURE = PRESETS["adaptive-temperature"]
@@ -114,7 +114,7 @@ def test_mixed_modes_and_opted_out_rows_in_one_batch():
     row_slots = [3, 6, 1, 0]
     logits = random_logits(4, 2_053)
     out = proc.apply(logits.clone(), v2_context(row_slots))
-    expected = expected_rows(
+    expected = settings_oracle(
         logits, [None, MATH, None, DEFAULT.replace(lr=0.05, steps=5)]
     )
     expected[0] = adaptive_temperature_oracle(

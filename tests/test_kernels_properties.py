@@ -16,8 +16,8 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before em_inf.kernels imports triton
 
 import pytest  # noqa: E402
-from em_inf.kernels import logits_mode  # noqa: E402
 
+from em_inf.kernels import logits_mode  # noqa: E402
 from tests.test_properties import (  # noqa: E402, F401  (collected here too)
     test_a_rows_result_does_not_depend_on_its_batch,
     test_finite_wherever_the_input_was_finite,

@@ -11,11 +11,8 @@ tests/kernel_helpers.py).
 from __future__ import annotations
 
 from tests import kernel_helpers
-from tests.kernel_helpers import (  # noqa: F401  (fixtures)
+from tests.kernel_helpers import (
     oracle_rows,
-    poisoned_empty,
-    quiet_interpreter,
-    seeded,
     slot_settings,
 )
 
@@ -23,14 +20,14 @@ kernel_helpers.require_interpreter()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from em_inf.kernels import step  # noqa: E402
-from em_inf.kernels.step import StepRunner, bucket_rows, graphs_wanted  # noqa: E402
 
 from em_inf.config import PRESETS  # noqa: E402
+from em_inf.kernels import step  # noqa: E402
+from em_inf.kernels.step import StepRunner, bucket_rows, graphs_wanted  # noqa: E402
+from tests.inputs import mask_randomly, random_logits  # noqa: E402
 from tests.oracle import assert_matches  # noqa: E402
-from tests.test_functional import mask_randomly, random_logits  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter", "seeded")
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter")
 
 CPU = torch.device("cpu")
 CONFIGS = [

@@ -18,9 +18,8 @@ import pytest
 
 from bench import load
 from em_inf import models
-from tests.server_helpers import running_server
+from tests.server_helpers import FULL_DISTRIBUTION_ARGS, TINY_VOCAB, running_server
 
-TINY_VOCAB = 512
 REQUESTS = 200
 CONCURRENCY = 16
 
@@ -28,17 +27,8 @@ CONCURRENCY = 16
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("load-server") / "server.log"
-    args = [
-        str(models.tiny_model_dir(TINY_VOCAB)),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--max-logprobs",
-        "-1",
-        "--logprobs-mode",
-        "processed_logprobs",
-    ]
+    args = [str(models.tiny_model_dir(TINY_VOCAB)), *FULL_DISTRIBUTION_ARGS]
+    args += ["--max-model-len", "512"]
     with running_server(args, log_path) as base_url:
         yield base_url
 

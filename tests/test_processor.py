@@ -8,78 +8,19 @@ import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from vllm import SamplingParams
-from vllm.config import VllmConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1Interface
 from vllm.v1.worker.gpu.sample.logits_processor import (
     LogitsContext,
-    LogitsProcRequestState,
 )
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
 
 from em_inf import PRESETS, EMInf
-from tests.oracle import assert_matches, em_inf_oracle
-from tests.test_functional import random_logits
-
-VOCAB = 3_001
-
-
-def make_config(em_inf=None, max_num_seqs=8) -> VllmConfig:
-    config = VllmConfig(additional_config={"em_inf": em_inf} if em_inf else {})
-    config.scheduler_config.max_num_seqs = max_num_seqs
-    return config
-
-
-def v2_processor(cls=EMInf, **config) -> EMInf:
-    state = LogitsProcRequestState(
-        device=torch.device("cpu"),
-        max_num_reqs=8,
-        vocab_size=VOCAB,
-        all_token_ids=None,
-        prompt_len=None,
-        prefill_len=None,
-        total_len=None,
-    )
-    return cls(make_config(**config), state)
-
-
-def v2_context(row_slots) -> LogitsContext:
-    slots = torch.tensor(row_slots, dtype=torch.int32)
-    return LogitsContext(
-        expanded_idx_mapping=slots,
-        idx_mapping=slots,
-        idx_mapping_np=np.asarray(row_slots, dtype=np.int32),
-        expanded_local_pos=torch.zeros_like(slots),
-        input_ids=torch.zeros_like(slots),
-        pos=torch.zeros_like(slots),
-        seq_lens_upper_bound_np=np.ones(len(row_slots), dtype=np.int32),
-    )
-
-
-def params(extra_args=None) -> SamplingParams:
-    return SamplingParams(extra_args=extra_args)
-
-
-def expected_rows(logits, configs):
-    """Oracle per row: ``configs[i]`` is a logits-mode EMInfConfig or None (off)."""
-    return torch.cat(
-        [
-            row[None].double()
-            if cfg is None
-            else em_inf_oracle(
-                row[None],
-                threshold=cfg.threshold,
-                kl_weight=cfg.kl_weight,
-                lr=cfg.lr,
-                steps=cfg.steps,
-            )
-            for row, cfg in zip(logits, configs, strict=True)
-        ]
-    )
+from tests.inputs import random_logits
+from tests.oracle import assert_matches, settings_oracle
+from tests.processor_helpers import VOCAB, make_config, params, v2_context, v2_processor
 
 
 def test_one_class_serves_both_runner_interfaces():
@@ -97,7 +38,7 @@ def test_v2_rows_follow_their_slots_settings():
     row_slots = [2, 5, 0, 5]  # rows are reordered against slots every step
     logits = random_logits(4, VOCAB)
     out = proc.apply(logits.clone(), v2_context(row_slots))
-    expected = expected_rows(logits, [None, math, PRESETS["default"], math])
+    expected = settings_oracle(logits, [None, math, PRESETS["default"], math])
     assert_matches(out, expected)
     assert torch.equal(out[0], logits[0])
 
@@ -121,7 +62,7 @@ def test_v2_speculative_rows_use_the_expanded_mapping():
     logits = random_logits(4, VOCAB)
     out = proc.apply(logits.clone(), ctx)
     math = PRESETS["math"]
-    assert_matches(out, expected_rows(logits, [math, math, math, None]))
+    assert_matches(out, settings_oracle(logits, [math, math, math, None]))
 
 
 def test_v2_warmup_request_without_extra_args_gets_the_engine_default():
@@ -162,7 +103,7 @@ def test_v1_batch_updates_remove_add_and_move_slots():
     )
     logits = random_logits(2, VOCAB)
     out = proc.apply(logits.clone())
-    assert_matches(out, expected_rows(logits, [physics, math]))
+    assert_matches(out, settings_oracle(logits, [physics, math]))
 
 
 def test_configured_class_applies_its_settings_under_engine_overrides():
@@ -173,7 +114,7 @@ def test_configured_class_applies_its_settings_under_engine_overrides():
     proc.add_request(0, params(None))
     logits = random_logits(1, VOCAB)
     out = proc.apply(logits.clone(), v2_context([0]))
-    assert_matches(out, expected_rows(logits, [cls.settings.replace(steps=2)]))
+    assert_matches(out, settings_oracle(logits, [cls.settings.replace(steps=2)]))
 
 
 def test_configured_class_off_by_default_makes_em_inf_opt_in():

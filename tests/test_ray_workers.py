@@ -16,7 +16,6 @@ build the processor through vLLM's V1 (CPU runner) and V2 (GPU runner) interface
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,8 @@ import torch
 
 from em_inf import EMInf
 from em_inf.config import parse_request
-from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
-from tests.test_functional import random_logits
+from tests.inputs import random_logits
+from tests.oracle import assert_matches, settings_oracle
 
 ray = pytest.importorskip("ray", reason="Ray is in the `ray` extra (make test has it)")
 
@@ -112,29 +111,8 @@ class ProcessorWorker:
         return v1_out, v2_out
 
 
-def expected(logits: torch.Tensor, config) -> torch.Tensor:
-    row = logits[None]
-    if config is None:
-        return row.double()
-    if config.mode == "temperature":
-        return adaptive_temperature_oracle(
-            row,
-            threshold=config.threshold,
-            alpha=config.alpha,
-            t_min=config.t_min,
-            t_max=config.t_max,
-        )
-    return em_inf_oracle(
-        row,
-        threshold=config.threshold,
-        kl_weight=config.kl_weight,
-        lr=config.lr,
-        steps=config.steps,
-    )
-
-
 def test_processor_configured_class_and_request_settings_reach_ray_workers(
-    request, ray_workers
+    generator, ray_workers
 ):
     from vllm import SamplingParams
     from vllm.config import VllmConfig
@@ -148,8 +126,7 @@ def test_processor_configured_class_and_request_settings_reach_ray_workers(
         assert (name, settings, enabled) == (cls.__qualname__, cls.settings, True)
         assert is_em_inf
 
-    seed = zlib.crc32(request.node.nodeid.encode())
-    logits = random_logits(len(REQUESTS), VOCAB, seed=seed)
+    logits = random_logits(len(REQUESTS), VOCAB, generator=generator)
     new_requests = [
         (slot, SamplingParams(extra_args=extra_args))
         for slot, extra_args in enumerate(REQUESTS)
@@ -159,16 +136,12 @@ def test_processor_configured_class_and_request_settings_reach_ray_workers(
     )
     configs = [parse_request(extra, engine_default) for extra in REQUESTS]
     assert configs[1] is None and configs[0] == engine_default
-    oracle = torch.cat(
-        [expected(row, config) for row, config in zip(logits, configs, strict=True)]
-    )
+    oracle = settings_oracle(logits, configs)
     for rank, (v1_out, v2_out) in enumerate(outputs):
         for runner, out in (("V1", v1_out), ("V2", v2_out)):
             try:
                 assert_matches(out, oracle)
             except AssertionError as error:
-                raise AssertionError(
-                    f"seed {seed}, rank {rank}, {runner}: {error}"
-                ) from None
+                raise AssertionError(f"rank {rank}, {runner}: {error}") from None
         assert torch.equal(v1_out[1], logits[1]), "EM-INF off must leave the row"
     assert torch.equal(outputs[0][0], outputs[1][0]), "the ranks disagree"

@@ -21,6 +21,8 @@ import sys
 
 import httpx
 import pytest
+
+from em_inf.config import PRESETS, REQUEST_KEY
 from em_inf.server import vllm_compat
 from em_inf.server.cli_args import EM_INF_FLAGS, make_serve_parser, serve_subcommand
 from em_inf.server.cpu_defaults import (
@@ -34,8 +36,6 @@ from em_inf.server.launch import MIDDLEWARE, PROCESSOR, StartupError, prepare
 from em_inf.server.middleware import API_KEYS_ENV, INFO_PATH, EMInfMiddleware
 from em_inf.server.requests import GENERATION_PATHS, UNSUPPORTED_PATHS, translate_body
 from em_inf.server.settings import SETTINGS_ENV, ServerSettings
-
-from em_inf.config import PRESETS, REQUEST_KEY
 
 EXPECTED_VLLM = os.environ.get("EM_INF_EXPECT_VLLM")
 

@@ -30,116 +30,34 @@ import httpx
 import openai
 import pytest
 import torch
+
+from em_inf import __version__, models
+from em_inf.config import PRESET_SOURCES, PRESETS
+from em_inf.reference import entropy
 from em_inf.server.requests import (
     EMInfRequestError,
     refuse_unsupported,
     translate_body,
 )
 from em_inf.server.settings import ServerSettings
-
-from em_inf import __version__, models
-from em_inf.config import PRESET_SOURCES, PRESETS, EMInfConfig
-from em_inf.reference import entropy
-from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
-from tests.server_helpers import running_server
-
-TINY_VOCAB = 512
-SERVER_THRESHOLD = 0.25  # --em-inf-threshold of the tiny server (preset 'default')
-SERVER_DEFAULT = PRESETS["default"].replace(threshold=SERVER_THRESHOLD)
-PROMPTS = (
-    "The capital of France is",
-    "Solve for x: 3x + 5 = 20.",
-    "def add(a, b):",
-    "Entropy minimization sharpens",
-    "The quick brown fox",
-    "Numbers: 0 1 2 3",
-    "A language model assigns",
-    "What is 12 + 30?",
+from tests.server_helpers import (
+    BATCHED_LOGIT_TOL,
+    BATCHED_TV_TOL,
+    FULL_DISTRIBUTION_ARGS,
+    PROMPTS,
+    SERVER_DEFAULT,
+    SERVER_THRESHOLD,
+    TINY_VOCAB,
+    assert_model_distribution_matches_transformers,
+    assert_row,
+    expected_row,
+    first_token_row,
+    random_logits_settings,
+    row_from_top_logprobs,
+    running_server,
 )
+
 MESSAGE = [{"role": "user", "content": PROMPTS[0]}]
-# Batched float32 numerics in the engine may differ from a lone request's in the
-# last bits; concurrent results are compared with this much more room.
-BATCHED_LOGIT_TOL = 1e-3
-BATCHED_TV_TOL = 1e-4
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def random_logits_settings(rng: random.Random) -> dict:
-    """Fresh logits-mode settings; thresholds sometimes above the row's entropy."""
-    return {
-        "threshold": rng.choice([0.0, rng.uniform(0.0, 4.0), 50.0]),
-        "kl_weight": rng.uniform(0.0, 0.2),
-        "lr": rng.uniform(0.01, 0.3),
-        "steps": rng.randint(0, 5),
-    }
-
-
-def row_from_top_logprobs(pairs) -> torch.Tensor:
-    """``[V]`` float32 logprobs from ``(\"token_id:<id>\", logprob)`` pairs (all V)."""
-    row = torch.full((TINY_VOCAB,), float("nan"), dtype=torch.float32)
-    for token, logprob in pairs:
-        row[int(token.removeprefix("token_id:"))] = logprob
-    assert not row.isnan().any(), "the server did not return every token's logprob"
-    return row
-
-
-def first_token_row(
-    client: openai.OpenAI, model: str, endpoint: str, prompt: str, extra: dict
-) -> torch.Tensor:
-    """The processed logprobs of the first generated token, all ``V`` of them."""
-    extra = {"return_tokens_as_token_ids": True, **extra}
-    if endpoint == "chat":
-        response = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=True,
-            top_logprobs=-1,
-            extra_body=extra,
-        )
-        top = response.choices[0].logprobs.content[0].top_logprobs
-        return row_from_top_logprobs((entry.token, entry.logprob) for entry in top)
-    response = client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=1,
-        temperature=0.0,
-        logprobs=-1,
-        extra_body=extra,
-    )
-    return row_from_top_logprobs(response.choices[0].logprobs.top_logprobs[0].items())
-
-
-def expected_row(plain: torch.Tensor, config: EMInfConfig | None) -> torch.Tensor:
-    """The reference's distribution (float64 logprobs) for ``config`` applied to the
-    model's own logprobs ``plain`` (EM-INF is shift-invariant in the logits)."""
-    logits = plain.double()[None]
-    if config is None:
-        return logits[0]
-    if config.mode == "temperature":
-        out = adaptive_temperature_oracle(
-            logits,
-            threshold=config.threshold,
-            alpha=config.alpha,
-            t_min=config.t_min,
-            t_max=config.t_max,
-        )
-    else:
-        out = em_inf_oracle(
-            logits,
-            threshold=config.threshold,
-            kl_weight=config.kl_weight,
-            lr=config.lr,
-            steps=config.steps,
-        )
-    return torch.log_softmax(out[0], dim=-1)
-
-
-def assert_row(actual: torch.Tensor, expected: torch.Tensor, **tolerances) -> None:
-    assert_matches(actual[None], expected[None], **tolerances)
 
 
 def get_json(url: str) -> dict:
@@ -220,10 +138,18 @@ def test_invalid_settings_are_refused_naming_the_field(body, named):
     assert named in caught.value.message
 
 
-def test_batch_route_refuses_the_em_inf_field():
-    with pytest.raises(EMInfRequestError, match="not supported"):
-        refuse_unsupported("/v1/chat/completions/batch", {"em_inf": {"lr": 0.1}})
-    refuse_unsupported("/v1/chat/completions/batch", {"messages": []})
+@pytest.mark.parametrize(
+    ("path", "instead"),
+    [
+        ("/v1/chat/completions/batch", "/v1/chat/completions"),
+        ("/inference/v1/generate", "sampling_params"),
+    ],
+)
+def test_routes_without_vllm_xargs_refuse_the_em_inf_field(path, instead):
+    with pytest.raises(EMInfRequestError, match=instead) as caught:
+        refuse_unsupported(path, {"em_inf": {"lr": 0.1}})
+    assert path in caught.value.message
+    refuse_unsupported(path, {"messages": []})
 
 
 def test_every_vllm_piece_em_inf_builds_on_is_found():
@@ -319,19 +245,8 @@ def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
 def tiny_server(tmp_path_factory):
     model_dir = models.tiny_model_dir(TINY_VOCAB)
     log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
-    args = [
-        str(model_dir),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "512",
-        "--max-logprobs",
-        "-1",
-        "--logprobs-mode",
-        "processed_logprobs",
-        "--em-inf-threshold",
-        str(SERVER_THRESHOLD),
-    ]
+    args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--max-model-len", "512"]
+    args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
     with running_server(args, log_path) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
@@ -372,21 +287,7 @@ class TestTinyServer:
         self, tiny_server, plain_rows
     ):
         """Checked against transformers running the same checkpoint in float32."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        _, client, model, model_dir = tiny_server
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        prompt = PROMPTS[1]
-        ids = tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            logits = hf_model(torch.tensor([ids])).logits[0, -1].double()
-        assert_row(
-            plain_rows[("completion", prompt)],
-            torch.log_softmax(logits, -1),
-            logit_tol=BATCHED_LOGIT_TOL,
-            tv_tol=BATCHED_TV_TOL,
-        )
+        assert_model_distribution_matches_transformers(plain_rows, tiny_server[3])
 
     @pytest.mark.parametrize("endpoint", ["chat", "completion"])
     def test_plain_request_gets_the_server_defaults(
@@ -403,10 +304,10 @@ class TestTinyServer:
     @pytest.mark.parametrize("spelling", ["body", "vllm_xargs"])
     @pytest.mark.parametrize("endpoint", ["chat", "completion"])
     def test_per_request_settings_match_the_reference(
-        self, tiny_server, plain_rows, endpoint, spelling
+        self, tiny_server, plain_rows, endpoint, spelling, seed
     ):
         _, client, model, _ = tiny_server
-        rng = random.Random()
+        rng = random.Random(seed)
         for prompt in rng.sample(PROMPTS, 2):
             settings = random_logits_settings(rng)
             if spelling == "body":
@@ -617,10 +518,10 @@ class TestTinyServer:
         assert served.status_code == 200, served.text
 
     def test_32_concurrent_mixed_requests_each_get_their_own_settings(
-        self, tiny_server, plain_rows
+        self, tiny_server, plain_rows, seed
     ):
         base_url, _, model, _ = tiny_server
-        rng = random.Random()
+        rng = random.Random(seed)
         kinds = ("chat", "chat-stream", "completion", "completion-stream")
         choices = [
             None,
@@ -719,14 +620,26 @@ class TestTinyServer:
                 raise AssertionError(f"{kind} {prompt!r} {settings}: {error}") from None
 
     def test_metrics_count_the_requests(self, tiny_server):
-        with urllib.request.urlopen(tiny_server[0] + "/metrics", timeout=30) as page:
-            text = page.read().decode()
-        finished = [
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("vllm:request_success_total")
-        ]
-        assert sum(finished) > 0
+        base_url, client, model, _ = tiny_server
+
+        def finished() -> float:
+            with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
+                lines = page.read().decode().splitlines()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in lines
+                if line.startswith("vllm:request_success_total")
+            )
+
+        before = finished()
+        for em_inf in (True, False):
+            client.completions.create(
+                model=model,
+                prompt=PROMPTS[0],
+                max_tokens=2,
+                extra_body={"em_inf": em_inf},
+            )
+        assert finished() == before + 2
 
 
 # ------------------------------------------------------- the default model (SmolLM2)

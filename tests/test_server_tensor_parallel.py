@@ -14,26 +14,24 @@ from __future__ import annotations
 import random
 import re
 import urllib.request
-import zlib
 
 import openai
 import pytest
-import torch
-from em_inf.server.cpu_defaults import THREADS_BIND_ENV
 
 from em_inf import models
-from tests.server_helpers import running_server
-from tests.test_server import (
-    BATCHED_LOGIT_TOL,
-    BATCHED_TV_TOL,
+from em_inf.server.cpu_defaults import THREADS_BIND_ENV
+from tests.server_helpers import (
+    FULL_DISTRIBUTION_ARGS,
     PROMPTS,
     SERVER_DEFAULT,
     SERVER_THRESHOLD,
     TINY_VOCAB,
+    assert_model_distribution_matches_transformers,
     assert_row,
     expected_row,
     first_token_row,
     random_logits_settings,
+    running_server,
 )
 
 
@@ -41,10 +39,8 @@ from tests.test_server import (
 def tp_server(tmp_path_factory):
     model_dir = models.tiny_model_dir(TINY_VOCAB)
     log_path = tmp_path_factory.mktemp("tp-server") / "server.log"
-    args = [str(model_dir), "--tensor-parallel-size", "2", "--dtype", "float32"]
-    args += ["--max-model-len", "512", "--max-logprobs", "-1"]
-    args += ["--logprobs-mode", "processed_logprobs"]
-    args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
+    args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--tensor-parallel-size", "2"]
+    args += ["--max-model-len", "512", "--em-inf-threshold", str(SERVER_THRESHOLD)]
     with running_server(args, log_path, unset_env=[THREADS_BIND_ENV]) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
@@ -61,10 +57,6 @@ def plain_rows(tp_server):
         for endpoint in ("chat", "completion")
         for prompt in PROMPTS[:4]
     }
-
-
-def seed_for(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
 
 
 def test_two_workers_each_bound_to_their_own_cores(tp_server):
@@ -84,29 +76,14 @@ def test_two_workers_each_bound_to_their_own_cores(tp_server):
 
 def test_model_distribution_matches_transformers(tp_server, plain_rows):
     """The two workers together compute the model's own distribution."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = tp_server[3]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    prompt = PROMPTS[1]
-    with torch.no_grad():
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        logits = hf_model(ids).logits[0, -1].double()
-    assert_row(
-        plain_rows[("completion", prompt)],
-        torch.log_softmax(logits, -1),
-        logit_tol=BATCHED_LOGIT_TOL,
-        tv_tol=BATCHED_TV_TOL,
-    )
+    assert_model_distribution_matches_transformers(plain_rows, tp_server[3])
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completion"])
 def test_every_request_matches_the_oracle_for_its_own_settings(
-    request, tp_server, plain_rows, endpoint
+    seed, tp_server, plain_rows, endpoint
 ):
     _, client, model, _, _ = tp_server
-    seed = seed_for(request)
     rng = random.Random(seed)
     cases = [({}, SERVER_DEFAULT)]
     cases.append(
@@ -128,5 +105,5 @@ def test_every_request_matches_the_oracle_for_its_own_settings(
             assert_row(actual, expected_row(plain_rows[(endpoint, prompt)], config))
         except AssertionError as error:
             raise AssertionError(
-                f"seed {seed}: {endpoint} {prompt!r} with {extra}: {error}"
+                f"{endpoint} {prompt!r} with {extra}: {error}"
             ) from None

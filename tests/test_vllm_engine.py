@@ -9,7 +9,7 @@ import torch
 
 from em_inf import PRESETS
 from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
-from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
+from tests.oracle import assert_matches, settings_oracle
 from tests.vllm_engines import engine, full_vocab_params, generate, processed_logits
 
 ENGINE_SETTINGS = {"preset": "math", "lr": 0.05}
@@ -45,27 +45,6 @@ PROMPTS = [
 ]
 
 
-def expected_logits(raw: torch.Tensor, config) -> torch.Tensor:
-    """What the reference makes of ``[1, V]`` raw logits under ``config`` (float64)."""
-    if config is None:
-        return raw.double()
-    if config.mode == "temperature":
-        return adaptive_temperature_oracle(
-            raw,
-            threshold=config.threshold,
-            alpha=config.alpha,
-            t_min=config.t_min,
-            t_max=config.t_max,
-        )
-    return em_inf_oracle(
-        raw,
-        threshold=config.threshold,
-        kl_weight=config.kl_weight,
-        lr=config.lr,
-        steps=config.steps,
-    )
-
-
 @pytest.fixture(scope="module")
 def llm():
     with engine(
@@ -97,7 +76,7 @@ def test_first_token_logits_match_reference_in_a_mixed_batch(mixed_batch, case):
     name, _, config = case
     for prompt in PROMPTS:
         raw = mixed_batch[(prompt, "off")]
-        assert_matches(mixed_batch[(prompt, name)], expected_logits(raw, config))
+        assert_matches(mixed_batch[(prompt, name)], settings_oracle(raw, config))
 
 
 def test_em_inf_changes_the_distribution(mixed_batch):
@@ -130,7 +109,7 @@ def test_greedy_decoding_follows_the_reference_at_every_step(llm):
     ]
     plain = generate(llm, prefixes, [full_vocab_params({"em_inf": False})] * 4)
     raw = torch.cat([processed_logits(out, TINY_VOCAB_SIZE) for out in plain])
-    assert_matches(emitted, expected_logits(raw, PRESETS["physics"]))
+    assert_matches(emitted, settings_oracle(raw, PRESETS["physics"]))
     assert list(run.token_ids) == emitted.argmax(-1).tolist()
 
 

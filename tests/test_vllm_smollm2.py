@@ -8,8 +8,7 @@ import torch
 
 from em_inf import PRESETS
 from em_inf.models import prepare_default_model
-from tests.oracle import assert_matches
-from tests.test_vllm_engine import expected_logits
+from tests.oracle import assert_matches, settings_oracle
 from tests.vllm_engines import engine, full_vocab_params, generate, processed_logits
 
 QUESTIONS = [
@@ -64,7 +63,7 @@ def test_first_token_logits_match_reference(llm, vocab_size):
     for p in range(len(prompts)):
         raw = got[(p, "off")]
         for name, _, config in CASES[1:]:
-            assert_matches(got[(p, name)], expected_logits(raw, config))
+            assert_matches(got[(p, name)], settings_oracle(raw, config))
 
 
 def test_greedy_em_inf_answer_stays_sensible(llm):
