@@ -31,9 +31,11 @@ serve: setup
 # The Triton kernels' tests run under Triton's interpreter, in a process of their own:
 # the interpreter switch is process-wide and must not reach vLLM's engines.
 test: setup
+	$(PY) -m ruff check em_inf kernels server tests bench
 	$(PY) -m tests.vllm_layers
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels*.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check em_inf kernels server tests bench
+	$(PY) -m ruff check em_inf kernels server tests bench
+	$(PY) -m ruff format --check em_inf kernels server tests bench
