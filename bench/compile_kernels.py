@@ -36,12 +36,12 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real
 map_kernels_package()
 
 import triton  # noqa: E402
-from em_inf.kernels import logits_mode, temperature_mode  # noqa: E402
-from em_inf.kernels._common import warps_for  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
 from em_inf.config import ADAM_BETAS, ADAM_EPS  # noqa: E402
+from em_inf.kernels import logits_mode, temperature_mode  # noqa: E402
+from em_inf.kernels._common import warps_for  # noqa: E402
 
 QWEN_VOCAB = 151_936
 

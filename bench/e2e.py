@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -297,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_model(path, label, args, device)
     import vllm
 
-    from bench.latency import cpu_environment, kernel_build_seconds
+    from bench.latency import environment
 
     result = {
         "kind": "e2e",
@@ -306,14 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "seconds": round(time.time() - started, 1),
         "environment": {
-            "device": torch.cuda.get_device_name()
-            if device == "cuda"
-            else f"CPU x{os.cpu_count()}",
-            "platform": platform.platform(),
-            **(cpu_environment() if device == "cpu" else {}),
-            "cpu_kernels_build_s": kernel_build_seconds() if device == "cpu" else None,
+            **environment(device == "cuda"),
             "vllm": vllm.__version__,
-            "torch": torch.__version__,
             "loadavg_start": loadavg_start,
             "loadavg_end": list(os.getloadavg()),
         },

@@ -50,11 +50,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 import warnings
@@ -75,6 +72,11 @@ from bench.checkout import map_kernels_package  # noqa: E402
 map_kernels_package()
 
 from bench import gpu_steps  # noqa: E402
+from bench.common import (  # noqa: E402
+    environment,
+    make_logits,
+    median_seconds,
+)
 from em_inf import backend, functional, reference  # noqa: E402
 from em_inf.config import PRESETS, TEMPERATURE_RTOL  # noqa: E402
 from em_inf.reference import (  # noqa: E402
@@ -91,16 +93,6 @@ F32 = torch.finfo(torch.float32)
 
 
 # -- inputs --------------------------------------------------------------------------
-
-
-def make_logits(rows: int, vocab: int, device, seed: int) -> torch.Tensor:
-    """Gaussian logits, per-row scale in [2, 5], one boosted token per row."""
-    gen = torch.Generator().manual_seed(seed)
-    scale = torch.rand(rows, 1, generator=gen) * 3 + 2
-    logits = torch.randn(rows, vocab, generator=gen) * scale
-    peaks = torch.randint(0, vocab, (rows,), generator=gen)
-    logits[torch.arange(rows), peaks] += torch.rand(rows, generator=gen) * 8
-    return logits.to(device)
 
 
 def mask_some(logits: torch.Tensor, fraction: float, seed: int, value=-torch.inf):
@@ -176,7 +168,8 @@ def check_kernels(checks: Checks, device, vocab: int, rows: int, seed: int) -> N
     """Both kernels against the oracle; masks, tolerance, fail-safe, stats."""
     from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
 
-    logits = mask_some(make_logits(rows, vocab, device, seed), 0.05, seed + 1)
+    logits = make_logits(rows, vocab, seed=seed, device=device)
+    logits = mask_some(logits, 0.05, seed + 1)
     logits = mask_some(logits, 0.02, seed + 3, F32.min)
     logits[rows // 2, 11] = 80.0  # a confident row: below every threshold
     slots = rows + 1
@@ -262,7 +255,7 @@ def check_fail_safe(device) -> None:
     temperature restores its row; the other rows' counts add up."""
     from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
 
-    logits = make_logits(4, 3_000, device, seed=7)
+    logits = make_logits(4, 3_000, seed=7, device=device)
     logits[1, 5] = torch.nan
     logits[2, 9] = torch.inf
     logits[3, 1] = 200.0  # below every threshold
@@ -303,7 +296,7 @@ def check_extreme_settings(device, vocab: int, steps: int) -> None:
     masks kept, nothing restored."""
     from em_inf.kernels import em_inf_rows_
 
-    logits = make_logits(3, vocab, device, seed=11)
+    logits = make_logits(3, vocab, seed=11, device=device)
     logits[0] = logits[0] * 1e30
     logits[1, ::3] = F32.min
     logits[2, 0] = F32.max * 0.9
@@ -332,7 +325,7 @@ def check_processor(checks: Checks, device, vocab: int, seed: int) -> None:
 
     def run(graphs: bool) -> list[tuple[torch.Tensor, list]]:
         """Each step's output and its rows' settings."""
-        source = mask_some(make_logits(12, vocab, device, seed), 0.05, seed)
+        source = mask_some(make_logits(12, vocab, seed=seed, device=device), 0.05, seed)
         harness = gpu_steps.Harness(source, steps, StepRunner(device, graphs=graphs))
         outputs, configs = [], {}
         for step in steps:  # the harness takes them in this order
@@ -362,7 +355,7 @@ def check_invariance(checks: Checks, device, vocab: int, seed: int) -> dict:
     """Rows alone vs in batches of 1-64 rows; returns whether the fast plan held."""
     from em_inf.kernels import em_inf_rows_
 
-    pool = make_logits(16, vocab, device, seed)
+    pool = make_logits(16, vocab, seed=seed, device=device)
     params = {
         "threshold": torch.tensor([0.3, 0.0], device=device),
         "kl_weight": torch.tensor([0.05, 0.0], device=device),
@@ -407,7 +400,7 @@ def check_invariance(checks: Checks, device, vocab: int, seed: int) -> dict:
 
 
 def check_functional(checks: Checks, device, vocab: int, seed: int) -> None:
-    logits = make_logits(4, vocab, device, seed)
+    logits = make_logits(4, vocab, seed=seed, device=device)
 
     def run():
         # CUDA takes Triton by default; CPU tensors only when forced (interpreter).
@@ -428,37 +421,6 @@ def check_functional(checks: Checks, device, vocab: int, seed: int) -> None:
 
 
 # -- timing: the kernels ---------------------------------------------------------------
-
-
-def median_seconds(
-    fn: Callable[[], object], cuda: bool, reps: int, warmup: int, budget: float = 2.0
-) -> float:
-    """Median time of ``fn()`` over up to ``reps`` calls (fewer when they exceed
-    ``budget`` seconds), by CUDA events on a GPU."""
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    started = time.perf_counter()
-    while len(times) < reps and (
-        len(times) < 3 or time.perf_counter() - started < budget
-    ):
-        if cuda:
-            start, end = (
-                torch.cuda.Event(enable_timing=True),
-                torch.cuda.Event(enable_timing=True),
-            )
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(device, cuda: bool, nbytes: int, reps: int) -> float:
@@ -484,7 +446,7 @@ def time_kernels(device, cuda: bool, rows: int, vocab: int, args, bandwidth):
     from em_inf.kernels._common import INVARIANT_BLOCK, plan_block
     from em_inf.kernels.logits_mode import em_inf_rows_with_plan_
 
-    src = make_logits(rows, vocab, device, seed=rows)
+    src = make_logits(rows, vocab, seed=rows, device=device)
     buf = torch.empty_like(src)
     row_slot = torch.arange(rows, dtype=torch.int32, device=device)
     reps, warmup = args.reps, args.warmup
@@ -604,7 +566,7 @@ def time_processor(device, rows: int, vocab: int, args) -> list[dict]:
     n_steps, warmup = args.processor_steps, args.warmup
     for kind, graphs in (("logits", True), ("logits", False), ("mixed", True)):
         steps = gpu_steps.schedule(kind, rows, 1 + warmup + 2 * n_steps, seed=rows)
-        source = make_logits(rows, vocab, device, seed=rows)
+        source = make_logits(rows, vocab, seed=rows, device=device)
         harness = gpu_steps.Harness(source, steps, StepRunner(device, graphs=graphs))
         with kernel_backend(device):
             base = harness.seconds_per_step(False, n_steps, warmup)
@@ -665,7 +627,7 @@ def sync_check(device, vocab: int, rows: int, n_steps: int) -> dict:
     from em_inf.kernels.step import StepRunner
 
     steps = gpu_steps.schedule("mixed", rows, n_steps + 2, seed=5)
-    source = make_logits(rows, vocab, device, seed=5)
+    source = make_logits(rows, vocab, seed=5, device=device)
     harness = gpu_steps.Harness(
         source, steps, StepRunner(device, graphs=True), stats_interval=1e-3
     )
@@ -823,30 +785,6 @@ def targets(keyed: dict, processor: list[dict], sync: dict | None) -> list[str]:
         )
     print("\n" + "\n".join(lines))
     return lines
-
-
-def environment(device) -> dict:
-    import triton
-
-    cuda = device.type == "cuda"
-    return {
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(  # noqa: UP017 (3.10)
-            timespec="seconds"
-        ),
-        "device": torch.cuda.get_device_name(device)
-        if cuda
-        else platform.processor() or platform.machine(),
-        "sm_count": torch.cuda.get_device_properties(device).multi_processor_count
-        if cuda
-        else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -54,7 +54,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +66,9 @@ import torch
 if __package__ in (None, ""):  # `python bench/latency.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common  # noqa: E402
 from bench.checkout import map_kernels_package  # noqa: E402
+from bench.common import make_logits, time_call  # noqa: E402
 from em_inf import backend, cpu_backend, cpu_build, functional, reference  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 
@@ -89,13 +90,6 @@ class Case:
     def label(self) -> str:
         steps = f", steps {self.steps}" if self.steps else ""
         return f"{self.mode}{steps}, B={self.batch}, V={self.vocab}"
-
-
-def make_logits(batch: int, vocab: int, seed: int = 0) -> torch.Tensor:
-    """[batch, vocab] float32 Gaussian logits; row ``i`` scaled by ``s_i in [2, 5]``."""
-    generator = torch.Generator().manual_seed(seed)
-    scale = 2 + 3 * torch.rand(batch, 1, generator=generator)
-    return torch.randn(batch, vocab, generator=generator) * scale
 
 
 def _logits_params(steps: int) -> dict:
@@ -175,17 +169,6 @@ def _forced_backend(name: str) -> Iterator[None]:
             os.environ[backend.BACKEND_ENV] = previous
 
 
-def _timed(fn: Callable[[], torch.Tensor], cuda: bool) -> tuple[float, torch.Tensor]:
-    """Seconds one call takes (device-synchronised), and its output."""
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
 def _time_case(
     case: Case,
     repeats: int,
@@ -207,13 +190,13 @@ def _time_case(
     names = list(impls)
     outputs: dict[str, torch.Tensor] = {}
     for name in names:  # warm-up (and Triton compilation)
-        _, outputs[name] = _timed(impls[name], cuda)
+        _, outputs[name] = time_call(impls[name], cuda)
     times: dict[str, list[float]] = {name: [] for name in names}
     rep, spent = 0, 0.0
     while rep < max_repeats and (rep < repeats or spent < min_seconds):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            seconds, _ = _timed(impls[name], cuda)
+            seconds, _ = time_call(impls[name], cuda)
             times[name].append(seconds)
             spent += seconds
         rep += 1
@@ -388,20 +371,6 @@ def breakdown(batch: int, vocab: int, repeats: int = 30) -> dict:
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def cpu_environment() -> dict:
     """The CPU (model, vector extensions), torch's thread count, and which CPU path
     em-inf takes here (``cpu``: the compiled kernels; ``torch``: eager, and why)."""
@@ -449,24 +418,11 @@ def kernel_build_seconds() -> dict[str, float] | None:
 
 
 def environment(cuda: bool) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
+    return {
+        **common.environment("cuda" if cuda else "cpu"),
         **cpu_environment(),
         "cpu_kernels_build_s": kernel_build_seconds(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
     }
-    if cuda:
-        info["gpu"] = torch.cuda.get_device_name()
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            info["triton"] = None
-    return info
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
