@@ -111,7 +111,7 @@ class EMInfMiddleware:
             await self._describe(scope, receive, send)
             return
         if scope["method"] != "POST" or not path.endswith(
-            GENERATION_PATHS + UNSUPPORTED_PATHS
+            GENERATION_PATHS + tuple(UNSUPPORTED_PATHS)
         ):
             await self.app(scope, receive, send)
             return
@@ -130,7 +130,7 @@ class EMInfMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         try:
-            if path.endswith(UNSUPPORTED_PATHS):
+            if path.endswith(tuple(UNSUPPORTED_PATHS)):
                 refuse_unsupported(path, decoded)
                 rewritten = decoded
             else:

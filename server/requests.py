@@ -38,8 +38,14 @@ GENERATION_PATHS: tuple[str, ...] = (
 
 
 #: POST routes that take sampling parameters but no ``vllm_xargs``: an ``"em_inf"``
-#: field there would be dropped by vLLM, so it is refused instead.
-UNSUPPORTED_PATHS: tuple[str, ...] = ("/v1/chat/completions/batch",)
+#: field there would be dropped by vLLM (the request would silently run with the
+#: server's defaults), so it is refused, saying where the settings go instead.
+UNSUPPORTED_PATHS: dict[str, str] = {
+    "/v1/chat/completions/batch": "send each conversation to /v1/chat/completions",
+    "/inference/v1/generate": (
+        'give them as "sampling_params": {"extra_args": {"em_inf": {...}}}'
+    ),
+}
 
 
 class EMInfRequestError(ValueError):
@@ -147,9 +153,10 @@ def refuse_unsupported(path: str, body: dict[str, Any]) -> None:
     """Raise when ``body`` (for a route in :data:`UNSUPPORTED_PATHS`) asks for EM-INF
     settings that route cannot pass to the engine."""
     if REQUEST_KEY in body:
+        route = next(route for route in UNSUPPORTED_PATHS if path.endswith(route))
         raise EMInfRequestError(
-            f"em_inf: per-request EM-INF settings are not supported on {path} (it "
-            "takes no vllm_xargs); send each conversation to /v1/chat/completions",
+            f"em_inf: a top-level 'em_inf' field is not read on {route} (it takes "
+            f"no vllm_xargs); {UNSUPPORTED_PATHS[route]}",
             REQUEST_KEY,
         )
 
