@@ -26,8 +26,8 @@
  *                (and p0 when kl != 0); writes z, m, v; tracks max(z).
  *   stats pass:  reads z, writes e = exp(z - M), sums e and e (z - M) in double.
  * so two passes and one exp per logit and step. Both are bound by arithmetic, not
- * memory (about 12 cycles per 16 logits each on a Zen 5 core, whether the row fits
- * in L2 or not; one exp pass alone takes 7): the scratch, five float rows (3 MB per
+ * memory (the time per logit is the same whether the row fits in L2 or not;
+ * bench/README.md has the cycles per pass): the scratch, five float rows (3 MB per
  * thread at V = 151,936), may live in L3. The first statistics pass also keeps a
  * copy of the row, from which the fail-safe restores it exactly.
  *

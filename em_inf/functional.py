@@ -1,8 +1,10 @@
 """Public batched EM-INF: ``[B, V]`` logits in, processed float32 ``[B, V]`` out.
 
 Each parameter is a Python number (shared by all rows) or a ``[B]`` tensor (one value
-per row). Rows are independent; a row already at or below its threshold comes back
-bit-identical (as float32), ``-inf`` entries stay ``-inf``, and no NaN is produced.
+per row). Rows are independent; a row already below its threshold (logits mode: its
+starting entropy ``< threshold``; temperature mode: ``<= threshold``, as in the
+paper) comes back bit-identical (as float32), masked entries (``-inf``, or at or
+below ``-1e37``) keep their value, and no NaN is produced.
 
 Backends (:func:`em_inf.backend.backend_for`): CUDA tensors run the fused Triton
 kernels of :mod:`em_inf.kernels` (when ``triton`` is installed), CPU tensors the
@@ -40,7 +42,8 @@ def em_inf(
 
     Args:
         logits: ``[B, V]`` float tensor of raw, unscaled logits; ``-inf`` = masked.
-        threshold: entropy (nats) at or below which a row stops (``delta``).
+        threshold: entropy (nats); step ``t + 1`` runs while ``H(z_t) >=
+            threshold`` (``delta``).
         kl_weight: weight of ``KL(p0 || q)`` (``lam``).
         lr: Adam learning rate (``eta``).
         steps: most Adam steps (``n``); integer.

@@ -72,6 +72,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from em_inf.backend import batch_invariant
+from em_inf.config import ADAM_BETAS, ADAM_EPS
 from em_inf.kernels._common import (
     check_block,
     check_logits,
@@ -82,9 +85,6 @@ from em_inf.kernels._common import (
     plan_block,
     warps_for,
 )
-
-from em_inf.backend import batch_invariant
-from em_inf.config import ADAM_BETAS, ADAM_EPS
 
 _PHASE_FIRST, _PHASE_MIDDLE, _PHASE_FINAL = 0, 1, 2
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)

@@ -39,10 +39,10 @@ import os
 from typing import Any
 
 import torch
-from em_inf.kernels import logits_mode, temperature_mode
-from em_inf.kernels._common import plan_block
 
 from em_inf.backend import batch_invariant
+from em_inf.kernels import logits_mode, temperature_mode
+from em_inf.kernels._common import plan_block
 from em_inf.staging import HostToDevice
 
 logger = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from em_inf.kernels._common import (
     check_logits,
     check_row_slot,
