@@ -26,8 +26,12 @@ reference rows. Checks run after the load, so they do not compete with the serve
 
 **Memory.** The resident memory (RSS; PSS beside it) of the server process and every
 process under it (vLLM's engine core) is sampled every ``--memory-interval`` seconds
-with the number of requests done; growth is measured from the end of the warm-up
-(``--warmup`` requests) to the end of the run.
+with the number of requests done (the curve). Under load it swings by several
+percent as large responses come and go, so growth is measured between two idle
+readings: the warm-up (``--warmup`` requests) runs first and completes, and after
+:data:`SETTLE_S` seconds of quiet memory is read; the rest of the run follows, and
+after the same quiet memory is read again (``idle_growth``). The windowed growth of
+the curve under load is reported too.
 
 Usage::
 
@@ -72,6 +76,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/load.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: Seconds of quiet before an idle memory reading (in-flight responses freed).
+SETTLE_S = 10.0
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
 
@@ -289,7 +295,8 @@ class Outcome:
     completion_tokens: int = 0
     error: str | None = None  # unexpected: its class; None when as expected
     detail: str = ""
-    first_row: dict[int, float] | None = None  # token id -> processed logprob
+    # float32 [max token id + 1]: the processed logprob of every token (NaN: absent).
+    first_row: Any = None
     done_at: float = 0.0
 
 
@@ -325,13 +332,25 @@ def _token_id(token: str) -> int:
     return int(token.removeprefix("token_id:"))
 
 
-def _first_row_from_chat(choice: Any) -> dict[int, float]:
+def _dense_row(pairs: list[tuple[int, float]]) -> Any:
+    """A float32 numpy row from ``(token id, logprob)`` pairs (NaN where absent):
+    a few hundred KB per full-vocabulary response, not a dict of Python floats."""
+    import numpy as np
+
+    ids = np.fromiter((token for token, _ in pairs), dtype=np.int64, count=len(pairs))
+    row = np.full(int(ids.max()) + 1 if len(ids) else 0, np.nan, dtype=np.float32)
+    row[ids] = np.fromiter((lp for _, lp in pairs), dtype=np.float32, count=len(pairs))
+    return row
+
+
+def _first_row_from_chat(choice: Any) -> Any:
     entries = choice.logprobs.content[0].top_logprobs
-    return {_token_id(e.token): e.logprob for e in entries}
+    return _dense_row([(_token_id(e.token), e.logprob) for e in entries])
 
 
-def _first_row_from_completion(choice: Any) -> dict[int, float]:
-    return {_token_id(t): lp for t, lp in choice.logprobs.top_logprobs[0].items()}
+def _first_row_from_completion(choice: Any) -> Any:
+    pairs = choice.logprobs.top_logprobs[0].items()
+    return _dense_row([(_token_id(token), lp) for token, lp in pairs])
 
 
 class BadResponse(Exception):
@@ -461,7 +480,8 @@ async def run_one(client: Any, http: Any, job: Planned, model: str) -> Outcome:
     except openai.APITimeoutError:
         out.error = "timeout"
     except openai.APIConnectionError as error:
-        out.error, out.detail = "connection", repr(error)[:300]
+        out.error = "connection"
+        out.detail = f"{error!r} caused by {error.__cause__!r}"[:300]
     except openai.APIStatusError as error:
         out.error = f"http_{error.status_code}"
         out.detail = str(error)[:300]
@@ -487,7 +507,13 @@ async def drive(
     import httpx
     import openai
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A fresh connection per request (loopback: a fraction of a millisecond). A
+    # reused one races the server's keep-alive timeout (vLLM's
+    # VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s, counted from when the server finished
+    # sending): a client busy parsing full-vocabulary responses can send on a
+    # connection the server is closing, and without retries that reads as a
+    # connection error that is the client's own.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     client = openai.AsyncOpenAI(
         base_url=base_url + "/v1",
         api_key="unused",
@@ -495,7 +521,9 @@ async def drive(
         timeout=request_timeout_s,
         http_client=httpx.AsyncClient(limits=limits, timeout=request_timeout_s),
     )
-    http = httpx.AsyncClient(base_url=base_url, timeout=request_timeout_s)
+    http = httpx.AsyncClient(
+        base_url=base_url, timeout=request_timeout_s, limits=limits
+    )
     model = (await client.models.list()).data[0].id
     queue: asyncio.Queue[Planned] = asyncio.Queue()
     for job in plan:
@@ -521,12 +549,12 @@ async def drive(
 # ---------------------------------------------------------------------- checking
 
 
-def _row_tensor(row: dict[int, float], vocab: int) -> Any:
+def _row_tensor(row: Any, vocab: int) -> Any:
+    """A first-token row as a float32 ``[vocab]`` tensor (NaN where absent)."""
     import torch
 
     out = torch.full((vocab,), math.nan, dtype=torch.float32)
-    for token, logprob in row.items():
-        out[token] = logprob
+    out[: len(row)] = torch.from_numpy(row)
     return out
 
 
@@ -547,20 +575,28 @@ def check_distributions(
 
     server = EMInfConfig(**defaults)
     by_index = {o.index: o for o in outcomes}
-    references: dict[tuple[str, str], list[Any]] = {}
+    # The reference rows of each prompt, identical ones once (they are bitwise
+    # identical when the raw logits do not depend on the batch).
+    references: dict[tuple[str, str], dict[bytes, Any]] = {}
+    reference_counts: Counter = Counter()
     for job in plan:
         out = by_index.get(job.index)
         if job.reference and out and out.error is None and out.first_row is not None:
-            references.setdefault((job.endpoint, job.prompt), []).append(
-                _row_tensor(out.first_row, vocab)
-            )
+            row = _row_tensor(out.first_row, vocab)
+            key = (job.endpoint, job.prompt)
+            references.setdefault(key, {}).setdefault(row.numpy().tobytes(), row)
+            reference_counts[key] += 1
     spread = {}
-    for (endpoint, prompt), rows in references.items():
+    for (endpoint, prompt), distinct in references.items():
+        rows = list(distinct.values())
         worst = max(float((row - rows[0]).abs().nan_to_num(0.0).max()) for row in rows)
-        spread[f"{endpoint}: {prompt}"] = {"rows": len(rows), "max_abs_diff": worst}
+        spread[f"{endpoint}: {prompt}"] = {
+            "rows": reference_counts[(endpoint, prompt)],
+            "distinct_rows": len(rows),
+            "max_abs_diff": worst,
+        }
     counts = Counter()
     failures: list[str] = []
-    oracle_cache: dict[tuple, list[Any]] = {}
     for job in plan:
         out = by_index.get(job.index)
         if not job.full_distribution or out is None or out.first_row is None:
@@ -582,15 +618,10 @@ def check_distributions(
             if field is True
             else server.updated(field)
         )
-        cache_key = (key, None if config is None else tuple(config.as_dict().items()))
-        if cache_key not in oracle_cache:
-            oracle_cache[cache_key] = [
-                settings_oracle(row.double()[None], config)[0]
-                for row in references[key]
-            ]
         temperature = job.temperature if job.temperature > 0 else 1.0
         problems = []
-        for expected in oracle_cache[cache_key]:
+        for reference in references[key].values():
+            expected = settings_oracle(reference.double()[None], config)[0]
             expected = torch.log_softmax(expected / temperature, -1)
             problem = mismatch(actual[None], expected[None])
             if problem is None:
@@ -605,7 +636,8 @@ def check_distributions(
             continue
         counts["references" if job.reference else "checked"] += 1
         if config is not None:
-            plain = torch.log_softmax(references[key][0].double() / temperature, -1)
+            first = next(iter(references[key].values()))
+            plain = torch.log_softmax(first.double() / temperature, -1)
             if mismatch(actual[None], plain[None]) is not None:
                 counts["changed_by_em_inf"] += 1
     return {
@@ -898,10 +930,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[2].axvline(warmup, color="grey", linestyle=":", label="end of warm-up")
     axes[2].set_xlabel("requests done")
     axes[2].set_ylabel("server + engine memory (MiB)")
-    pct = growth.get("rss_growth_pct")
-    axes[2].set_title(
-        "memory" + (f": RSS {pct:+.1f}% after warm-up" if pct is not None else "")
-    )
+    idle = result["memory"]["idle_growth"]["rss_growth_pct"]
+    axes[2].set_title(f"memory: RSS {idle:+.1f}% idle to idle after warm-up")
     axes[2].legend()
     fig.suptitle(
         f"em-inf serve under load: {result['args']['requests']} requests, "
@@ -992,24 +1022,29 @@ def main(argv: list[str] | None = None) -> int:
             f"to {base_url} ({model})",
             flush=True,
         )
-        outcomes, wall = asyncio.run(
-            drive(
-                base_url,
-                plan,
-                concurrency=args.concurrency,
-                time_limit_s=args.time_limit,
-                request_timeout_s=args.request_timeout,
-                progress=progress,
+        outcomes, wall, idle = [], 0.0, []
+        for phase in (plan[:warmup], plan[warmup:]):
+            already = len(outcomes)
+            done, phase_wall = asyncio.run(
+                drive(
+                    base_url,
+                    phase,
+                    concurrency=args.concurrency,
+                    time_limit_s=args.time_limit - wall,
+                    request_timeout_s=args.request_timeout,
+                    progress=lambda count, already=already: progress(already + count),
+                )
             )
-        )
-        time.sleep(min(5.0, args.memory_interval))
-        after = sampler.sample()
+            outcomes += done
+            wall += phase_wall
+            time.sleep(SETTLE_S)
+            idle.append(sampler.sample())
+        after = idle[-1]
         preemptions = metric_total(base_url, "vllm:num_preemptions_total")
         running = metric_total(base_url, "vllm:num_requests_running")
     loadavg_end = list(os.getloadavg())
-    vocab = max((max(o.first_row) + 1 for o in outcomes if o.first_row), default=0)
-    checks = check_distributions(
-        plan, outcomes, info["defaults"], info["enabled_by_default"], vocab
+    vocab = max(
+        (len(o.first_row) for o in outcomes if o.first_row is not None), default=0
     )
     summary = summarize(outcomes, wall)
     result = {
@@ -1028,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_end": loadavg_end,
         },
         "summary": summary,
-        "checks": checks,
+        "checks": None,  # filled in below; the file is written before and after
         "engine": {
             "preemptions_total": preemptions,
             "requests_running_after": running,
@@ -1037,6 +1072,12 @@ def main(argv: list[str] | None = None) -> int:
             "before": before,
             "after": after,
             "growth": memory_growth(sampler.samples, warmup),
+            "idle_after_warmup": idle[0],
+            "idle_end": idle[-1],
+            "idle_growth": {
+                f"{key}_growth_pct": 100.0 * (idle[1][key] / idle[0][key] - 1.0)
+                for key in ("rss", "pss")
+            },
             "samples": sampler.samples,
         },
         "latencies_s": {
@@ -1054,6 +1095,11 @@ def main(argv: list[str] | None = None) -> int:
         "completions_over_time": done_times,
     }
     out_json = RESULTS / f"load_{tag}.json"
+    out_json.write_text(json.dumps(result, indent=1))  # the run, before the checks
+    checks = check_distributions(
+        plan, outcomes, info["defaults"], info["enabled_by_default"], vocab
+    )
+    result["checks"] = checks
     out_json.write_text(json.dumps(result, indent=1))
     with contextlib.suppress(ImportError):
         plot(result, out_json.with_suffix(".png"))
@@ -1067,7 +1113,10 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_s": summary["latency_p99_s"],
                 "throughput_rps": summary["throughput_rps"],
                 "checks": counts,
-                "memory_growth": result["memory"]["growth"].get("rss_growth_pct"),
+                "memory_growth_under_load": result["memory"]["growth"].get(
+                    "rss_growth_pct"
+                ),
+                "memory_growth_idle": result["memory"]["idle_growth"],
                 "loadavg": [loadavg_start, loadavg_end],
             },
             indent=1,
