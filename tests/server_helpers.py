@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import openai
@@ -66,20 +66,27 @@ def _healthy(base_url: str) -> bool:
 
 @contextlib.contextmanager
 def running_server(
-    args: Sequence[str], log_path: Path, *, unset_env: Sequence[str] = ()
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    env_changes: Mapping[str, str | None] | None = None,
 ) -> Iterator[str]:
     """Run ``em-inf serve <args> --host 127.0.0.1 --port <free>``; yield its base URL.
 
     Waits for ``GET /health`` (at most :data:`START_TIMEOUT_S`), and fails with the
     log's tail if the process exits or the time runs out. On exit sends SIGINT (a
     graceful vLLM shutdown), then SIGKILL to the whole process group if needed.
-    ``unset_env``: variables of this process the server must not inherit.
+    ``env_changes``: how the server's environment differs from this process's (a
+    string sets the variable, ``None`` removes it).
     """
     port = free_port()
     command = [*em_inf_command(), "serve", *args, "--host", HOST, "--port", str(port)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    for name in unset_env:
-        env.pop(name, None)
+    for name, value in (env_changes or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     base_url = f"http://{HOST}:{port}"
     with log_path.open("w") as log:
         log.write("$ " + " ".join(command) + "\n")

@@ -67,7 +67,10 @@ def fault_server(tmp_path_factory):
         str(SERVER_THRESHOLD),
         "--enable-log-requests",  # the log names every request the engine aborts
     ]
-    with running_server(args, log_path) as base_url:
+    # vLLM lets this legacy variable override --kv-cache-memory-bytes; em-inf serve
+    # gives the explicit flag precedence, or the 12 blocks would be 1 GiB.
+    legacy_size = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    with running_server(args, log_path, env_changes=legacy_size) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         yield base_url, client.models.list().data[0].id, log_path
 

@@ -201,7 +201,7 @@ def test_vllm_serve_gets_every_flag_plus_em_inf(
 ):
     """``vllm serve``'s own parser reads em-inf's command line as the user's, plus
     the processor, the middleware and the EM-INF settings, and accepts it."""
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # sizes the cache
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # would size the cache
     argv = [model_dir, "--port", str(free_port()), *user_flags]
     args, launch = launch_for(em_inf_parser, argv)
     assert not any(token.startswith("--em-inf") for token in launch.argv)
@@ -232,6 +232,26 @@ def test_vllm_serve_gets_every_flag_plus_em_inf(
         assert vllm_args.kv_cache_memory_bytes == (
             2 << 30 if "2G" in user_flags else 1 << 30
         )
+
+
+@pytest.mark.parametrize("flag", [[], ["--kv-cache-memory-bytes", "2G"]])
+def test_an_explicit_kv_cache_size_wins_over_the_legacy_variable(
+    monkeypatch, em_inf_parser, model_dir, flag
+):
+    """vLLM lets ``VLLM_CPU_KVCACHE_SPACE`` override ``--kv-cache-memory-bytes``;
+    em-inf serve removes the variable from vLLM's environment when the flag is
+    given, and leaves the variable alone (and adds no sizing of its own) when not.
+    tests/test_faults.py proves the effect on a running engine."""
+    if not vllm_compat.get("current_platform").is_cpu():
+        pytest.skip("CPU engine defaults")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    argv = [model_dir, "--port", str(free_port()), *flag]
+    _, launch = launch_for(em_inf_parser, argv)
+    if flag:
+        assert launch.environment["VLLM_CPU_KVCACHE_SPACE"] is None
+    else:
+        assert "VLLM_CPU_KVCACHE_SPACE" not in launch.environment
+        assert "--kv-cache-memory-bytes" not in launch.argv
 
 
 def test_em_inf_flags_become_the_engine_and_middleware_settings(

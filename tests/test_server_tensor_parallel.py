@@ -41,7 +41,8 @@ def tp_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("tp-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--tensor-parallel-size", "2"]
     args += ["--max-model-len", "512", "--em-inf-threshold", str(SERVER_THRESHOLD)]
-    with running_server(args, log_path, unset_env=[THREADS_BIND_ENV]) as base_url:
+    own_binding = {THREADS_BIND_ENV: None}
+    with running_server(args, log_path, env_changes=own_binding) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         yield base_url, client, model, model_dir, log_path

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 @contextlib.contextmanager
@@ -29,6 +26,7 @@ def engine(model: str, **kwargs) -> Iterator:
         model=model,
         max_model_len=256,
         gpu_memory_utilization=0.3,
+        kv_cache_memory_bytes=1 << 30,
         logits_processors=[EMInf],
         logprobs_mode="processed_logits",
         max_logprobs=-1,
