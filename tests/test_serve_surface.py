@@ -492,3 +492,30 @@ def test_translated_body_reaches_the_processor_as_extra_args(endpoint, em_inf):
     EMInf.validate_params(params)
     assert params.extra_args == rewritten["vllm_xargs"]
     assert settings.resolve(params.extra_args) == resolved
+
+
+# ------------------------------------------------ bench/serve_without_processor.py
+
+
+@pytest.mark.parametrize("own", [[], ["--logits-processors", "some.module:Other"]])
+def test_the_baseline_server_is_em_inf_serve_minus_the_processor(
+    em_inf_parser, model_dir, own
+):
+    """The load benchmark's baseline starts vLLM exactly as em-inf serve does, with
+    em-inf's processor (and only it) left out."""
+    from bench.serve_without_processor import prepare_without_processor
+
+    top, serve_parser = em_inf_parser
+    argv = [model_dir, "--port", str(free_port()), *own]
+    args = top.parse_args(["serve", *argv])
+    served = prepare(args, serve_parser, argv)
+    baseline = prepare_without_processor(args, serve_parser, argv)
+    assert baseline.environment == served.environment
+    assert baseline.settings == served.settings
+    processors = ["--logits-processors", *own[1:], PROCESSOR]
+    at = served.argv.index("--logits-processors")
+    assert served.argv[at : at + len(processors)] == processors
+    expected = served.argv[:at] + served.argv[at + len(processors) :]
+    if own:
+        expected[at:at] = own
+    assert baseline.argv == expected
