@@ -47,6 +47,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+_REFUSED_PATHS = tuple(UNSUPPORTED_PATHS)
+#: POST routes whose body the middleware reads (rewrites or refuses).
+_READ_PATHS = GENERATION_PATHS + _REFUSED_PATHS
+
 #: The import path ``vllm serve --middleware`` takes.
 MIDDLEWARE = f"{__name__}.EMInfMiddleware"
 #: The route that describes the server's EM-INF settings.
@@ -110,9 +114,7 @@ class EMInfMiddleware:
         if path == INFO_PATH:
             await self._describe(scope, receive, send)
             return
-        if scope["method"] != "POST" or not path.endswith(
-            GENERATION_PATHS + tuple(UNSUPPORTED_PATHS)
-        ):
+        if scope["method"] != "POST" or not path.endswith(_READ_PATHS):
             await self.app(scope, receive, send)
             return
         body, disconnected = await _read_body(receive)
@@ -130,7 +132,7 @@ class EMInfMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         try:
-            if path.endswith(tuple(UNSUPPORTED_PATHS)):
+            if path.endswith(_REFUSED_PATHS):
                 refuse_unsupported(path, decoded)
                 rewritten = decoded
             else:
