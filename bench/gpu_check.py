@@ -677,6 +677,48 @@ def _sync_check(harness, device, n_steps: int, rows: int) -> dict:
 # -- report --------------------------------------------------------------------------
 
 
+def device_memory(device, vocab: int, batches: list[int]) -> list[dict]:
+    """em-inf's device memory per row bucket: what the step runner reserves at
+    start-up for steps of up to ``rows`` rows (the scratch, sized for every step
+    count a request may ask), and on CUDA what the device lost from that and from
+    running and capturing one step per shape (``torch.cuda.mem_get_info``: graph
+    pools and driver memory included)."""
+    from em_inf.core import SlotSettings
+    from em_inf.kernels.step import StepRunner
+
+    slots = SlotSettings(1, device)
+    slots.set(0, PRESETS["default"].replace(steps=5, threshold=0.0))
+    tables = slots.tables(device)
+    rows_out = []
+    for rows in batches:
+        free_before = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        runner = StepRunner(
+            device, graphs=device.type == "cuda", max_rows=rows, n_cols=vocab
+        )
+        source = torch.randn(rows, vocab, device=device)
+        row_slot = torch.zeros(rows, dtype=torch.int32, device=device)
+        for _ in range(2):  # the first step runs eagerly, then it is captured
+            runner.run(source.clone(), row_slot, 5, True, tables, None)
+        measured = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            measured = free_before - torch.cuda.mem_get_info(device)[0]
+            measured -= source.numel() * 4 * 2  # the inputs and their clone
+        rows_out.append(
+            {
+                "rows": rows,
+                "reserved_bytes": runner.device_bytes(),
+                "device_bytes_after_steps": measured,
+            }
+        )
+        print(
+            f"  B={rows:<4} reserved {runner.device_bytes() / 2**20:8.2f} MiB"
+            + ("" if measured is None else f", device lost {measured / 2**20:8.2f} MiB")
+        )
+        del runner, source
+    return rows_out
+
+
 def print_kernel_table(timings: list[dict], bandwidth: float) -> dict:
     print(f"\ncopy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     header = (
@@ -856,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     fast_plan = check_invariance(checks, device, args.vocab if args.quick else 8_192, 9)
     check_functional(checks, device, check_vocab, seed=4)
 
-    kernels, processor, sync, lines, bandwidth = [], [], None, [], None
+    kernels, processor, sync, lines, bandwidth, memory = [], [], None, [], None, []
     if checks.ok or args.time_anyway:
         bandwidth = copy_bandwidth(
             device, cuda, nbytes=(1 << 30) if not args.quick else (64 << 20), reps=20
@@ -865,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
         for rows in args.batches:
             kernels += time_kernels(device, cuda, rows, args.vocab, args, bandwidth)
             processor += time_processor(device, rows, args.vocab, args)
+        print(f"em-inf device memory (V = {args.vocab}):")
+        memory = device_memory(device, args.vocab, args.batches)
         print(f"sync check ({args.sync_steps} steps, B = {args.sync_batch}):")
         sync = sync_check(device, args.vocab, args.sync_batch, args.sync_steps)
         print(f"  {sync}")
@@ -888,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         "timings": kernels,
         "processor": processor,
         "sync_check": sync,
+        "device_memory": memory,
         "targets": lines,
         "seconds": time.perf_counter() - started,
     }

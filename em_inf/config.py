@@ -129,6 +129,8 @@ _RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
     "t_min": (float, 1e-4, 1e4, True, True),
     "t_max": (float, 1e-4, 1e4, True, True),
 }
+#: The most Adam steps a request may ask for (sizes the kernels' scratch).
+MAX_STEPS = int(_RANGES["steps"][2])
 
 
 def _describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str:

@@ -182,6 +182,12 @@ class SlotSettings:
         )
         self._dirty = True
 
+    def device_bytes(self) -> int:
+        """Device memory of the bound tables (0 when none is bound)."""
+        if self._staging is None:
+            return 0
+        return self._staging.device.numel() * self._staging.device.element_size()
+
     def flush(self) -> None:
         """Send staged changes to the device tables: one non-blocking copy from
         pinned memory, nothing when nothing changed or no device is bound."""

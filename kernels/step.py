@@ -10,6 +10,15 @@ bucket, vocabulary, ``n``, whether the temperature kernel runs, block, slot dtyp
 and replays it: one host-to-device copy of three integers and one graph launch per
 step, whatever ``n``.
 
+Device memory is taken once, while the engine starts (before vLLM sizes its KV
+cache), when the runner is told the most rows and the vocabulary it will see: one
+float32 scratch for the logits kernel's chunk partials, big enough for every shape
+up to ``max_rows`` rows and :data:`~em_inf.config.MAX_STEPS` steps, shared by every
+graph and direct launch (they all run in order on one stream), plus the ``[3]``
+launch tensor. :meth:`StepRunner.device_bytes` reports it. A step beyond those
+bounds (a wider batch, another vocabulary) allocates its own scratch, with one
+warning.
+
 A graph fixes its kernels' arguments, but vLLM hands over new logits and a new
 row -> slot mapping every step, with a varying row count. The captured kernels are
 therefore *indirect*: they read the logits' address, the mapping's address and
@@ -35,12 +44,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
 import torch
 
 from em_inf.backend import batch_invariant
+from em_inf.config import MAX_STEPS
 from em_inf.kernels import logits_mode, temperature_mode
 from em_inf.kernels._common import plan_block
 from em_inf.staging import HostToDevice
@@ -90,13 +101,41 @@ class StepShape:
     block: int
     slot_int64: bool
 
-    def partials(self, device: torch.device) -> torch.Tensor | None:
-        """Scratch of the logits kernel for this shape (``None`` without it)."""
+    def partials_size(self) -> tuple[int, int, int, int]:
+        """``(rows, max_steps, 3, chunks)``: the logits kernel's scratch shape."""
+        return (self.rows, self.max_steps, 3, -(-self.n_cols // self.block))
+
+    def partials(self, scratch: _Scratch) -> torch.Tensor | None:
+        """Scratch of the logits kernel for this shape (``None`` without it), a
+        view of ``scratch``'s buffer where it fits."""
         if self.max_steps == 0:
             return None
-        chunks = -(-self.n_cols // self.block)
-        size = (self.rows, self.max_steps, 3, chunks)
-        return torch.empty(size, dtype=torch.float32, device=device)
+        return scratch.view(self.partials_size())
+
+
+class _Scratch:
+    """One float32 buffer the logits kernel's partials are carved from (module
+    docstring); made at start-up for the bounds given, grown never."""
+
+    def __init__(self, device: torch.device, elements: int) -> None:
+        self.device = device
+        self.buffer = torch.empty(elements, dtype=torch.float32, device=device)
+        self._warned = False
+
+    def view(self, size: tuple[int, ...]) -> torch.Tensor:
+        elements = math.prod(size)
+        if elements <= self.buffer.numel():
+            return self.buffer[:elements].view(size)
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "EM-INF: a step of shape %s needs %d bytes of scratch beyond the "
+                "%d reserved at start-up; allocating it now",
+                size,
+                4 * elements,
+                4 * self.buffer.numel(),
+            )
+        return torch.empty(size, dtype=torch.float32, device=self.device)
 
 
 def launch_step(
@@ -155,9 +194,9 @@ def launch_step(
 class _Replay:
     """One shape's static buffers and, on CUDA, its captured graph."""
 
-    def __init__(self, shape: StepShape, device: torch.device) -> None:
+    def __init__(self, shape: StepShape, scratch: _Scratch) -> None:
         self.shape = shape
-        self.partials = shape.partials(device)
+        self.partials = shape.partials(scratch)
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -169,18 +208,33 @@ class StepRunner:
         device: the logits' device.
         graphs: replay graphs (on CUDA), or run the indirect sequence a graph would
             replay (elsewhere: for tests); ``False``: direct launches only.
+        max_rows: the most logits rows a step will have (vLLM: ``max_num_seqs``
+            times one plus the speculative tokens), and
+        n_cols: the logits' width: with both, the scratch for every step is
+            reserved now (module docstring); without, each shape allocates its own.
 
     The block plan follows :func:`em_inf.backend.batch_invariant` as it is when the
     runner is made.
     """
 
-    def __init__(self, device: torch.device, *, graphs: bool) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        graphs: bool,
+        max_rows: int | None = None,
+        n_cols: int | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.graphs = graphs
         self._cuda = self.device.type == "cuda"
         #: The batch-invariant block plan (read once: vLLM's mode is per engine).
         self.invariant = batch_invariant()
         self._launch = HostToDevice((3,), torch.int64, self.device)
+        elements = 0
+        if max_rows is not None and n_cols is not None:
+            elements = self.scratch_elements(max_rows, n_cols)
+        self._scratch = _Scratch(self.device, elements)
         self._replays: collections.OrderedDict[tuple, _Replay] = (
             collections.OrderedDict()
         )
@@ -202,7 +256,7 @@ class StepRunner:
         bucket = bucket_rows(n_rows) if self.graphs else None
         if bucket is None or n_rows == 0 or logits.stride(0) != n_cols:
             shape = self._shape(n_rows, n_cols, max_steps, temperature, row_slot)
-            partials = shape.partials(self.device)
+            partials = shape.partials(self._scratch)
             launch_step(
                 shape, logits.stride(0), (logits, row_slot), tables, stats, partials
             )
@@ -220,12 +274,30 @@ class StepRunner:
             return
         if replay is None:
             shape = self._shape(bucket, n_cols, max_steps, temperature, row_slot)
-            replay = self._remember(key, _Replay(shape, self.device))
+            replay = self._remember(key, _Replay(shape, self._scratch))
         launch_step(
             replay.shape, n_cols, self._launch.device, tables, stats, replay.partials
         )
         if self._cuda:
             replay.graph = self._capture(replay, tables, stats)
+
+    def scratch_elements(self, max_rows: int, n_cols: int) -> int:
+        """float32 elements of scratch that every step of at most ``max_rows`` rows
+        (graphed ones rounded up to their bucket) and ``n_cols`` logits needs, at
+        :data:`MAX_STEPS` steps: the largest ``rows x steps x 3 x chunks`` over the
+        row counts, since the block plan (hence the chunks) follows the rows."""
+        top = max_rows
+        if self.graphs and bucket_rows(max_rows) is not None:
+            top = bucket_rows(max_rows)
+        largest = 0
+        for rows in range(1, top + 1):
+            block = plan_block(rows, n_cols, self.device, self.invariant)
+            largest = max(largest, rows * -(-n_cols // block))
+        return largest * MAX_STEPS * 3
+
+    def device_bytes(self) -> int:
+        """Device memory this runner holds: the scratch and the launch tensor."""
+        return 4 * self._scratch.buffer.numel() + 8 * 3
 
     def _shape(
         self,

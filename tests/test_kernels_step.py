@@ -145,3 +145,35 @@ def test_non_contiguous_logits_take_the_direct_launches():
     runner.run(logits, torch.tensor([0, 3, 1]), 4, True, settings.tables(CPU), None)
     assert not runner._replays
     assert_matches(logits.contiguous(), expected)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_scratch_reserved_at_start_serves_every_step_without_allocating(
+    monkeypatch, graphs
+):
+    """Given its bounds, a runner takes its scratch once, when it is made (vLLM
+    makes the processor before it sizes its KV cache): steps of 1 to ``max_rows``
+    rows then allocate nothing (``torch.empty`` raises) and give the bits of a
+    runner that allocates per step."""
+    monkeypatch.setenv("EM_INF_BATCH_INVARIANT", "1")
+    settings = slot_settings(CONFIGS)
+    tables = settings.tables(CPU)
+    reserved = StepRunner(CPU, graphs=graphs, max_rows=6, n_cols=2_500)
+    fresh = StepRunner(CPU, graphs=graphs)
+    elements = reserved.scratch_elements(6, 2_500)
+    assert reserved.device_bytes() == 4 * elements + 8 * 3
+    assert fresh.device_bytes() == 8 * 3
+    for rows in (1, 3, 6):
+        row_slot = torch.randint(0, len(CONFIGS), (rows,))
+        logits = random_logits(rows, 2_500)
+        expected = logits.clone()
+        fresh.run(expected, row_slot, 4, True, tables, None)
+        got = logits.clone()
+        with monkeypatch.context() as patched:
+            patched.setattr(torch, "empty", _refuse_allocation)
+            reserved.run(got, row_slot, 4, True, tables, None)
+        assert torch.equal(got, expected), rows
+
+
+def _refuse_allocation(*args, **kwargs):
+    raise AssertionError("the step runner allocated during a step")
