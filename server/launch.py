@@ -88,6 +88,7 @@ def prepare(
     except ValueError as error:
         raise StartupError(_settings_message(error)) from None
     _refuse_unsupported_modes(args)
+    _check_processor_loads()
     if not args.headless:
         _check_port_free(args)
     platform = vllm_compat.get("current_platform")
@@ -131,6 +132,21 @@ def _settings_message(error: ValueError) -> str:
             flag = flag_name("default" if name == "enabled" else name)
             return message + f" (check {flag} and --additional-config)"
     return message
+
+
+def _check_processor_loads() -> None:
+    """Load ``em_inf:EMInf`` here, as vLLM will in its front end and engine, so that
+    a vLLM em-inf cannot run on is one line now, not a traceback from vLLM later."""
+    try:
+        from em_inf.processor import EMInf  # noqa: F401
+    except Exception as error:  # any failure to import is the same message
+        from em_inf import __version__
+
+        raise StartupError(
+            f"em-inf {__version__} cannot load its logits processor on vLLM "
+            f"{vllm_compat.installed_vllm()}: {type(error).__name__}: {error} "
+            f"(em-inf supports {vllm_compat.supported_vllm()})"
+        ) from None
 
 
 def _refuse_unsupported_modes(args: argparse.Namespace) -> None:
