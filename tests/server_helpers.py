@@ -50,6 +50,14 @@ def em_inf_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "em_inf.cli"]
 
 
+def interpreter_args() -> list[str]:
+    """``--enforce-eager`` where vLLM's Triton kernels run under the interpreter
+    (the Model Runner V2 runs of the version matrix, tests/vllm_layers.py): vLLM
+    0.34's start-up warm-up compiles its grammar-bitmask kernel, which the
+    interpreter refuses ("mask has unsupported dtype"); eager engines skip it."""
+    return ["--enforce-eager"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+
+
 def log_tail(log_path: Path, lines: int = 60) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -80,7 +88,8 @@ def running_server(
     string sets the variable, ``None`` removes it).
     """
     port = free_port()
-    command = [*em_inf_command(), "serve", *args, "--host", HOST, "--port", str(port)]
+    command = [*em_inf_command(), "serve", *args, *interpreter_args()]
+    command += ["--host", HOST, "--port", str(port)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     for name, value in (env_changes or {}).items():
         if value is None:

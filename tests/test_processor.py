@@ -1,6 +1,7 @@
 """The ``EMInf`` processor through vLLM's real interface classes, without an engine:
-the V2 adapter (CUDA's runner, driven here with CPU tensors), V1 batch bookkeeping,
-configured classes, engine-wide settings."""
+the V2 adapter (CUDA's runner, driven here with CPU tensors), configured classes,
+engine-wide settings. V1's bookkeeping is tests/test_processor_v1.py's (vLLM 0.34
+has no V1); the version matrix runs this module on every supported release."""
 
 from __future__ import annotations
 
@@ -10,23 +11,28 @@ import sys
 
 import pytest
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.sample.logits_processor import LogitsProcessor as V1Interface
+from packaging.version import Version
+from vllm import __version__ as VLLM_VERSION
 from vllm.v1.worker.gpu.sample.logits_processor import (
     LogitsContext,
 )
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
 
 from em_inf import PRESETS, EMInf
+from em_inf.vllm_interfaces import v1_interface
 from tests.inputs import random_logits
 from tests.oracle import assert_matches, settings_oracle
-from tests.processor_helpers import VOCAB, make_config, params, v2_context, v2_processor
+from tests.processor_helpers import VOCAB, params, v2_context, v2_processor
 
 
-def test_one_class_serves_both_runner_interfaces():
-    assert issubclass(EMInf, V1Interface) and issubclass(EMInf, V2Interface)
-    configured = EMInf(preset="math")
-    assert issubclass(configured, V1Interface) and issubclass(configured, V2Interface)
+def test_one_class_serves_every_runner_interface_this_vllm_has():
+    """vLLM 0.34.0 removed Model Runner V1 and its processor interface (its release
+    notes); every earlier supported release has both."""
+    v1 = v1_interface()
+    assert (v1 is not None) == (Version(VLLM_VERSION).release < (0, 34)), VLLM_VERSION
+    for cls in (EMInf, EMInf(preset="math")):
+        assert issubclass(cls, V2Interface)
+        assert v1 is None or issubclass(cls, v1.LogitsProcessor)
 
 
 def test_v2_rows_follow_their_slots_settings():
@@ -70,40 +76,6 @@ def test_v2_warmup_request_without_extra_args_gets_the_engine_default():
     assert not proc.add_request(0, params(None))
     proc = v2_processor(em_inf={"preset": "physics"})
     assert proc.add_request(0, params(None))
-
-
-def test_v1_batch_updates_remove_add_and_move_slots():
-    proc = EMInf(make_config(), torch.device("cpu"), False)
-    assert not proc.is_argmax_invariant()
-    math, physics = PRESETS["math"], PRESETS["physics"]
-    proc.update_state(
-        BatchUpdate(
-            batch_size=3,
-            removed=[],
-            added=[
-                (0, params({"em_inf": {"preset": "math"}}), [1], []),
-                (1, params({"em_inf": False}), [1], []),
-                (2, params({"em_inf": {"preset": "physics"}}), [1], []),
-            ],
-            moved=[],
-        )
-    )
-    proc.update_state(None)  # no change this step
-    # Request 1 finishes; 2 moves into its place; then 0 and 1 swap.
-    proc.update_state(
-        BatchUpdate(
-            batch_size=2,
-            removed=[1],
-            added=[],
-            moved=[
-                (2, 1, MoveDirectionality.UNIDIRECTIONAL),
-                (0, 1, MoveDirectionality.SWAP),
-            ],
-        )
-    )
-    logits = random_logits(2, VOCAB)
-    out = proc.apply(logits.clone())
-    assert_matches(out, settings_oracle(logits, [physics, math]))
 
 
 def test_configured_class_applies_its_settings_under_engine_overrides():
@@ -171,13 +143,11 @@ def test_validate_params_names_the_bad_field():
     EMInf.validate_params(params({"kv_transfer_params": {"x": 1}}))  # not ours
 
 
-def test_vllm_loaders_accept_the_qualified_name():
-    from vllm.v1.sample.logits_processor import _load_custom_logitsprocs
+def test_v2_loader_accepts_the_qualified_name():
     from vllm.v1.worker.gpu.sample.logits_processor.loader import (
         _load_v2_logitsprocs_by_fqcns,
     )
 
-    assert _load_custom_logitsprocs(("em_inf:EMInf",)) == [EMInf]
     assert _load_v2_logitsprocs_by_fqcns(["em_inf:EMInf"]) == [EMInf]
 
 
@@ -319,25 +289,12 @@ def test_processor_logs_rows_per_mode_through_vllms_logger(monkeypatch):
     logger.addHandler(handler)
     monkeypatch.setattr(logger, "level", logging.INFO)
     try:
-        proc = EMInf(make_config(), torch.device("cpu"), False)
-        proc.update_state(
-            BatchUpdate(
-                batch_size=3,
-                removed=[],
-                added=[
-                    (0, params({"em_inf": {"preset": "math"}}), [1], []),
-                    (1, params({"em_inf": False}), [1], []),
-                    (
-                        2,
-                        params({"em_inf": {"preset": "adaptive-temperature"}}),
-                        [1],
-                        [],
-                    ),
-                ],
-                moved=[],
-            )
-        )
-        proc.apply(random_logits(3, VOCAB))
+        proc = v2_processor()
+        proc.add_request(0, params({"em_inf": {"preset": "math"}}))
+        proc.add_request(1, params({"em_inf": False}))
+        proc.add_request(2, params({"em_inf": {"preset": "adaptive-temperature"}}))
+        proc.apply_staged_writes()
+        proc.apply(random_logits(3, VOCAB), v2_context([0, 1, 2]))
     finally:
         logger.removeHandler(handler)
     (line,) = lines
