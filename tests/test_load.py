@@ -33,6 +33,8 @@ def load_server(tmp_path_factory):
         yield base_url
 
 
+# Server start (at most 420 s) plus the load's own limit (time_limit_s=900 below).
+@pytest.mark.timeout(1500)
 def test_200_mixed_requests_fail_nothing_and_each_gets_its_own_settings(
     load_server, seed
 ):

@@ -40,6 +40,7 @@ from em_inf.server.requests import (
     translate_body,
 )
 from em_inf.server.settings import ServerSettings
+from tests.published_presets import PUBLISHED
 from tests.server_helpers import (
     BATCHED_LOGIT_TOL,
     BATCHED_TV_TOL,
@@ -48,6 +49,7 @@ from tests.server_helpers import (
     SERVER_DEFAULT,
     SERVER_THRESHOLD,
     TINY_VOCAB,
+    assert_acted,
     assert_model_distribution_matches_transformers,
     assert_row,
     expected_row,
@@ -277,10 +279,12 @@ class TestTinyServer:
         info = get_json(tiny_server[0] + "/v1/em-inf")
         assert info["version"] == __version__
         assert info["enabled_by_default"] is True
-        assert info["defaults"] == SERVER_DEFAULT.as_dict()
-        assert set(info["presets"]) == set(PRESETS)
-        for name, preset in PRESETS.items():
-            assert info["presets"][name]["settings"] == preset.as_dict()
+        # The published values, written out by hand (not em_inf's PRESETS).
+        served_default = {**PUBLISHED["default"], "threshold": SERVER_THRESHOLD}
+        assert info["defaults"] == served_default
+        assert set(info["presets"]) == set(PUBLISHED)
+        for name, published in PUBLISHED.items():
+            assert info["presets"][name]["settings"] == published, name
             assert info["presets"][name]["source"] == PRESET_SOURCES[name]
 
     def test_em_inf_false_returns_the_models_own_distribution(
@@ -308,16 +312,21 @@ class TestTinyServer:
     ):
         _, client, model, _ = tiny_server
         rng = random.Random(seed)
-        for prompt in rng.sample(PROMPTS, 2):
-            settings = random_logits_settings(rng)
+        # The first draw must make EM-INF act (checked); the second is any setting,
+        # a threshold above the entropy or no steps included.
+        for acting, prompt in zip((True, False), rng.sample(PROMPTS, 2), strict=True):
+            settings = random_logits_settings(rng, acting=acting)
             if spelling == "body":
                 extra = {"em_inf": settings}
             else:
                 extra = {"vllm_xargs": {f"em_inf_{k}": v for k, v in settings.items()}}
             actual = first_token_row(client, model, endpoint, prompt, extra)
             config = SERVER_DEFAULT.replace(**settings)
+            plain = plain_rows[(endpoint, prompt)]
             try:
-                assert_row(actual, expected_row(plain_rows[(endpoint, prompt)], config))
+                assert_row(actual, expected_row(plain, config))
+                if acting:
+                    assert_acted(actual, plain, config)
             except AssertionError as error:
                 raise AssertionError(f"{prompt!r} with {settings}: {error}") from None
 
