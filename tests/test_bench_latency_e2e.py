@@ -90,7 +90,6 @@ def test_latency_cli_writes_json_and_a_plot_drawn_from_it(tmp_path):
 
 
 def test_e2e_metrics_come_from_vllm_request_timestamps():
-    pytest.importorskip("vllm")
     from vllm.outputs import CompletionOutput, RequestOutput
     from vllm.v1.metrics.stats import RequestStateStats
 

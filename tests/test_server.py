@@ -652,14 +652,16 @@ class TestTinyServer:
 # lead, so greedy decoding names Paris with and without EM-INF.
 PARIS_QUESTION = "What is the capital of France? Answer in one sentence."
 
-default_model_ready = pytest.mark.skipif(
-    not models.is_complete(models.default_model_dir()),
-    reason="default model not prepared: python -m em_inf.models default",
-)
-
 
 @pytest.fixture(scope="class")
 def default_server(tmp_path_factory):
+    # The default model must be there where the suite runs (make setup prepares
+    # it): its absence fails these tests, naming the command, instead of skipping.
+    if not models.is_complete(models.default_model_dir()):
+        pytest.fail(
+            "default model not prepared: python -m em_inf.models default",
+            pytrace=False,
+        )
     log_path = tmp_path_factory.mktemp("default-server") / "server.log"
     # processed_logprobs: logprobs of the distribution EM-INF produced (see above).
     args = ["--em-inf-default", "off", "--logprobs-mode", "processed_logprobs"]
@@ -668,7 +670,6 @@ def default_server(tmp_path_factory):
         yield base_url, client
 
 
-@default_model_ready
 class TestDefaultModelServer:
     def test_serves_smollm2_by_its_name_with_em_inf_opt_in(self, default_server):
         base_url, client = default_server
