@@ -220,9 +220,25 @@ def test_installing_em_inf_registers_nothing_with_vllm():
     loader of installed logits processors finds none of em-inf's."""
     from vllm.v1.sample.logits_processor import _load_logitsprocs_plugins
 
-    distribution = importlib.metadata.distribution("em-inf")
-    groups = {(e.group, e.name) for e in distribution.entry_points}
-    assert groups == {("console_scripts", "em-inf")}, groups
+    # Every copy of em-inf's metadata on the path (the installed dist-info, and an
+    # egg-info in a source tree on sys.path), and every distribution's entry points
+    # that lead into em_inf.
+    ours = [
+        d
+        for d in importlib.metadata.distributions()
+        if d.metadata["Name"] and d.metadata["Name"].lower() == "em-inf"
+    ]
+    assert ours, "em-inf's metadata not found"
+    for distribution in ours:
+        groups = {(e.group, e.name) for e in distribution.entry_points}
+        assert groups == {("console_scripts", "em-inf")}, (distribution._path, groups)
+    into_em_inf = {
+        (e.group, e.name)
+        for d in importlib.metadata.distributions()
+        for e in d.entry_points
+        if e.value.split(":")[0].split(".")[0] == "em_inf"
+    }
+    assert into_em_inf == {("console_scripts", "em-inf")}, into_em_inf
     loaded = _load_logitsprocs_plugins()
     assert not [c for c in loaded if c.__module__.startswith("em_inf")], loaded
 
