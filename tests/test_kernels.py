@@ -1,9 +1,9 @@
 """The Triton kernels (``em_inf.kernels``) against the float64 oracle, on CPU.
 
 The kernels run under Triton's interpreter, which must be switched on before the
-kernels module is first imported; this module does that itself. Run it in its own
-pytest process (``pytest tests/test_kernels.py``) so that no other test module has
-imported ``em_inf.kernels`` without the interpreter first.
+kernels module is first imported: run this module in the kernels' own pytest
+process (``TRITON_INTERPRET=1 python -m pytest tests/test_kernels*.py``); without
+the interpreter it fails at import (``kernel_helpers.require_interpreter``).
 
 Every kernel call allocates its scratch with ``torch.empty``; the ``poisoned_empty``
 fixture fills such buffers with NaN, so reading a partial no program wrote shows up
@@ -12,7 +12,7 @@ as NaN in the output.
 
 from __future__ import annotations
 
-from tests import kernel_helpers  # switches the interpreter on: first
+from tests import kernel_helpers
 
 kernel_helpers.require_interpreter()
 

@@ -68,10 +68,12 @@ def em_inf_log(monkeypatch):
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "1e-9")  # a line every step
     handler = LogLines()
     logger = logging.getLogger("vllm.em_inf")
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     yield handler.lines
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def spec_context(request_slots, rows_per_request) -> LogitsContext:

@@ -3,21 +3,22 @@
 ``em_inf.functional`` dispatches to the kernels with ``EM_INF_BACKEND=triton``; on
 CPU tensors they run under Triton's interpreter, which must be on before the kernels
 are first imported, so this module runs in the kernels' own pytest process (see the
-Makefile's ``test``). The tests are imported from ``tests/test_properties.py``,
-which gives them a smaller example budget under the interpreter. Batch invariance
+Makefile's ``test``) and fails at import without it
+(``kernel_helpers.require_interpreter``). The tests are imported from
+``tests/test_properties.py``, which gives them a smaller example budget under the
+interpreter. Batch invariance
 is checked with ``EM_INF_BATCH_INVARIANT=1``: the kernels' fast plan may depend on
 the batch size, and only that switch promises bits independent of it.
 """
 
 from __future__ import annotations
 
-import os
+from tests import kernel_helpers
 
-os.environ["TRITON_INTERPRET"] = "1"  # before em_inf.kernels imports triton
+kernel_helpers.require_interpreter()
 
 import pytest  # noqa: E402
 
-from em_inf.kernels import logits_mode  # noqa: E402
 from tests.test_properties import (  # noqa: E402, F401  (collected here too)
     test_a_rows_result_does_not_depend_on_its_batch,
     test_finite_wherever_the_input_was_finite,
@@ -27,13 +28,6 @@ from tests.test_properties import (  # noqa: E402, F401  (collected here too)
     test_vocabulary_extremes_at_the_edges_of_the_ranges,
     test_within_the_oracle_standard_where_float32_resolves_the_row,
 )
-
-if not type(logits_mode._em_inf_pass_kernel).__name__.startswith("Interpreted"):
-    pytest.skip(
-        "em_inf.kernels was imported before TRITON_INTERPRET=1 was set; run "
-        "tests/test_kernels_properties.py in its own pytest process",
-        allow_module_level=True,
-    )
 
 # The interpreter evaluates both sides of tl.where with numpy, so hostile logits
 # make numpy warn about overflow in lanes whose value is discarded; the properties

@@ -18,7 +18,12 @@ import pytest
 
 from bench import load
 from em_inf import models
-from tests.server_helpers import FULL_DISTRIBUTION_ARGS, TINY_VOCAB, running_server
+from tests.server_helpers import (
+    FULL_DISTRIBUTION_ARGS,
+    TINY_VOCAB,
+    running_server,
+    settled,
+)
 
 REQUESTS = 200
 CONCURRENCY = 16
@@ -33,6 +38,8 @@ def load_server(tmp_path_factory):
         yield base_url
 
 
+# Server start (at most 420 s) plus the load's own limit (time_limit_s=900 below).
+@pytest.mark.timeout(1500)
 def test_200_mixed_requests_fail_nothing_and_each_gets_its_own_settings(
     load_server, seed
 ):
@@ -72,4 +79,7 @@ def test_200_mixed_requests_fail_nothing_and_each_gets_its_own_settings(
     )
     assert counts.get("checked", 0) == kinds.get("checked"), counts
     assert counts.get("changed_by_em_inf", 0) > 0, "no check saw EM-INF act"
-    assert load.metric_total(base_url, "vllm:num_requests_running") == 0
+    running = settled(
+        lambda: load.metric_total(base_url, "vllm:num_requests_running"), 0
+    )
+    assert running == 0

@@ -62,6 +62,11 @@ ENTROPY_MARGIN = (1e-4, 1e-5)
 #: standard's tolerance): two float32 computations of an ill-conditioned row draw
 #: independent rounding errors of the same size, not the same error.
 UNRESOLVED_SLACK = 2.0
+#: However far the float32 loop strays, a row may be at most this far (TV) from the
+#: oracle: beyond it the sampling distribution is a different one, not a rounding
+#: of the same (outputs of ill-conditioned rows were seen up to TV 0.06 from the
+#: oracle in 1,350 random examples, where the loop itself was at 0.41).
+UNRESOLVED_TV_CAP = 0.1
 
 #: Whether this process runs Triton's interpreter: tests/test_kernels_properties.py
 #: switches it on and imports these tests to run them on the kernels.
@@ -432,7 +437,13 @@ def accuracy_problem(
       is then stable at float32's resolution of the input. Otherwise ``out`` must be
       no further from the oracle than that float32 loop: TV and logit error each at
       most :data:`UNRESOLVED_SLACK` times the loop's worse error of the two runs,
-      plus the standard's tolerance.
+      plus the standard's tolerance, and never beyond a cap (TV
+      :data:`UNRESOLVED_TV_CAP`, logit error :func:`logit_magnitude`). Where the
+      loop returned NaN, an infinity or another mask it is no yardstick: ``out``
+      then answers to the float64 oracle alone (and has already failed it). Only
+      where one ulp of input moves the float32 loop's own distribution by more than
+      the TV cap (the answer is not determined by the float32 input) is no
+      distance asked.
     """
     threshold = _f32(config.threshold)
     oracle = row_reference(x, config, torch.float64, threshold)
@@ -446,27 +457,53 @@ def accuracy_problem(
             near = row_reference(x, config, torch.float64, moved)
             if row_errors(out, near).within_standard():
                 return None
-    loop = row_errors(row_reference(x, config, torch.float32, threshold), oracle)
+    loop_out = row_reference(x, config, torch.float32, threshold)
+    loop = row_errors(loop_out, oracle)
     nudged = ulp_perturbed(x, seed)
-    loop_nudged = row_errors(
-        row_reference(nudged, config, torch.float32, threshold), oracle
-    )
+    loop_nudged_out = row_reference(nudged, config, torch.float32, threshold)
+    loop_nudged = row_errors(loop_nudged_out, oracle)
     if loop.within_standard() and loop_nudged.within_standard():
         return (
             f"{ours} where float32 resolves the row (the authors' float32 loop: "
             f"{loop}; on input moved 1 ulp: {loop_nudged})"
         )
+    if not all(map(math.isfinite, (loop.tv, loop.logit, loop_nudged.tv))) or not (
+        math.isfinite(loop_nudged.logit)
+    ):
+        # The float32 loop returned NaN, an infinity or another mask: it is no
+        # yardstick, and the row is judged against the float64 oracle alone.
+        return (
+            f"{ours} from the float64 oracle (the authors' float32 loop is no "
+            f"reference here: {loop}; on input moved 1 ulp: {loop_nudged})"
+        )
+    if row_errors(loop_nudged_out, loop_out).tv > UNRESOLVED_TV_CAP:
+        # One ulp of input moves the float32 loop's distribution by more than the
+        # cap: the row's answer is not a function of its float32 input (chaotic
+        # settings such as lr 100 for 100 steps). No float32 result can be judged
+        # by distance here; the safety properties (finite, masks) still hold
+        # (tests above and test_vocabulary_extremes_at_the_edges_of_the_ranges).
+        return None
     worst_tv = max(loop.tv, loop_nudged.tv)
     worst_logit = max(loop.logit, loop_nudged.logit)
-    if (
-        ours.tv <= UNRESOLVED_SLACK * worst_tv + TV_TOL
-        and ours.logit <= UNRESOLVED_SLACK * worst_logit + LOGIT_TOL
-    ):
+    tv_allowed = min(UNRESOLVED_SLACK * worst_tv + TV_TOL, UNRESOLVED_TV_CAP)
+    logit_allowed = min(
+        UNRESOLVED_SLACK * worst_logit + LOGIT_TOL, logit_magnitude(x, oracle)
+    )
+    if ours.tv <= tv_allowed and ours.logit <= logit_allowed:
         return None
     return (
         f"{ours}, further from the float64 oracle than the authors' float32 loop "
         f"({loop}; on input moved 1 ulp: {loop_nudged})"
     )
+
+
+def logit_magnitude(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    """The largest magnitude among the finite entries of the input and the oracle's
+    output (at least :data:`LOGIT_TOL`): an error beyond every value in play is an
+    output unrelated to the row, whatever the float32 loop did."""
+    values = [t.double()[torch.isfinite(t)].abs() for t in (x, oracle)]
+    largest = max((float(v.max()) for v in values if v.numel()), default=0.0)
+    return max(largest, LOGIT_TOL)
 
 
 def left_alone(x: torch.Tensor, config: EMInfConfig) -> bool:

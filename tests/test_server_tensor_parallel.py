@@ -26,10 +26,12 @@ from tests.server_helpers import (
     SERVER_DEFAULT,
     SERVER_THRESHOLD,
     TINY_VOCAB,
+    assert_acted,
     assert_model_distribution_matches_transformers,
     assert_row,
     expected_row,
     first_token_row,
+    numa_nodes_of_allowed_cpus,
     random_logits_settings,
     running_server,
 )
@@ -66,9 +68,11 @@ def test_two_workers_each_bound_to_their_own_cores(tp_server):
     with urllib.request.urlopen(base_url + "/health", timeout=30) as response:
         assert response.status == 200
     bound = re.search(rf"{THREADS_BIND_ENV}=(\S+)", log)
-    if bound is None:  # enough NUMA nodes: vLLM's own binding
-        assert "Not enough allowed NUMA nodes" not in log
+    assert "Not enough allowed NUMA nodes" not in log
+    if numa_nodes_of_allowed_cpus() >= 2:  # a node per worker: vLLM's own binding
+        assert bound is None, bound.group(0)
         return
+    assert bound is not None, f"one NUMA node and no {THREADS_BIND_ENV} in the log"
     shares = bound.group(1).split("|")
     assert len(shares) == 2 and shares[0] != shares[1], bound.group(0)
     for rank in (0, 1):
@@ -97,13 +101,15 @@ def test_every_request_matches_the_oracle_for_its_own_settings(
         )
     )
     for _ in range(3):
-        settings = random_logits_settings(rng)
+        settings = random_logits_settings(rng, acting=True)
         cases.append(({"em_inf": settings}, SERVER_DEFAULT.replace(**settings)))
     for extra, config in cases:
         prompt = rng.choice(PROMPTS[:4])
         actual = first_token_row(client, model, endpoint, prompt, extra)
+        plain = plain_rows[(endpoint, prompt)]
         try:
-            assert_row(actual, expected_row(plain_rows[(endpoint, prompt)], config))
+            assert_row(actual, expected_row(plain, config))
+            assert_acted(actual, plain, config)  # every case here makes EM-INF act
         except AssertionError as error:
             raise AssertionError(
                 f"{endpoint} {prompt!r} with {extra}: {error}"
