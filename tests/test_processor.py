@@ -297,5 +297,6 @@ def test_processor_logs_rows_per_mode_through_vllms_logger(monkeypatch):
         proc.apply(random_logits(3, VOCAB), v2_context([0, 1, 2]))
     finally:
         logger.removeHandler(handler)
-    (line,) = lines
+    started, line = lines  # the processor's start-up line, then the stats
+    assert "on Model Runner V2" in started
     assert "logits mode 1 rows" in line and "temperature mode 1 rows" in line
