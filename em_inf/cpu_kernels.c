@@ -87,6 +87,8 @@ static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 
 static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
 
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7FFFFFFF); }
+
 static inline vf vsqrt(vf x) {
     vf r;
     for (int j = 0; j < LANES; j++) r[j] = __builtin_sqrtf(x[j]);
@@ -356,13 +358,13 @@ typedef struct {
 
 /* One Adam step, in place. e holds exp(z - M) of the last statistics pass, p0
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
- * read). LAST: m and v are not needed after the step (not written; the update
- * pass is bound by memory traffic). A masked logit has e = p0 = 0, hence
+ * read). LAST: m and v are not needed after the step (not written). A masked logit has e = p0 = 0, hence
  * g = m = v = 0 and moves by exactly 0. */
 static inline void update_block(float *restrict z, const float *restrict e,
                                 const float *restrict p0, float *restrict m,
-                                float *restrict v, const Step *s, const int first,
-                                const int with_kl, const int last, Moved *a) {
+                                float *restrict v, const Step *restrict s,
+                                const int first, const int with_kl, const int last,
+                                Moved *a) {
     EACH_VECTOR {
         const int at = k * LANES;
         vf x = load(z + at);
@@ -375,7 +377,8 @@ static inline void update_block(float *restrict z, const float *restrict e,
             gm += s->beta1 * load(m + at);
             gv += s->beta2 * load(v + at);
         }
-        vf den = vsqrt(gv) * s->inv_sqrt_bc2 + s->eps;
+        /* At step 1, sqrt(v / (1 - beta2)) = |g|: no square root. */
+        vf den = (first ? vabs(g) : vsqrt(gv) * s->inv_sqrt_bc2) + s->eps;
         vf y = x - s->step * (gm / den);
         if (!last) {
             store(m + at, gm);
@@ -387,7 +390,8 @@ static inline void update_block(float *restrict z, const float *restrict e,
     }
 }
 
-static inline void update_body(float *z, const float *e, const float *p0, float *m,
+/* Inlined into each case of update_chunk, so that every flag is a constant there. */
+static inline __attribute__((always_inline)) void update_body(float *z, const float *e, const float *p0, float *m,
                                float *v, int64_t lo, int64_t hi, const Step *s,
                                const int first, const int with_kl, const int last,
                                Partial *out) {
