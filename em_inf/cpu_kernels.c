@@ -148,26 +148,43 @@ static inline int hany(vi x) {
 
 /* exp(x) for x <= 0 (x = -inf allowed; NaN gives 0): x = k ln2 + r with
  * |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error 2e-9 before
- * rounding; fitted for this file), 2^k built in the exponent bits. Below EXP_FLOOR
- * the result is 0. Accurate to about 2 ulp. */
+ * rounding; fitted for this file), times 2^k. Below EXP_FLOOR the result is 0.
+ * Accurate to about 2 ulp. */
+#define EXP_SHIFT 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
+#define EXP_POLY(r)                                                              \
+    ((((((r * 0.0013844391f + 0.0083741462f) * r + 0.041667990f) * r + 0.16666432f) * \
+          r +                                                                    \
+      0.49999994f) *                                                             \
+         r +                                                                     \
+     1.0f) * r +                                                                 \
+     1.0f)
+#if defined(__AVX512F__) && LANES == 16
+/* With AVX-512 the scaling by 2^k (vscalefps) and the zeroing of the lanes below
+ * EXP_FLOOR (a mask register) take one instruction, where the generic code below
+ * needs six; the same k, r and polynomial, so the same results. */
 static inline vf exp_nonpos(vf x) {
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const __m512 v = (__m512)x;
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ);
+    const vf kf = (vf)_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f),
+                                      _mm512_set1_ps(EXP_SHIFT)) -
+                  EXP_SHIFT;
+    vf r = x - kf * 0.693145751953125f; /* ln2 in two parts: k * hi is exact */
+    r = r - kf * 1.428606765330187e-06f;
+    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)EXP_POLY(r), (__m512)kf);
+}
+#else
+static inline vf exp_nonpos(vf x) {
     vi keep = x > EXP_FLOOR;
     vf xc = vselect(keep, x, splat(EXP_FLOOR));
-    vf kf = xc * 1.44269504088896341f + shift;
+    vf kf = xc * 1.44269504088896341f + EXP_SHIFT;
     vi kbits = (vi)kf;
-    kf -= shift;
+    kf -= EXP_SHIFT;
     vf r = xc - kf * 0.693145751953125f; /* ln2 in two parts: k * hi is exact */
     r = r - kf * 1.428606765330187e-06f;
-    vf p = r * 0.0013844391f + 0.0083741462f;
-    p = p * r + 0.041667990f;
-    p = p * r + 0.16666432f;
-    p = p * r + 0.49999994f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
     vi sbits = (kbits - (0x4B400000 - 127)) << 23; /* 2^k, k in [-126, 0] for x <= 0 */
-    return (vf)((vi)(p * (vf)sbits) & keep);
+    return (vf)((vi)(EXP_POLY(r) * (vf)sbits) & keep);
 }
+#endif
 
 /* z - m with -inf (and overflow) clamped to -FLT_MAX, so that 0 * zs stays 0. */
 static inline vf shifted(vf z, float m) { return vmax(z - m, splat(-FLT_MAX)); }
