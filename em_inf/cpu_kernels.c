@@ -51,10 +51,16 @@
 #include <immintrin.h>
 #endif
 
-/* Lanes: one AVX-512 vector of floats (the compiler splits it into two AVX2 or
- * four SSE vectors where the machine has narrower ones). Reductions keep one
- * accumulator per lane. */
+/* Lanes: one AVX-512 vector of floats, else 8 (one AVX2 vector; two NEON or SSE
+ * vectors). With 16 lanes an AVX2 build splits every vector in two and, with 16
+ * registers, spills most of a pass's constants to the stack: its exp pass ran 8x
+ * slower than with 8 lanes. Reductions keep one accumulator per lane, so a row's
+ * bits depend on the build (as on the compiler), never on the batch or threads. */
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
 /* Logits per chunk: a multiple of LANES. 8,192 cuts V = 151,936 into 19 chunks,
  * enough to share one row among the threads of a larger machine. */
 #define CHUNK 8192
@@ -111,11 +117,16 @@ static inline void acc_add(Acc *a, vf x) {
     a->hi += (vd)_mm512_cvtps_pd(high);
 }
 #else
+#if LANES == 16
+#define LOW_HALF 0, 1, 2, 3, 4, 5, 6, 7
+#define HIGH_HALF 8, 9, 10, 11, 12, 13, 14, 15
+#else
+#define LOW_HALF 0, 1, 2, 3
+#define HIGH_HALF 4, 5, 6, 7
+#endif
 static inline void acc_add(Acc *a, vf x) {
-    a->lo += __builtin_convertvector(
-        __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), vd);
-    a->hi += __builtin_convertvector(
-        __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+    a->lo += __builtin_convertvector(__builtin_shufflevector(x, x, LOW_HALF), vd);
+    a->hi += __builtin_convertvector(__builtin_shufflevector(x, x, HIGH_HALF), vd);
 }
 #endif
 
