@@ -5,6 +5,7 @@ where they cannot be built, and bitwise batch invariance on both CPU paths."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -456,6 +457,53 @@ def test_build_is_cached_and_rebuilt_for_another_compiler(tmp_path, monkeypatch)
     other = cpu_build.build()
     assert other.path != first.path
     assert sorted(p.suffix for p in first.path.parent.iterdir()) == [".so", ".so"]
+
+
+def test_the_target_cpu_can_be_chosen(monkeypatch):
+    cpu = "model name : test\nflags : fpu avx2 avx512f"
+    monkeypatch.delenv(cpu_build.ARCH_ENV, raising=False)
+    assert "-march=native" in cpu_build.flag_sets(cpu)[0]
+    monkeypatch.setenv(cpu_build.ARCH_ENV, "x86-64-v3")
+    best = cpu_build.flag_sets(cpu)[0]
+    assert "-march=x86-64-v3" in best and "-march=native" not in best
+    assert not any(flag.startswith("-mprefer-vector-width") for flag in best)
+
+
+LANES_SCRIPT = "from em_inf import cpu_backend; print(cpu_backend.vector_lanes())"
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or " avx2" not in cpu_build.cpu_description(),
+    reason="the AVX2 build needs an x86-64 CPU with AVX2",
+)
+def test_the_avx2_build_passes_the_fidelity_tests(tmp_path):
+    """The build for CPUs without AVX-512 (8 lanes, the generic exp), built on this
+    machine and run through this module's fidelity and invariance tests."""
+    env = dict(os.environ)
+    env.update({cpu_build.ARCH_ENV: "x86-64-v3", "EM_INF_CACHE": str(tmp_path)})
+    lanes = subprocess.run(
+        [sys.executable, "-c", LANES_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert lanes.stdout.strip() == "8", lanes.stderr  # really the AVX2 build
+    selection = (
+        "compiled_path_matches or exp_is_accurate or (hostile and cpu) "
+        "or (bits_do_not_depend and cpu and 4097)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        + ["-k", selection],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout
 
 
 FALLBACK_SCRIPT = textwrap.dedent(
