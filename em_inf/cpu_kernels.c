@@ -47,7 +47,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -89,9 +89,21 @@ static inline vf splat(float x) { return (vf){0} + x; }
 /* m ? a : b per lane (m: all ones or all zeros). */
 static inline vf vselect(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
+/* a > b ? a : b and a < b ? a : b per lane (b where either is NaN): what x86's
+ * max and min instructions compute, which compilers do not emit for the select. */
+#if defined(__AVX512F__) && LANES == 16
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+
+static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__) && LANES == 8
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+
+static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+#else
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 
 static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
+#endif
 
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7FFFFFFF); }
 
