@@ -218,6 +218,7 @@ typedef struct {
     double sum_e;   /* sum of exp(.) */
     double sum_ez;  /* sum of exp(.) * zs */
     double sum_ez2; /* sum of exp(.) * zs^2 (temperature mode) */
+    double sum_ez3; /* sum of exp(.) * zs^3 (temperature mode) */
     float max;      /* largest logit (scan), largest new logit (update) */
     float min;      /* smallest unmasked logit (scan for the temperature mode) */
     int32_t count;  /* temperature passes: logits at the max */
@@ -229,7 +230,7 @@ static inline int64_t chunk_count(int64_t vocab) { return (vocab + CHUNK - 1) / 
 static inline int64_t padded(int64_t vocab) { return (vocab + LANES - 1) / LANES * LANES; }
 
 static inline void partial_init(Partial *p) {
-    p->sum_e = p->sum_ez = p->sum_ez2 = 0.0;
+    p->sum_e = p->sum_ez = p->sum_ez2 = p->sum_ez3 = 0.0;
     p->max = -INFINITY;
     p->min = INFINITY;
     p->count = 0;
@@ -244,6 +245,7 @@ static Partial combine(const Partial *parts, int64_t n) {
         total.sum_e += parts[c].sum_e;
         total.sum_ez += parts[c].sum_ez;
         total.sum_ez2 += parts[c].sum_ez2;
+        total.sum_ez3 += parts[c].sum_ez3;
         total.max = parts[c].max > total.max ? parts[c].max : total.max;
         total.min = parts[c].min < total.min ? parts[c].min : total.min;
         total.count += parts[c].count;
@@ -481,19 +483,19 @@ static void update_chunk(float *z, const float *e, const float *p0, float *m, fl
         update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 0, out);
 }
 
-/* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs and
- * e zs^2 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
+/* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs, e zs^2
+ * and e zs^3 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
  * counted in `ties` instead of summed, so that the float32 block sums err
  * relative to the mass of the other logits: a confident row's entropy is that
  * mass times a few nats, and must be resolved to 1e-6 of itself. */
 typedef struct {
-    Acc e, ez, ez2;
+    Acc e, ez, ez2, ez3;
     vi ties;
 } Moments;
 
 static inline void temperature_block(const float *restrict z, float m, float b,
                                      Moments *a) {
-    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS];
+    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS], ez3[BLOCK_VECTORS];
     EACH_VECTOR {
         vf zs = shifted(load(z + k * LANES), m);
         vi top = zs == 0.0f;
@@ -501,15 +503,17 @@ static inline void temperature_block(const float *restrict z, float m, float b,
         e[k] = vselect(top, splat(0.0f), exp_nonpos(b * zs));
         ez[k] = e[k] * zs;
         ez2[k] = ez[k] * zs;
+        ez3[k] = ez2[k] * zs;
     }
     acc_add(&a->e, block_sum(e));
     acc_add(&a->ez, block_sum(ez));
     acc_add(&a->ez2, block_sum(ez2));
+    acc_add(&a->ez3, block_sum(ez3));
 }
 
 static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, float b,
                               Partial *out) {
-    Moments a = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {0}};
+    Moments a = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {0}};
     int64_t i = lo;
     for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, &a);
     if (i < hi) {
@@ -520,6 +524,7 @@ static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, f
     out->sum_e = acc_sum(a.e);
     out->sum_ez = acc_sum(a.ez);
     out->sum_ez2 = acc_sum(a.ez2);
+    out->sum_ez3 = acc_sum(a.ez3);
     for (int j = 0; j < LANES; j++) out->count += a.ties[j];
 }
 
@@ -712,9 +717,15 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     counts->work += taken;
 }
 
-/* Entropy and its slope in u = log b at inverse temperature b. */
-static void temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
-                             float shift, float b, double *entropy, double *slope) {
+/* Entropy, its slope and its curvature in u = log b at inverse temperature b:
+ * dH/du = -b^2 Var_q(z), d2H/du2 = -2 b^2 Var_q(z) - b^3 k3 (k3: q's third central
+ * moment of z, the derivative of the variance in b). */
+typedef struct {
+    double entropy, slope, curvature;
+} Entropy;
+
+static Entropy temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
+                                float shift, float b) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, nc,
                temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b,
@@ -722,9 +733,23 @@ static void temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int
     Partial total = combine(slot->parts[set], nc); /* count: logits at the max */
     const double sum = (double)total.count + total.sum_e;
     double mean = total.sum_ez / sum;
-    double var = total.sum_ez2 / sum - mean * mean;
-    *entropy = log(sum) - (double)b * mean;
-    *slope = -(double)b * (double)b * (var > 0.0 ? var : 0.0);
+    const double ez2 = total.sum_ez2 / sum;
+    double var = ez2 - mean * mean;
+    var = var > 0.0 ? var : 0.0;
+    const double k3 = total.sum_ez3 / sum - 3.0 * mean * ez2 + 2.0 * mean * mean * mean;
+    const double bb = (double)b * (double)b;
+    Entropy h = {log(sum) - (double)b * mean, -bb * var, -2.0 * bb * var - bb * b * k3};
+    return h;
+}
+
+/* The solver's step towards H = target from an error err = H - target: Halley's
+ * (cubic convergence: from T = 1 the rows of bench/latency.py reach 1e-6 of their
+ * target in 3 passes instead of Newton's 4), or Newton's where the curvature term
+ * would more than double or reverse it. */
+static double halley_step(double err, Entropy h) {
+    const double newton = err / h.slope;
+    const double damping = 1.0 - 0.5 * newton * h.curvature / h.slope;
+    return damping >= 0.5 ? newton / damping : newton;
 }
 
 /* The adaptive temperature on row r; returns the factor 1/T it applied (1 where it
@@ -745,15 +770,14 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     }
     const float shift = total.max, lowest = total.min;
     int set = 1;
-    double entropy, slope;
-    temperature_eval(z, vocab, slot, split, set, shift, 1.0f, &entropy, &slope);
+    Entropy h = temperature_eval(z, vocab, slot, split, set, shift, 1.0f);
     set ^= 1;
-    if (entropy <= threshold) {
+    if (h.entropy <= threshold) {
         counts->below++;
         return 1.0f;
     }
     int64_t passes = 1;
-    const double target = fmax(threshold, (double)b->alpha[r] * entropy);
+    const double target = fmax(threshold, (double)b->alpha[r] * h.entropy);
     /* Aim at half the tolerance: the other half covers the float32 rounding of
      * this evaluation (the entropy at the same 1/T in exact arithmetic differs by
      * about 1e-7 of itself). */
@@ -770,7 +794,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     if (u < lo || u > hi) {
         u = u < lo ? lo : hi;
         inv_t = (float)exp(u);
-        temperature_eval(z, vocab, slot, split, set, shift, inv_t, &entropy, &slope);
+        h = temperature_eval(z, vocab, slot, split, set, shift, inv_t);
         set ^= 1;
         passes++;
     }
@@ -778,7 +802,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     float best = inv_t;
     /* H decreases in u: err > 0 means the root lies at a larger u. */
     for (;;) {
-        double err = entropy - target;
+        double err = h.entropy - target;
         if (fabs(err) <= best_err) { /* ties: the later point (an end, when H is flat) */
             best_err = fabs(err);
             best = inv_t;
@@ -793,7 +817,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         }
         /* The bracket is below float32's resolution of b: nothing better to find. */
         if (hi - lo <= 1e-7 * fmax(1.0, fabs(u))) break;
-        double next = u - err / slope;
+        double next = u - halley_step(err, h);
         if (!(next > lo && next < hi)) { /* outside the bracket (or NaN) */
             if (err > 0 && !hi_seen)
                 next = hi; /* try the end it points to, once */
@@ -806,7 +830,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         if (next_inv_t == inv_t) break; /* the same float32 b again */
         u = next;
         inv_t = next_inv_t;
-        temperature_eval(z, vocab, slot, split, set, shift, inv_t, &entropy, &slope);
+        h = temperature_eval(z, vocab, slot, split, set, shift, inv_t);
         set ^= 1;
         passes++;
     }
