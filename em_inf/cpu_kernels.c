@@ -6,7 +6,8 @@
  * -ffast-math: masked logits are -inf and must stay so) and called through ctypes
  * by em_inf/cpu_backend.py. No Python or torch headers: the compile takes about a
  * second. Vectors are GCC vector extensions (one source for AVX-512, AVX2, NEON),
- * with AVX-512 intrinsics in one place where the generic code is slow.
+ * with x86 intrinsics where the generic code compiles slowly (max and min, and on
+ * AVX-512 the exp's scaling and the widening to double).
  *
  * Layout of the work
  * ------------------
@@ -27,14 +28,15 @@
  *   stats pass:  reads z, writes e = exp(z - M), sums e and e (z - M) in double.
  * so two passes and one exp per logit and step. Both are bound by arithmetic, not
  * memory (the time per logit is the same whether the row fits in L2 or not;
- * bench/README.md has the cycles per pass): the scratch, five float rows (3 MB per
- * thread at V = 151,936), may live in L3. The first statistics pass also keeps a
+ * docs/cost-model.md has each pass against its floors): the scratch, five float
+ * rows (3 MB per thread at V = 151,936), may live in L3. Fusing the two passes (the
+ * statistics at a predicted shift) measured slower: its loop spills. The first statistics pass also keeps a
  * copy of the row, from which the fail-safe restores it exactly.
  *
- * Temperature mode, per row: Newton on u = log(1/T), safeguarded by a bracket;
- * one read of the row per solver pass for sum exp(b zs), sum exp(b zs) zs and
- * sum exp(b zs) zs^2 (zs = z - max z, b = 1/T as float32, sums in double), then
- * one pass writing z * b.
+ * Temperature mode, per row: Halley's method on u = log(1/T), safeguarded by a
+ * bracket; one read of the row per solver pass for sum exp(b zs) zs^j, j = 0..3
+ * (zs = z - max z, b = 1/T as float32, sums in double), then one pass writing
+ * z * b.
  *
  * Masked logits are those <= MASKED_AT (-inf, finfo(float32).min, ...): their
  * probability is exactly 0 and they keep their input value.
