@@ -55,7 +55,7 @@
 
 /* Lanes: one AVX-512 vector of floats, else 8 (one AVX2 vector; two NEON or SSE
  * vectors). With 16 lanes an AVX2 build splits every vector in two and, with 16
- * registers, spills most of a pass's constants to the stack: its exp pass ran 8x
+ * registers, spills most of a pass's constants to the stack: its exp pass ran 4.5x
  * slower than with 8 lanes. Reductions keep one accumulator per lane, so a row's
  * bits depend on the build (as on the compiler), never on the batch or threads. */
 #if defined(__AVX512F__)
