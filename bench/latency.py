@@ -395,6 +395,10 @@ def cpu_environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_backend": backend.backend_for("cpu"),
         "cpu_backend_unavailable": cpu_backend.unavailable_reason(),
+        "cpu_kernels_march": os.environ.get(cpu_build.ARCH_ENV) or "native",
+        "cpu_kernels_lanes": cpu_backend.vector_lanes()
+        if cpu_backend.available()
+        else None,
     }
 
 
@@ -502,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
                     cases.append(Case(mode, batch, vocab, steps))
     started = time.time()
     loadavg_start = list(os.getloadavg())
+    cpu = cpu_environment()
+    print(
+        f"CPU {cpu['cpu_model']} ({', '.join(cpu['cpu_vector_extensions'])}), "
+        f"{cpu['torch_threads']} threads; kernels -march={cpu['cpu_kernels_march']}, "
+        f"{cpu['cpu_kernels_lanes']} lanes; load average {loadavg_start}",
+        flush=True,
+    )
     # Warm-up, discarded: the process's first seconds of torch work run slow (thread
     # pools, allocator, page faults), which would land on the first cell alone.
     measure(Case("logits", 8, 49_152, 3), 1, cuda, False, min_seconds=args.warmup)

@@ -53,6 +53,7 @@ _SIGNATURES = {
     ),
     "em_inf_exp_floor": (None, [_P, _I64, _I64, _P, _INT]),
     "em_inf_exp": (None, [_P, _P, _I64]),
+    "em_inf_lanes": (_INT, []),
 }
 
 
@@ -198,6 +199,12 @@ def exp_floor(logits: torch.Tensor) -> torch.Tensor:
         torch.get_num_threads(),
     )
     return sums
+
+
+def vector_lanes() -> int:
+    """Floats per vector the compiled kernels work in: 16 where they were built for
+    AVX-512, else 8 (for benchmarks' records)."""
+    return _library_or_raise().em_inf_lanes()
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ by the source, the compiler's version, the flags and the CPU's model and feature
 a changed source, compiler or machine builds afresh and anything else loads the
 cached file.
 
-``$EM_INF_CC`` names the compiler (default: ``gcc``, else ``cc``, from ``PATH``).
+``$EM_INF_CC`` names the compiler (default: ``gcc``, else ``cc``, from ``PATH``);
+``$EM_INF_CPU_ARCH`` the target given to ``-march`` (default ``native``; e.g.
+``x86-64-v3`` builds the AVX2 variant on an AVX-512 machine, to measure it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 #: Environment variable naming the C compiler.
 COMPILER_ENV = "EM_INF_CC"
+#: Environment variable naming the target CPU (``-march``; default ``native``).
+ARCH_ENV = "EM_INF_CPU_ARCH"
 
 #: Always: optimise, keep IEEE semantics (no -ffast-math: -inf must stay -inf, NaN
 #: must be seen) but let sqrt vectorise (-fno-math-errno) and fuse a * b + c
@@ -82,11 +86,13 @@ def cpu_description() -> str:
 
 
 def flag_sets(cpu: str) -> list[tuple[str, ...]]:
-    """Flags to try, best first: tuned for this CPU with OpenMP, then without
-    ``-march=native`` (a compiler that does not know the CPU), then without OpenMP
-    (a compiler without it: one thread)."""
-    native = ["-march=native"]
-    if platform.machine().lower() in ("x86_64", "amd64") and " avx512f" in cpu:
+    """Flags to try, best first: tuned for this CPU (or ``$EM_INF_CPU_ARCH``) with
+    OpenMP, then without ``-march`` (a compiler that does not know the CPU), then
+    without OpenMP (a compiler without it: one thread)."""
+    arch = os.environ.get(ARCH_ENV, "").strip() or "native"
+    native = [f"-march={arch}"]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and (arch == "x86-64-v4" or (arch == "native" and " avx512f" in cpu)):
         native.append("-mprefer-vector-width=512")  # compilers default to 256 bits
     return [
         (*_BASE_FLAGS, *native, "-fopenmp"),

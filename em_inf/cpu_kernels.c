@@ -6,7 +6,8 @@
  * -ffast-math: masked logits are -inf and must stay so) and called through ctypes
  * by em_inf/cpu_backend.py. No Python or torch headers: the compile takes about a
  * second. Vectors are GCC vector extensions (one source for AVX-512, AVX2, NEON),
- * with AVX-512 intrinsics in one place where the generic code is slow.
+ * with x86 intrinsics where the generic code compiles slowly (max and min, and on
+ * AVX-512 the exp's scaling and the widening to double).
  *
  * Layout of the work
  * ------------------
@@ -27,14 +28,15 @@
  *   stats pass:  reads z, writes e = exp(z - M), sums e and e (z - M) in double.
  * so two passes and one exp per logit and step. Both are bound by arithmetic, not
  * memory (the time per logit is the same whether the row fits in L2 or not;
- * bench/README.md has the cycles per pass): the scratch, five float rows (3 MB per
- * thread at V = 151,936), may live in L3. The first statistics pass also keeps a
+ * docs/cost-model.md has each pass against its floors): the scratch, five float
+ * rows (3 MB per thread at V = 151,936), may live in L3. Fusing the two passes (the
+ * statistics at a predicted shift) measured slower: its loop spills. The first statistics pass also keeps a
  * copy of the row, from which the fail-safe restores it exactly.
  *
- * Temperature mode, per row: Newton on u = log(1/T), safeguarded by a bracket;
- * one read of the row per solver pass for sum exp(b zs), sum exp(b zs) zs and
- * sum exp(b zs) zs^2 (zs = z - max z, b = 1/T as float32, sums in double), then
- * one pass writing z * b.
+ * Temperature mode, per row: Halley's method on u = log(1/T), safeguarded by a
+ * bracket; one read of the row per solver pass for sum exp(b zs) zs^j, j = 0..3
+ * (zs = z - max z, b = 1/T as float32, sums in double), then one pass writing
+ * z * b.
  *
  * Masked logits are those <= MASKED_AT (-inf, finfo(float32).min, ...): their
  * probability is exactly 0 and they keep their input value.
@@ -47,14 +49,20 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
-/* Lanes: one AVX-512 vector of floats (the compiler splits it into two AVX2 or
- * four SSE vectors where the machine has narrower ones). Reductions keep one
- * accumulator per lane. */
+/* Lanes: one AVX-512 vector of floats, else 8 (one AVX2 vector; two NEON or SSE
+ * vectors). With 16 lanes an AVX2 build splits every vector in two and, with 16
+ * registers, spills most of a pass's constants to the stack: its exp pass ran 4.5x
+ * slower than with 8 lanes. Reductions keep one accumulator per lane, so a row's
+ * bits depend on the build (as on the compiler), never on the batch or threads. */
+#if defined(__AVX512F__)
 #define LANES 16
+#else
+#define LANES 8
+#endif
 /* Logits per chunk: a multiple of LANES. 8,192 cuts V = 151,936 into 19 chunks,
  * enough to share one row among the threads of a larger machine. */
 #define CHUNK 8192
@@ -83,9 +91,23 @@ static inline vf splat(float x) { return (vf){0} + x; }
 /* m ? a : b per lane (m: all ones or all zeros). */
 static inline vf vselect(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
+/* a > b ? a : b and a < b ? a : b per lane (b where either is NaN): what x86's
+ * max and min instructions compute, which compilers do not emit for the select. */
+#if defined(__AVX512F__) && LANES == 16
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+
+static inline vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__) && LANES == 8
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+
+static inline vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+#else
 static inline vf vmax(vf a, vf b) { return vselect(a > b, a, b); }
 
 static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
+#endif
+
+static inline vf vabs(vf x) { return (vf)((vi)x & 0x7FFFFFFF); }
 
 static inline vf vsqrt(vf x) {
     vf r;
@@ -109,11 +131,16 @@ static inline void acc_add(Acc *a, vf x) {
     a->hi += (vd)_mm512_cvtps_pd(high);
 }
 #else
+#if LANES == 16
+#define LOW_HALF 0, 1, 2, 3, 4, 5, 6, 7
+#define HIGH_HALF 8, 9, 10, 11, 12, 13, 14, 15
+#else
+#define LOW_HALF 0, 1, 2, 3
+#define HIGH_HALF 4, 5, 6, 7
+#endif
 static inline void acc_add(Acc *a, vf x) {
-    a->lo += __builtin_convertvector(
-        __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), vd);
-    a->hi += __builtin_convertvector(
-        __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+    a->lo += __builtin_convertvector(__builtin_shufflevector(x, x, LOW_HALF), vd);
+    a->hi += __builtin_convertvector(__builtin_shufflevector(x, x, HIGH_HALF), vd);
 }
 #endif
 
@@ -146,26 +173,43 @@ static inline int hany(vi x) {
 
 /* exp(x) for x <= 0 (x = -inf allowed; NaN gives 0): x = k ln2 + r with
  * |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative error 2e-9 before
- * rounding; fitted for this file), 2^k built in the exponent bits. Below EXP_FLOOR
- * the result is 0. Accurate to about 2 ulp. */
+ * rounding; fitted for this file), times 2^k. Below EXP_FLOOR the result is 0.
+ * Accurate to about 2 ulp. */
+#define EXP_SHIFT 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
+#define EXP_POLY(r)                                                              \
+    ((((((r * 0.0013844391f + 0.0083741462f) * r + 0.041667990f) * r + 0.16666432f) * \
+          r +                                                                    \
+      0.49999994f) *                                                             \
+         r +                                                                     \
+     1.0f) * r +                                                                 \
+     1.0f)
+#if defined(__AVX512F__) && LANES == 16
+/* With AVX-512 the scaling by 2^k (vscalefps) and the zeroing of the lanes below
+ * EXP_FLOOR (a mask register) take one instruction, where the generic code below
+ * needs six; the same k, r and polynomial, so the same results. */
 static inline vf exp_nonpos(vf x) {
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const __m512 v = (__m512)x;
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ);
+    const vf kf = (vf)_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f),
+                                      _mm512_set1_ps(EXP_SHIFT)) -
+                  EXP_SHIFT;
+    vf r = x - kf * 0.693145751953125f; /* ln2 in two parts: k * hi is exact */
+    r = r - kf * 1.428606765330187e-06f;
+    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)EXP_POLY(r), (__m512)kf);
+}
+#else
+static inline vf exp_nonpos(vf x) {
     vi keep = x > EXP_FLOOR;
     vf xc = vselect(keep, x, splat(EXP_FLOOR));
-    vf kf = xc * 1.44269504088896341f + shift;
+    vf kf = xc * 1.44269504088896341f + EXP_SHIFT;
     vi kbits = (vi)kf;
-    kf -= shift;
+    kf -= EXP_SHIFT;
     vf r = xc - kf * 0.693145751953125f; /* ln2 in two parts: k * hi is exact */
     r = r - kf * 1.428606765330187e-06f;
-    vf p = r * 0.0013844391f + 0.0083741462f;
-    p = p * r + 0.041667990f;
-    p = p * r + 0.16666432f;
-    p = p * r + 0.49999994f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
     vi sbits = (kbits - (0x4B400000 - 127)) << 23; /* 2^k, k in [-126, 0] for x <= 0 */
-    return (vf)((vi)(p * (vf)sbits) & keep);
+    return (vf)((vi)(EXP_POLY(r) * (vf)sbits) & keep);
 }
+#endif
 
 /* z - m with -inf (and overflow) clamped to -FLT_MAX, so that 0 * zs stays 0. */
 static inline vf shifted(vf z, float m) { return vmax(z - m, splat(-FLT_MAX)); }
@@ -176,6 +220,7 @@ typedef struct {
     double sum_e;   /* sum of exp(.) */
     double sum_ez;  /* sum of exp(.) * zs */
     double sum_ez2; /* sum of exp(.) * zs^2 (temperature mode) */
+    double sum_ez3; /* sum of exp(.) * zs^3 (temperature mode) */
     float max;      /* largest logit (scan), largest new logit (update) */
     float min;      /* smallest unmasked logit (scan for the temperature mode) */
     int32_t count;  /* temperature passes: logits at the max */
@@ -187,7 +232,7 @@ static inline int64_t chunk_count(int64_t vocab) { return (vocab + CHUNK - 1) / 
 static inline int64_t padded(int64_t vocab) { return (vocab + LANES - 1) / LANES * LANES; }
 
 static inline void partial_init(Partial *p) {
-    p->sum_e = p->sum_ez = p->sum_ez2 = 0.0;
+    p->sum_e = p->sum_ez = p->sum_ez2 = p->sum_ez3 = 0.0;
     p->max = -INFINITY;
     p->min = INFINITY;
     p->count = 0;
@@ -202,6 +247,7 @@ static Partial combine(const Partial *parts, int64_t n) {
         total.sum_e += parts[c].sum_e;
         total.sum_ez += parts[c].sum_ez;
         total.sum_ez2 += parts[c].sum_ez2;
+        total.sum_ez3 += parts[c].sum_ez3;
         total.max = parts[c].max > total.max ? parts[c].max : total.max;
         total.min = parts[c].min < total.min ? parts[c].min : total.min;
         total.count += parts[c].count;
@@ -356,13 +402,13 @@ typedef struct {
 
 /* One Adam step, in place. e holds exp(z - M) of the last statistics pass, p0
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
- * read). LAST: m and v are not needed after the step (not written; the update
- * pass is bound by memory traffic). A masked logit has e = p0 = 0, hence
+ * read). LAST: m and v are not needed after the step (not written). A masked logit has e = p0 = 0, hence
  * g = m = v = 0 and moves by exactly 0. */
 static inline void update_block(float *restrict z, const float *restrict e,
                                 const float *restrict p0, float *restrict m,
-                                float *restrict v, const Step *s, const int first,
-                                const int with_kl, const int last, Moved *a) {
+                                float *restrict v, const Step *restrict s,
+                                const int first, const int with_kl, const int last,
+                                Moved *a) {
     EACH_VECTOR {
         const int at = k * LANES;
         vf x = load(z + at);
@@ -375,7 +421,8 @@ static inline void update_block(float *restrict z, const float *restrict e,
             gm += s->beta1 * load(m + at);
             gv += s->beta2 * load(v + at);
         }
-        vf den = vsqrt(gv) * s->inv_sqrt_bc2 + s->eps;
+        /* At step 1, sqrt(v / (1 - beta2)) = |g|: no square root. */
+        vf den = (first ? vabs(g) : vsqrt(gv) * s->inv_sqrt_bc2) + s->eps;
         vf y = x - s->step * (gm / den);
         if (!last) {
             store(m + at, gm);
@@ -387,7 +434,8 @@ static inline void update_block(float *restrict z, const float *restrict e,
     }
 }
 
-static inline void update_body(float *z, const float *e, const float *p0, float *m,
+/* Inlined into each case of update_chunk, so that every flag is a constant there. */
+static inline __attribute__((always_inline)) void update_body(float *z, const float *e, const float *p0, float *m,
                                float *v, int64_t lo, int64_t hi, const Step *s,
                                const int first, const int with_kl, const int last,
                                Partial *out) {
@@ -437,19 +485,19 @@ static void update_chunk(float *z, const float *e, const float *p0, float *m, fl
         update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 0, out);
 }
 
-/* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs and
- * e zs^2 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
+/* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs, e zs^2
+ * and e zs^3 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
  * counted in `ties` instead of summed, so that the float32 block sums err
  * relative to the mass of the other logits: a confident row's entropy is that
  * mass times a few nats, and must be resolved to 1e-6 of itself. */
 typedef struct {
-    Acc e, ez, ez2;
+    Acc e, ez, ez2, ez3;
     vi ties;
 } Moments;
 
 static inline void temperature_block(const float *restrict z, float m, float b,
                                      Moments *a) {
-    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS];
+    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS], ez3[BLOCK_VECTORS];
     EACH_VECTOR {
         vf zs = shifted(load(z + k * LANES), m);
         vi top = zs == 0.0f;
@@ -457,15 +505,17 @@ static inline void temperature_block(const float *restrict z, float m, float b,
         e[k] = vselect(top, splat(0.0f), exp_nonpos(b * zs));
         ez[k] = e[k] * zs;
         ez2[k] = ez[k] * zs;
+        ez3[k] = ez2[k] * zs;
     }
     acc_add(&a->e, block_sum(e));
     acc_add(&a->ez, block_sum(ez));
     acc_add(&a->ez2, block_sum(ez2));
+    acc_add(&a->ez3, block_sum(ez3));
 }
 
 static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, float b,
                               Partial *out) {
-    Moments a = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {0}};
+    Moments a = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {0}};
     int64_t i = lo;
     for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, &a);
     if (i < hi) {
@@ -476,6 +526,7 @@ static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, f
     out->sum_e = acc_sum(a.e);
     out->sum_ez = acc_sum(a.ez);
     out->sum_ez2 = acc_sum(a.ez2);
+    out->sum_ez3 = acc_sum(a.ez3);
     for (int j = 0; j < LANES; j++) out->count += a.ties[j];
 }
 
@@ -668,9 +719,15 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     counts->work += taken;
 }
 
-/* Entropy and its slope in u = log b at inverse temperature b. */
-static void temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
-                             float shift, float b, double *entropy, double *slope) {
+/* Entropy, its slope and its curvature in u = log b at inverse temperature b:
+ * dH/du = -b^2 Var_q(z), d2H/du2 = -2 b^2 Var_q(z) - b^3 k3 (k3: q's third central
+ * moment of z, the derivative of the variance in b). */
+typedef struct {
+    double entropy, slope, curvature;
+} Entropy;
+
+static Entropy temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
+                                float shift, float b) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, nc,
                temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b,
@@ -678,9 +735,23 @@ static void temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int
     Partial total = combine(slot->parts[set], nc); /* count: logits at the max */
     const double sum = (double)total.count + total.sum_e;
     double mean = total.sum_ez / sum;
-    double var = total.sum_ez2 / sum - mean * mean;
-    *entropy = log(sum) - (double)b * mean;
-    *slope = -(double)b * (double)b * (var > 0.0 ? var : 0.0);
+    const double ez2 = total.sum_ez2 / sum;
+    double var = ez2 - mean * mean;
+    var = var > 0.0 ? var : 0.0;
+    const double k3 = total.sum_ez3 / sum - 3.0 * mean * ez2 + 2.0 * mean * mean * mean;
+    const double bb = (double)b * (double)b;
+    Entropy h = {log(sum) - (double)b * mean, -bb * var, -2.0 * bb * var - bb * b * k3};
+    return h;
+}
+
+/* The solver's step towards H = target from an error err = H - target: Halley's
+ * (cubic convergence: from T = 1 the rows of bench/latency.py reach 1e-6 of their
+ * target in 3 passes instead of Newton's 4), or Newton's where the curvature term
+ * would more than double or reverse it. */
+static double halley_step(double err, Entropy h) {
+    const double newton = err / h.slope;
+    const double damping = 1.0 - 0.5 * newton * h.curvature / h.slope;
+    return damping >= 0.5 ? newton / damping : newton;
 }
 
 /* The adaptive temperature on row r; returns the factor 1/T it applied (1 where it
@@ -701,15 +772,14 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     }
     const float shift = total.max, lowest = total.min;
     int set = 1;
-    double entropy, slope;
-    temperature_eval(z, vocab, slot, split, set, shift, 1.0f, &entropy, &slope);
+    Entropy h = temperature_eval(z, vocab, slot, split, set, shift, 1.0f);
     set ^= 1;
-    if (entropy <= threshold) {
+    if (h.entropy <= threshold) {
         counts->below++;
         return 1.0f;
     }
     int64_t passes = 1;
-    const double target = fmax(threshold, (double)b->alpha[r] * entropy);
+    const double target = fmax(threshold, (double)b->alpha[r] * h.entropy);
     /* Aim at half the tolerance: the other half covers the float32 rounding of
      * this evaluation (the entropy at the same 1/T in exact arithmetic differs by
      * about 1e-7 of itself). */
@@ -726,7 +796,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     if (u < lo || u > hi) {
         u = u < lo ? lo : hi;
         inv_t = (float)exp(u);
-        temperature_eval(z, vocab, slot, split, set, shift, inv_t, &entropy, &slope);
+        h = temperature_eval(z, vocab, slot, split, set, shift, inv_t);
         set ^= 1;
         passes++;
     }
@@ -734,7 +804,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     float best = inv_t;
     /* H decreases in u: err > 0 means the root lies at a larger u. */
     for (;;) {
-        double err = entropy - target;
+        double err = h.entropy - target;
         if (fabs(err) <= best_err) { /* ties: the later point (an end, when H is flat) */
             best_err = fabs(err);
             best = inv_t;
@@ -749,7 +819,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         }
         /* The bracket is below float32's resolution of b: nothing better to find. */
         if (hi - lo <= 1e-7 * fmax(1.0, fabs(u))) break;
-        double next = u - err / slope;
+        double next = u - halley_step(err, h);
         if (!(next > lo && next < hi)) { /* outside the bracket (or NaN) */
             if (err > 0 && !hi_seen)
                 next = hi; /* try the end it points to, once */
@@ -762,7 +832,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         if (next_inv_t == inv_t) break; /* the same float32 b again */
         u = next;
         inv_t = next_inv_t;
-        temperature_eval(z, vocab, slot, split, set, shift, inv_t, &entropy, &slope);
+        h = temperature_eval(z, vocab, slot, split, set, shift, inv_t);
         set ^= 1;
         passes++;
     }
@@ -896,6 +966,9 @@ void em_inf_exp_floor(const float *logits, int64_t rows, int64_t vocab, double *
         sums[r] = total;
     }
 }
+
+/* Floats per vector this build works in: 16 (AVX-512) or 8 (benchmarks record it). */
+int em_inf_lanes(void) { return LANES; }
 
 /* exp_nonpos over n values (tests compare it with libm). */
 void em_inf_exp(const float *x, float *out, int64_t n) {

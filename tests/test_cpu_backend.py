@@ -5,6 +5,7 @@ where they cannot be built, and bitwise batch invariance on both CPU paths."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -19,10 +20,24 @@ from em_inf.core import SlotSettings, apply_to_rows
 from em_inf.reference import entropy
 from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
 
-pytestmark = pytest.mark.skipif(
-    not cpu_backend.available(),
-    reason=f"compiled CPU kernels unavailable: {cpu_backend.unavailable_reason()}",
-)
+#: The tests that run without the compiled kernels (the fallback test makes its own
+#: process in which they cannot be built).
+RUNS_WITHOUT_KERNELS = {"test_without_a_compiler_the_eager_path_runs_after_one_warning"}
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels(request: pytest.FixtureRequest) -> None:
+    """Every other test here needs the compiled kernels, and a machine with a C
+    compiler (CI's) must build them: where they do not build, each such test fails
+    with the compiler's reason instead of being skipped."""
+    if request.node.originalname in RUNS_WITHOUT_KERNELS:
+        return
+    if not cpu_backend.available():
+        pytest.fail(
+            f"compiled CPU kernels did not build: {cpu_backend.unavailable_reason()}",
+            pytrace=False,
+        )
+
 
 BACKENDS = {"cpu": cpu_backend, "torch": torch_backend}
 FLOAT32_MIN = torch.finfo(torch.float32).min
@@ -197,6 +212,28 @@ def test_temperature_meets_the_stated_tolerance(generator, path):
     error = ((reached - target).abs() / target)[moved]
     assert (error <= TEMPERATURE_RTOL).all(), error.max()
     assert torch.equal(out, logits * inv_t[:, None])
+
+
+def test_the_temperature_solver_needs_about_three_passes_on_ordinary_rows(generator):
+    """Halley's step (the pass gives the entropy's curvature too) gets rows of a
+    real vocabulary's width from T = 1 to 1e-6 of the paper's default target
+    (alpha = 0.85) in about three passes, the first at T = 1 included (Newton's
+    steps: about four)."""
+    rows = 16
+    logits = torch.randn(rows, 151_936, generator=generator) * (
+        2 + 3 * torch.rand(rows, 1, generator=generator)
+    )
+    params = dict(
+        threshold=torch.full((rows,), 1e-5),
+        alpha=torch.full((rows,), 0.85),
+        t_min=torch.full((rows,), 0.01),
+        t_max=torch.full((rows,), 1.0),
+    )
+    stats = torch.zeros(3, dtype=torch.int64)
+    run("cpu", "temperature", logits, params, stats=stats)
+    below, passes, restored = stats.tolist()
+    assert below == restored == 0
+    assert passes <= 3.25 * rows, passes / rows  # Newton's steps: 3.9 per row
 
 
 def test_exp_is_accurate_and_zero_for_masked_logits():
@@ -442,6 +479,53 @@ def test_build_is_cached_and_rebuilt_for_another_compiler(tmp_path, monkeypatch)
     other = cpu_build.build()
     assert other.path != first.path
     assert sorted(p.suffix for p in first.path.parent.iterdir()) == [".so", ".so"]
+
+
+def test_the_target_cpu_can_be_chosen(monkeypatch):
+    cpu = "model name : test\nflags : fpu avx2 avx512f"
+    monkeypatch.delenv(cpu_build.ARCH_ENV, raising=False)
+    assert "-march=native" in cpu_build.flag_sets(cpu)[0]
+    monkeypatch.setenv(cpu_build.ARCH_ENV, "x86-64-v3")
+    best = cpu_build.flag_sets(cpu)[0]
+    assert "-march=x86-64-v3" in best and "-march=native" not in best
+    assert not any(flag.startswith("-mprefer-vector-width") for flag in best)
+
+
+LANES_SCRIPT = "from em_inf import cpu_backend; print(cpu_backend.vector_lanes())"
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or " avx2" not in cpu_build.cpu_description(),
+    reason="the AVX2 build needs an x86-64 CPU with AVX2",
+)
+def test_the_avx2_build_passes_the_fidelity_tests(tmp_path):
+    """The build for CPUs without AVX-512 (8 lanes, the generic exp), built on this
+    machine and run through this module's fidelity and invariance tests."""
+    env = dict(os.environ)
+    env.update({cpu_build.ARCH_ENV: "x86-64-v3", "EM_INF_CACHE": str(tmp_path)})
+    lanes = subprocess.run(
+        [sys.executable, "-c", LANES_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert lanes.stdout.strip() == "8", lanes.stderr  # really the AVX2 build
+    selection = (
+        "compiled_path_matches or exp_is_accurate or (hostile and cpu) "
+        "or (bits_do_not_depend and cpu and 4097)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        + ["-k", selection],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout
 
 
 FALLBACK_SCRIPT = textwrap.dedent(
