@@ -287,7 +287,8 @@ def test_processor_logs_rows_per_mode_through_vllms_logger(monkeypatch):
     logger = logging.getLogger("vllm.em_inf")
     handler = Collect()
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the cache
     try:
         proc = v2_processor()
         proc.add_request(0, params({"em_inf": {"preset": "math"}}))
@@ -297,6 +298,7 @@ def test_processor_logs_rows_per_mode_through_vllms_logger(monkeypatch):
         proc.apply(random_logits(3, VOCAB), v2_context([0, 1, 2]))
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     started, line = lines  # the processor's start-up line, then the stats
     assert "on Model Runner V2" in started
     assert "logits mode 1 rows" in line and "temperature mode 1 rows" in line
