@@ -252,7 +252,6 @@ def test_the_detector_catches_what_would_sync_a_gpu():
 
 
 def test_log_line_counts_rows_per_mode_including_speculative_rows(em_inf_log):
-    proc = v2_processor()
     """Slot 5 (3 rows, threshold 0: every step runs), slot 0 (temperature, one
     one-hot row: below its threshold), slot 2 off (2 rows, not counted)."""
     proc = v2_processor()
@@ -263,7 +262,9 @@ def test_log_line_counts_rows_per_mode_including_speculative_rows(em_inf_log):
     logits = random_logits(6, 900)
     logits[3, 4] = 200.0  # slot 0's row: entropy ~0
     proc.apply(logits.clone(), spec_context([5, 0, 2], [3, 1, 2]))
-    (line,) = em_inf_log
+    started, reserved, line = em_inf_log  # start-up lines, then the stats
+    assert "on Model Runner V2" in started and "triton backend" in started
+    assert "MiB of cpu memory reserved" in reserved
     assert "logits mode 3 rows (0 already below threshold, 3.00 Adam steps" in line
     assert "temperature mode 1 rows (1 already below threshold" in line
     assert "0 rows restored by the fail-safe" in line
