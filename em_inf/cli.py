@@ -15,6 +15,12 @@ from em_inf import __version__
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``em-inf`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # Before vLLM (and prometheus_client) is imported: the engine's processes
+        # then write EM-INF's series where the API server's /metrics reads them.
+        from em_inf.metrics import share_across_processes
+
+        share_across_processes()
     from em_inf.server import vllm_compat
     from em_inf.server.cli_args import make_serve_parser
 

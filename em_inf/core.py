@@ -246,11 +246,6 @@ def apply_to_rows(
     else:  # torch path with speculative rows (CPU, or the forced CUDA fallback)
         host_rows = row_slots.cpu().numpy()
     enabled = settings.enabled[host_rows]
-    if stats is not None:
-        counted = enabled & (settings.logits_steps[host_rows] > 0)
-        stats.count_rows(
-            int(counted.sum()), int(settings.temperature_on[host_rows].sum())
-        )
     counters = None if stats is None else stats.counters(logits.device)
     return _apply_torch(logits, host_rows, enabled, settings, backend, counters)
 
@@ -266,7 +261,7 @@ def _apply_torch(
     """The CPU paths, in place: per mode, the rows that use it; the compiled
     kernels (``backend == "cpu"``) process them where they lie, the eager PyTorch
     path on the whole batch or on a gathered copy scattered back. ``counters``:
-    the int64 ``[2, 4]`` stats counters (:mod:`em_inf.stats`) or ``None``."""
+    the int64 ``[2, WIDTH]`` counters (:mod:`em_inf.counters`) or ``None``."""
     temperature_mode = settings.temperature_mode[row_slots]
     for mode, use_temperature in enumerate((False, True)):
         rows = np.flatnonzero(enabled & (temperature_mode == use_temperature))
@@ -275,7 +270,7 @@ def _apply_torch(
         slots = row_slots[rows]
         whole_batch = rows.size == logits.shape[0]
         index = None if whole_batch else torch.from_numpy(rows).to(logits.device)
-        stats = None if counters is None else counters[mode, :3]
+        stats = None if counters is None else counters[mode]
 
         def per_row(array: np.ndarray, slots: np.ndarray = slots) -> torch.Tensor:
             """``[rows, 1]`` tensor of the rows' settings."""

@@ -37,6 +37,7 @@ def em_inf(
     kl_weight: Param,
     lr: Param,
     steps: Param,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """EM-INF (the paper's logits mode) on a batch.
 
@@ -47,6 +48,8 @@ def em_inf(
         kl_weight: weight of ``KL(p0 || q)`` (``lam``).
         lr: Adam learning rate (``eta``).
         steps: most Adam steps (``n``); integer.
+        stats: optional int64 ``[counters.WIDTH]`` tensor on ``logits``' device
+            that this call's counts are added to (:mod:`em_inf.counters`).
 
     Returns:
         A new float32 ``[B, V]`` tensor on ``logits``' device.
@@ -55,13 +58,14 @@ def em_inf(
     rows = out.shape[0]
     backend = backend_for(out.device)
     if backend == "triton":
-        return _em_inf_triton(out, threshold, kl_weight, lr, steps)
+        return _em_inf_triton(out, threshold, kl_weight, lr, steps, stats)
     return _eager_or_compiled(backend).em_inf_(
         out,
         _per_row("threshold", threshold, rows, out.device, torch.float32),
         _per_row("kl_weight", kl_weight, rows, out.device, torch.float32),
         _per_row("lr", lr, rows, out.device, torch.float32),
         _per_row("steps", steps, rows, out.device, torch.int64),
+        stats=stats,
     )
 
 
@@ -72,6 +76,7 @@ def adaptive_temperature(
     alpha: Param,
     t_min: Param,
     t_max: Param,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's adaptive-temperature variant on a batch: each row with entropy
     ``H0 > threshold`` is divided by the ``T`` in ``[t_min, t_max]`` that gives
@@ -81,6 +86,7 @@ def adaptive_temperature(
 
     Args:
         logits: ``[B, V]`` float tensor of raw, unscaled logits; ``-inf`` = masked.
+        stats: as in :func:`em_inf`.
 
     Returns:
         A new float32 ``[B, V]`` tensor on ``logits``' device.
@@ -89,13 +95,14 @@ def adaptive_temperature(
     rows = out.shape[0]
     backend = backend_for(out.device)
     if backend == "triton":
-        return _adaptive_temperature_triton(out, threshold, alpha, t_min, t_max)
+        return _adaptive_temperature_triton(out, threshold, alpha, t_min, t_max, stats)
     return _eager_or_compiled(backend).adaptive_temperature_(
         out,
         _per_row("threshold", threshold, rows, out.device, torch.float32),
         _per_row("alpha", alpha, rows, out.device, torch.float32),
         _per_row("t_min", t_min, rows, out.device, torch.float32),
         _per_row("t_max", t_max, rows, out.device, torch.float32),
+        stats=stats,
     )
 
 
@@ -145,7 +152,12 @@ def _max_steps(steps: Param, steps_per_row: torch.Tensor) -> int:
 
 
 def _em_inf_triton(
-    out: torch.Tensor, threshold: Param, kl_weight: Param, lr: Param, steps: Param
+    out: torch.Tensor,
+    threshold: Param,
+    kl_weight: Param,
+    lr: Param,
+    steps: Param,
+    stats: torch.Tensor | None,
 ) -> torch.Tensor:
     from em_inf.kernels import em_inf_rows_
 
@@ -159,11 +171,17 @@ def _em_inf_triton(
         _per_slot("lr", lr, rows, device, torch.float32),
         steps_per_row,
         max_steps=_max_steps(steps, steps_per_row),
+        stats=stats,
     )
 
 
 def _adaptive_temperature_triton(
-    out: torch.Tensor, threshold: Param, alpha: Param, t_min: Param, t_max: Param
+    out: torch.Tensor,
+    threshold: Param,
+    alpha: Param,
+    t_min: Param,
+    t_max: Param,
+    stats: torch.Tensor | None,
 ) -> torch.Tensor:
     from em_inf.kernels import adaptive_temperature_rows_
 
@@ -175,4 +193,5 @@ def _adaptive_temperature_triton(
         _per_slot("alpha", alpha, rows, device, torch.float32),
         _per_slot("t_min", t_min, rows, device, torch.float32),
         _per_slot("t_max", t_max, rows, device, torch.float32),
+        stats=stats,
     )

@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
-from em_inf import functional
+from em_inf import functional, metrics
 from em_inf.config import REQUEST_KEY, EMInfConfig, make_config, parse_request
+from em_inf.counters import MODES, WIDTH
 
 try:
     from transformers.generation.logits_process import LogitsProcessor
@@ -104,6 +105,16 @@ class EMInfLogitsProcessor(LogitsProcessor):
         )
         self.temperature = _check_temperature(temperature)
         self._plans: dict[tuple[int, torch.device], list[_ModeBatch]] = {}
+        self._counters: torch.Tensor | None = None  # int64 [2, WIDTH], on the device
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """What EM-INF did in every call so far, per mode, in the structure of
+        :func:`em_inf.metrics.snapshot` (the figures ``em-inf serve`` exports on
+        ``/metrics``): rows, rows below threshold, rows restored, Adam steps or
+        solver passes, entropy before / after histograms. Waits for the device."""
+        if self._counters is None:
+            return metrics.summary(torch.zeros((len(MODES), WIDTH), dtype=torch.int64))
+        return metrics.summary(self._counters.cpu().numpy())
 
     def __repr__(self) -> str:
         rows = "" if self.per_row is None else f", per_row={list(self.per_row)!r}"
@@ -133,14 +144,14 @@ class EMInfLogitsProcessor(LogitsProcessor):
             )
         log_prob_rows = torch.logsumexp(scores.float(), dim=-1).abs() <= LOG_PROB_TOL
         plan = self._plan(scores.shape[0], scores.device)
+        counters = self._counters_on(scores.device)
         if len(plan) == 1 and plan[0].rows is None:
-            out = plan[0].apply(scores)
+            out = plan[0].apply(scores, counters)
         else:  # rows left out of every call keep their scores
             out = scores.to(torch.float32, copy=True)
             for batch in plan:
-                out.index_copy_(
-                    0, batch.rows, batch.apply(out.index_select(0, batch.rows))
-                )
+                selected = out.index_select(0, batch.rows)
+                out.index_copy_(0, batch.rows, batch.apply(selected, counters))
         if self.temperature != 1.0:
             out.div_(self.temperature)
         if log_prob_rows.any():
@@ -148,6 +159,15 @@ class EMInfLogitsProcessor(LogitsProcessor):
                 log_prob_rows.unsqueeze(1), torch.log_softmax(out, dim=-1), out
             )
         return out
+
+    def _counters_on(self, device: torch.device) -> torch.Tensor:
+        if self._counters is None:
+            self._counters = torch.zeros(
+                (len(MODES), WIDTH), dtype=torch.int64, device=device
+            )
+        elif self._counters.device != device:
+            self._counters = self._counters.to(device)
+        return self._counters
 
     def _plan(self, rows: int, device: torch.device) -> list[_ModeBatch]:
         """The EM-INF calls for a batch of ``rows`` rows on ``device`` (cached)."""
@@ -209,10 +229,13 @@ class _ModeBatch:
             plan.append(cls(mode, index, params))
         return plan
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+        """EM-INF on ``logits``' rows; this mode's counts go to ``counters``
+        (int64 ``[2, WIDTH]``)."""
+        stats = counters[MODES.index(self.mode)]
         if self.mode == "temperature":
-            return functional.adaptive_temperature(logits, **self.params)
-        return functional.em_inf(logits, **self.params)
+            return functional.adaptive_temperature(logits, **self.params, stats=stats)
+        return functional.em_inf(logits, **self.params, stats=stats)
 
 
 _PARAMS: dict[str, tuple[str, ...]] = {

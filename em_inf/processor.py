@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from vllm import __version__ as VLLM_VERSION
 
-from em_inf import __version__
+from em_inf import __version__, metrics
 from em_inf.backend import prepare_backend
 from em_inf.config import (
     MAX_STEPS,
@@ -42,6 +42,7 @@ from em_inf.config import (
     parse_request,
 )
 from em_inf.core import SlotSettings, apply_to_rows
+from em_inf.counters import MODES, WIDTH
 from em_inf.stats import EMInfStats
 from em_inf.vllm_interfaces import processor_bases, v1_interface
 
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.em_inf")
 
 _V1 = v1_interface()  # None on a vLLM without Model Runner V1 (0.34 and later)
+#: Device memory of the counters (int64 [2, WIDTH]).
+COUNTER_BYTES = len(MODES) * WIDTH * 8
 
 
 class _ConfigurableMeta(ABCMeta):
@@ -103,7 +106,11 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
         self._slots = SlotSettings(
             vllm_config.scheduler_config.max_num_seqs, device if kernels else None
         )
-        self._stats = EMInfStats()
+        # With tensor parallelism every rank runs the processor on the same rows:
+        # one counts them.
+        self._stats = EMInfStats(publish=metrics.publish) if _counting_rank() else None
+        if self._stats is not None:
+            self._stats.report_when_idle()
         self._runner = None  # the kernel path's step runner (CUDA graphs on CUDA)
         if kernels:
             self._runner = self._reserve_device_memory(device, vllm_config, runner_args)
@@ -121,14 +128,16 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
 
         max_rows = _max_logits_rows(vllm_config)
         n_cols = _logits_width(vllm_config, runner_args)
-        self._stats.counters(device)
+        if self._stats is not None:
+            self._stats.counters(device)
         runner = StepRunner(
             device, graphs=graphs_wanted(device), max_rows=max_rows, n_cols=n_cols
         )
         logger.info(
             "EM-INF: %.1f MiB of %s memory reserved (step scratch for %d rows x %s "
             "logits x %d steps, settings tables, counters)",
-            (runner.device_bytes() + self._slots.device_bytes() + 64) / 2**20,
+            (runner.device_bytes() + self._slots.device_bytes() + COUNTER_BYTES)
+            / 2**20,
             device,
             max_rows,
             n_cols,
@@ -181,7 +190,8 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
             stats=self._stats,
             runner=self._runner,
         )
-        self._stats.tick()
+        if self._stats is not None:
+            self._stats.tick()
         return logits
 
     def _v1_device_rows(self, device: torch.device, n_rows: int) -> torch.Tensor:
@@ -223,6 +233,17 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
         """Send this step's admissions to the device tables (kernel path): one
         non-blocking copy from pinned memory, none when nothing changed."""
         self._slots.flush()
+
+
+def _counting_rank() -> bool:
+    """Whether this process counts (and reports) what EM-INF did: tensor-parallel
+    rank 0, or a process outside any tensor-parallel group."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (ImportError, AssertionError, AttributeError, RuntimeError):
+        return True
 
 
 def _runner_device(runner_args: tuple[Any, ...]) -> torch.device | None:

@@ -18,23 +18,26 @@ fills the cache (V >= 32k: within 10%), and made a row's bits depend on its grou
 
 Fail-safe: a row whose input holds NaN or ``+inf`` is left as it is; a processed row
 whose result would hold a non-finite value where its input was finite is restored to
-its input. Both are counted (``stats[2]``).
+its input. Both are counted (``RESTORED``).
 
 Callers (:mod:`em_inf.functional`, :mod:`em_inf.core`) hand over validated inputs:
 ``logits`` is a float32 ``[B, V]`` tensor modified in place, and every parameter a
 ``[B, 1]`` (or ``[B]``) tensor (``steps`` integer). ``stats``, when given, is an int64
-``[3]`` tensor on ``logits``' device that the counts are added to: rows left alone
-below their threshold, Adam steps (temperature mode: entropy evaluations) of the rows
-not restored, rows restored by the fail-safe (or left alone for NaN / ``+inf``).
+``[counters.WIDTH]`` tensor on ``logits``' device that the row's counts are added to
+(:mod:`em_inf.counters`): rows processed, left alone below their threshold, Adam steps
+(temperature mode: entropy evaluations) of the rows not restored, rows restored by the
+fail-safe (or left alone for NaN / ``+inf``), and each row's entropy before and after.
+Only with ``stats`` is the entropy of a row that ran all its steps computed (one more
+softmax of the row).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from em_inf import counters
 from em_inf.config import ADAM_BETAS, ADAM_EPS, TEMPERATURE_RTOL
 
 #: Logits at or below this are masked.
@@ -45,19 +48,26 @@ _NEG_BIG = torch.finfo(torch.float32).min
 _TEMPERATURE_MAX_PASSES = 60
 
 
-@dataclass
 class _Counts:
-    below: int = 0
-    work: int = 0
-    restored: int = 0
+    """One call's counts, in :mod:`em_inf.counters`' layout, added to ``stats`` at
+    the end."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted  # whether entropies after are worth computing
+        self.values = [0] * counters.WIDTH
+
+    def row(self, before: float | None, after: float | None, below: bool = False):
+        counters.add_row(self.values, before, after, below=below)
+
+    def work(self, amount: int) -> None:
+        self.values[counters.WORK] += amount
+
+    def restored(self) -> None:
+        self.values[counters.RESTORED] += 1
 
     def add_to(self, stats: torch.Tensor | None) -> None:
         if stats is not None:
-            stats += torch.tensor(
-                [self.below, self.work, self.restored],
-                dtype=torch.int64,
-                device=stats.device,
-            )
+            stats += torch.tensor(self.values, dtype=torch.int64, device=stats.device)
 
 
 def _rows(param: torch.Tensor) -> list:
@@ -113,7 +123,7 @@ def em_inf_(
     """EM-INF in place on ``logits`` (float32 ``[B, V]``), row by row; returns
     ``logits``. Rows whose entropy starts below ``threshold`` (or with
     ``steps == 0``) are not touched at all."""
-    counts = _Counts()
+    counts = _Counts(stats is not None)
     for row, args in enumerate(
         zip(_rows(threshold), _rows(kl_weight), _rows(lr), _rows(steps), strict=True)
     ):
@@ -137,28 +147,30 @@ def _em_inf_row_(
     if steps <= 0:
         return
     if _unusable(z):
-        counts.restored += 1
+        counts.row(None, None)
+        counts.restored()
         return
     if not bool((z > MASKED_AT).any()):  # nothing to change; entropy counts as 0
-        if 0.0 < threshold:
-            counts.below += 1
-        else:
-            counts.work += steps
+        counts.row(0.0, 0.0, below=0.0 < threshold)
+        if not 0.0 < threshold:
+            counts.work(steps)
         return
     zs, q, mean, ent = _softmax_stats(z)
+    h0 = ent
     if ent < threshold:
-        counts.below += 1
+        counts.row(h0, h0, below=True)
         return
     original = z.clone()
     p0 = q
     exp_avg = torch.zeros_like(z)
     exp_avg_sq = torch.zeros_like(z)
     beta1, beta2 = ADAM_BETAS
-    taken = 0
+    taken, stopped = 0, False
     for t in range(1, steps + 1):
         if t > 1:
             zs, q, mean, ent = _softmax_stats(z)
             if ent < threshold:
+                stopped = True
                 break
         taken = t
         # g = -q (log q + H) + lam (q - p0) = q (E_q[zs] - zs) + lam (q - p0).
@@ -177,9 +189,13 @@ def _em_inf_row_(
         z.addcdiv_(exp_avg, denom, value=-1.0)
     if _broken(z, original):  # a NaN or inf on the way spreads to the end
         z.copy_(original)
-        counts.restored += 1  # its steps are undone, and not counted
-    else:
-        counts.work += taken
+        counts.row(h0, h0)
+        counts.restored()  # its steps are undone, and not counted
+        return
+    counts.work(taken)
+    if counts.wanted and not stopped:  # the entropy after the last step
+        ent = _softmax_stats(z)[3]
+    counts.row(h0, ent)
 
 
 def adaptive_temperature_(
@@ -211,7 +227,7 @@ def adaptive_temperature_(
     quadratically: a handful of passes per row, against ~20 for bisection to 1e-4
     nats.
     """
-    counts = _Counts()
+    counts = _Counts(stats is not None)
     for row, args in enumerate(
         zip(_rows(threshold), _rows(alpha), _rows(t_min), _rows(t_max), strict=True)
     ):
@@ -233,11 +249,12 @@ def _adaptive_temperature_row_(
     """:func:`adaptive_temperature_` on one ``[1, V]`` row; returns the factor
     ``1 / T`` applied (1 where the row was left as it was)."""
     if _unusable(z):
-        counts.restored += 1
+        counts.row(None, None)
+        counts.restored()
         return 1.0
     unmasked = z > MASKED_AT
     if not bool(unmasked.any()):  # entropy 0 <= any threshold
-        counts.below += 1
+        counts.row(0.0, 0.0, below=True)
         return 1.0
     zs = torch.where(unmasked, z - z.amax(), 0.0).double()
 
@@ -250,7 +267,7 @@ def _adaptive_temperature_row_(
 
     h0, slope = entropy_and_slope(1.0)
     if h0 <= threshold:
-        counts.below += 1
+        counts.row(h0, h0, below=True)
         return 1.0
     target = max(threshold, alpha * h0)
     lo, hi = sorted((-math.log(t_max), -math.log(t_min)))  # u = log b
@@ -291,8 +308,11 @@ def _adaptive_temperature_row_(
     inv_t = torch.tensor(math.exp(best_u), dtype=torch.float32, device=z.device)
     scaled = torch.where(unmasked, z * inv_t, z)
     if _broken(scaled, z):
-        counts.restored += 1  # its passes are not counted
+        counts.row(h0, h0)
+        counts.restored()  # its passes are not counted
         return 1.0
-    counts.work += passes
+    counts.work(passes)
     z.copy_(scaled)
+    if counts.wanted:  # the entropy of the row returned
+        counts.row(h0, _softmax_stats(z)[3])
     return float(inv_t)

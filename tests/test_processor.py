@@ -237,31 +237,44 @@ class _Clock:
 
 
 def test_stats_log_one_line_per_interval_with_what_happened_since_the_last():
+    from em_inf.counters import FIXED_POINT, HIST_BEFORE, SUM_AFTER, SUM_BEFORE
     from em_inf.stats import EMInfStats
 
-    clock, lines = _Clock(), []
-    stats = EMInfStats(interval=10.0, log=lines.append, clock=clock)
+    clock, lines, published = _Clock(), [], []
+    stats = EMInfStats(
+        interval=10.0, log=lines.append, clock=clock, publish=published.append
+    )
     counters = stats.counters(torch.device("cpu"))
-    counters[0] += torch.tensor([2, 30, 1, 12])  # below, steps, restored, rows
-    counters[1] += torch.tensor([1, 20, 0, 4])
+    counters[0, :4] += torch.tensor([2, 30, 1, 12])  # below, steps, restored, rows
+    counters[0, HIST_BEFORE] += 11  # rows with an entropy (one restored for NaN)
+    counters[0, SUM_BEFORE] += int(11 * 2.5 * FIXED_POINT)
+    counters[0, SUM_AFTER] += int(11 * 0.25 * FIXED_POINT)
+    counters[1, :4] += torch.tensor([1, 20, 0, 4])
+    counters[1, HIST_BEFORE] += 4
+    counters[1, SUM_BEFORE] += 4 * FIXED_POINT
+    counters[1, SUM_AFTER] += 2 * FIXED_POINT
     stats.tick()
-    assert lines == []  # the interval has not passed
+    assert lines == [] and published == []  # the interval has not passed
     clock.now += 10.0
     stats.tick()
     assert lines == [
         "EM-INF, last 10.0 s: logits mode 12 rows (2 already below threshold, "
-        "2.50 Adam steps per row), temperature mode 4 rows (1 already below "
-        "threshold, 5.00 solver passes per row), 1 rows restored by the fail-safe"
+        "2.50 Adam steps per row, entropy 2.500 -> 0.250 nats), temperature mode "
+        "4 rows (1 already below threshold, 5.00 solver passes per row, entropy "
+        "1.000 -> 0.500 nats), 1 rows restored by the fail-safe"
     ]
+    assert len(published) == 1
+    assert (published[0] == counters.numpy()).all()
     clock.now += 12.0
-    stats.tick()  # nothing happened since: no line
+    stats.tick()  # nothing happened since: no line, nothing published
+    assert len(lines) == 1 and len(published) == 1
     counters[0, 3] += 3
-    stats.count_rows(2, 1)  # the torch path's rows, counted on the host
     clock.now += 10.0
     stats.tick()
     assert len(lines) == 2
-    assert lines[1].startswith("EM-INF, last 10.0 s: logits mode 5 rows (0 already")
-    assert "temperature mode 1 rows" in lines[1]
+    assert lines[1].startswith("EM-INF, last 10.0 s: logits mode 3 rows (0 already")
+    assert "temperature mode 0 rows" in lines[1]
+    assert published[1][0, 3] == 3 and published[1].sum() == 3
 
 
 @pytest.mark.parametrize("value, interval", [("2.5", 2.5), ("0", 10.0), ("x", 10.0)])

@@ -40,6 +40,7 @@ from em_inf.server.requests import (
     translate_body,
 )
 from em_inf.server.settings import ServerSettings
+from tests import metrics_helpers
 from tests.published_presets import PUBLISHED
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
@@ -248,7 +249,9 @@ def tiny_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--max-model-len", "512"]
     args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
-    with running_server(args, log_path) as base_url:
+    # EM-INF's series reach /metrics once per interval: 1 s, not 10 s, for the tests.
+    interval = {"VLLM_LOG_STATS_INTERVAL": "1"}
+    with running_server(args, log_path, env_changes=interval) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         yield base_url, client, model, model_dir
@@ -643,6 +646,45 @@ class TestTinyServer:
                 extra_body={"em_inf": em_inf},
             )
         assert settled(finished, before + 2) == before + 2
+
+    def test_metrics_show_em_inf_rows_and_entropies_as_the_oracle_counts(
+        self, tiny_server, plain_rows, seed
+    ):
+        """EM-INF's series on /metrics (written by the engine's process, read by
+        the API server's) against the float64 oracle for known requests: both
+        modes, EM-INF off, rows already below their threshold; every counter
+        exactly, every histogram bin (see tests/metrics_helpers.py)."""
+        base_url, client, model, _ = tiny_server
+        rng = random.Random(seed)
+        settings = [
+            *({"em_inf": random_logits_settings(rng, acting=True)} for _ in range(3)),
+            {},  # the server's defaults
+            {"em_inf": {"preset": "adaptive-temperature"}},
+            {"em_inf": {"mode": "temperature", "alpha": rng.uniform(0.2, 0.8)}},
+            {"em_inf": False},
+            {"em_inf": {"threshold": 50.0}},
+            {"em_inf": {"mode": "temperature", "threshold": 50.0}},
+        ]
+        prompts = [rng.choice(PROMPTS) for _ in settings]
+        before = metrics_helpers.series(base_url)
+        cases = []
+        for prompt, extra in zip(prompts, settings, strict=True):
+            client.completions.create(
+                model=model, prompt=prompt, max_tokens=1, extra_body=extra
+            )
+            em_inf = extra.get("em_inf", {})
+            config = None if em_inf is False else SERVER_DEFAULT.updated(em_inf)
+            cases.append((plain_rows[("completion", prompt)], config))
+        expected = metrics_helpers.expected_counts(cases)
+
+        def counted() -> dict:
+            now = metrics_helpers.series(base_url)
+            return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
+
+        rows = {mode: figures.rows for mode, figures in expected.items()}
+        assert settled(counted, rows) == rows
+        actual = metrics_helpers.difference(metrics_helpers.series(base_url), before)
+        metrics_helpers.assert_counts(actual, expected)
 
 
 # ------------------------------------------------------- the default model (SmolLM2)
