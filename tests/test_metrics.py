@@ -207,3 +207,24 @@ def test_fixed_point_and_bins_follow_prometheus_le():
         )
     assert entropy_bin(1e9) == N_BINS - 1
     assert fixed_point(1.2345675) == 1234568 and fixed_point(0.0) == 0
+
+
+def test_grafana_dashboard_queries_only_series_em_inf_exports():
+    """Every series the dashboard in docs/ queries is one the processor publishes
+    (checked against the names prometheus_client writes, with their suffixes)."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    metrics.publish(np.ones((2, WIDTH), dtype=np.int64))  # make every series exist
+    registry = CollectorRegistry()
+    for collector in {metrics._series[name] for name in metrics._series}:
+        registry.register(collector)
+    exported = set(
+        re.findall(r"^(em_inf_\w+)", generate_latest(registry).decode(), re.M)
+    )
+    dashboard = Path(__file__).parents[1] / "docs" / "grafana" / "em-inf-dashboard.json"
+    queried = set(re.findall(r"em_inf_\w+", dashboard.read_text()))
+    assert queried, "the dashboard queries no EM-INF series"
+    assert queried <= exported, queried - exported

@@ -20,6 +20,7 @@ import pytest
 
 from em_inf import models
 from em_inf.server.cpu_defaults import THREADS_BIND_ENV
+from tests import metrics_helpers
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
     PROMPTS,
@@ -34,6 +35,7 @@ from tests.server_helpers import (
     numa_nodes_of_allowed_cpus,
     random_logits_settings,
     running_server,
+    settled,
 )
 
 
@@ -43,8 +45,9 @@ def tp_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("tp-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--tensor-parallel-size", "2"]
     args += ["--max-model-len", "512", "--em-inf-threshold", str(SERVER_THRESHOLD)]
-    own_binding = {THREADS_BIND_ENV: None}
-    with running_server(args, log_path, env_changes=own_binding) as base_url:
+    # EM-INF's series reach /metrics once per interval: 1 s for the test.
+    environment = {THREADS_BIND_ENV: None, "VLLM_LOG_STATS_INTERVAL": "1"}
+    with running_server(args, log_path, env_changes=environment) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         yield base_url, client, model, model_dir, log_path
@@ -114,3 +117,30 @@ def test_every_request_matches_the_oracle_for_its_own_settings(
             raise AssertionError(
                 f"{endpoint} {prompt!r} with {extra}: {error}"
             ) from None
+
+
+def test_metrics_count_each_row_once_across_both_workers(seed, tp_server, plain_rows):
+    """Both workers run the processor on every row; only rank 0 counts it: /metrics
+    shows each row once, as the oracle counts it."""
+    base_url, client, model, _, _ = tp_server
+    rng = random.Random(seed)
+    extras = [{}, {"em_inf": {"mode": "temperature"}}, {"em_inf": False}]
+    extras.append({"em_inf": random_logits_settings(rng, acting=True)})
+    before = metrics_helpers.series(base_url)
+    cases = []
+    for extra in extras:
+        prompt = rng.choice(PROMPTS[:4])
+        first_token_row(client, model, "completion", prompt, extra)
+        em_inf = extra.get("em_inf", {})
+        config = None if em_inf is False else SERVER_DEFAULT.updated(em_inf)
+        cases.append((plain_rows[("completion", prompt)], config))
+    expected = metrics_helpers.expected_counts(cases)
+
+    def counted() -> dict:
+        now = metrics_helpers.series(base_url)
+        return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
+
+    rows = {mode: figures.rows for mode, figures in expected.items()}
+    assert settled(counted, rows) == rows
+    actual = metrics_helpers.difference(metrics_helpers.series(base_url), before)
+    metrics_helpers.assert_counts(actual, expected)

@@ -16,10 +16,12 @@ import random
 import pytest
 import torch
 
-from em_inf import PRESETS
+from em_inf import PRESETS, metrics
 from em_inf.config import EMInfConfig
 from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+from tests import metrics_helpers
 from tests.oracle import assert_matches, settings_oracle
+from tests.server_helpers import settled
 from tests.vllm_engines import engine, full_vocab_params, generate, processed_logits
 
 VOCAB = int(os.environ.get("EM_INF_TEST_VOCAB", TINY_VOCAB_SIZE))
@@ -61,14 +63,24 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def llm():
-    with engine(
-        str(tiny_model_dir(VOCAB)),
-        dtype="float32",
-        max_num_seqs=MAX_NUM_SEQS,
-        additional_config={"em_inf": ENGINE_SETTINGS},
-    ) as llm:
-        yield llm
+def llm(tmp_path_factory):
+    # As an offline user reads EM-INF's series (em_inf.metrics.snapshot): the
+    # engine's processes write them into a multiprocess directory; reported every
+    # second here, not every 10.
+    environment = {
+        metrics.MULTIPROC_ENV: str(tmp_path_factory.mktemp("prometheus")),
+        "VLLM_LOG_STATS_INTERVAL": "1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        with engine(
+            str(tiny_model_dir(VOCAB)),
+            dtype="float32",
+            max_num_seqs=MAX_NUM_SEQS,
+            additional_config={"em_inf": ENGINE_SETTINGS},
+        ) as llm:
+            yield llm
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +132,31 @@ def test_em_inf_changes_the_distribution(mixed_batch):
     changed = mixed_batch[(PROMPTS[0], "explicit")]
     tv = 0.5 * (torch.softmax(raw, -1) - torch.softmax(changed, -1)).abs().sum()
     assert tv > 1e-3
+
+
+def test_offline_engine_series_are_the_oracles(llm, mixed_batch):
+    """An offline engine's series, read in this process (em_inf.metrics.snapshot
+    over the multiprocess directory), count one more batch of every case as the
+    oracle does, from each prompt's "off" row."""
+    before = metrics.snapshot()
+    requests = [(prompt, extra) for prompt in PROMPTS for _, extra, _ in CASES]
+    generate(llm, [p for p, _ in requests], [full_vocab_params(e) for _, e in requests])
+    expected = metrics_helpers.expected_counts(
+        [
+            (mixed_batch[(prompt, "off")][0].float(), config)
+            for prompt in PROMPTS
+            for _, _, config in CASES
+        ]
+    )
+
+    def counted() -> dict:
+        now = metrics.snapshot()
+        return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
+
+    rows = {mode: figures.rows for mode, figures in expected.items()}
+    assert settled(counted, rows) == rows
+    actual = metrics_helpers.difference(metrics.snapshot(), before)
+    metrics_helpers.assert_counts(actual, expected)
 
 
 def test_each_request_gets_alone_what_it_gets_in_the_mixed_batch(llm, mixed_batch):
