@@ -45,8 +45,9 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty", "quiet_interpreter")
 CPU = torch.device("cpu")
 #: Rows whose reference entropy is this close to a bin edge may land either side.
 EDGE_SLACK = 1e-4
-#: Per-row tolerance of the entropy sums, in nats.
-SUM_TOL = {"before": 2e-5, "after": 2e-4}
+#: Per-row tolerance of the entropy sums, in nats (seen: at most 3e-7 before;
+#: 4e-6 after in the logits mode, a float32 trajectory against float64).
+SUM_TOL = {"before": 1e-5, "after": 5e-5}
 #: Per-row tolerance of the entropy after against that of the row returned.
 OWN_TOL = 2e-5
 VOCAB = 300  # 3 chunks of the logits kernel at block 128
