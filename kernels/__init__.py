@@ -6,7 +6,10 @@
   one launch, one program per row.
 
 Both read per-row parameters through ``row_slot`` (vLLM's ``expanded_idx_mapping``;
-``-1`` = leave the row alone) from per-slot ``[S]`` tensors. Importing this package
+``-1`` = leave the row alone) from per-slot ``[S]`` tensors, and optionally add
+what they did to one mode's int64 ``[counters.WIDTH]`` counters (``stats``, layout
+in :mod:`em_inf.counters`: rows, work, restored, entropy before / after as sums
+and histograms) with device atomics, no host sync. Importing this package
 imports Triton; :mod:`em_inf.functional` does so lazily. For CPU tensors set
 ``TRITON_INTERPRET=1`` before the first import.
 """

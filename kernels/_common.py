@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from em_inf import counters
+
 #: Programs we aim to launch per pass: about four per SM, so that even batch 1
 #: spreads one row over the whole card (see :func:`plan_block`).
 _TARGET_PROGRAMS_PER_SM = 4
@@ -143,18 +145,19 @@ def check_slot_param(
 
 
 def check_stats(stats: torch.Tensor | None, logits: torch.Tensor) -> None:
-    """``stats``: ``None`` or a contiguous int64 ``[3]`` tensor on the logits' device
-    (see :func:`em_inf.kernels.em_inf_rows_`)."""
+    """``stats``: ``None`` or one mode's counters, a contiguous int64
+    ``[counters.WIDTH]`` tensor on the logits' device (layout:
+    :mod:`em_inf.counters`)."""
     if stats is None:
         return
     if (
         not isinstance(stats, torch.Tensor)
-        or stats.shape != (3,)
+        or stats.shape != (counters.WIDTH,)
         or stats.dtype != torch.int64
     ):
         raise ValueError(
-            f"stats must be an int64 [3] tensor, got "
-            f"{getattr(stats, 'dtype', type(stats).__name__)} "
+            f"stats must be an int64 [{counters.WIDTH}] tensor (em_inf.counters), "
+            f"got {getattr(stats, 'dtype', type(stats).__name__)} "
             f"{tuple(getattr(stats, 'shape', ()))}"
         )
     if stats.stride(0) != 1:

@@ -23,8 +23,9 @@ Design (one decoding step, ``n`` = the largest ``steps`` of the batch):
 * No ``[B, V]`` scratch: the logits keep ``z0`` until the last pass, and every
   program rebuilds its chunk's ``z_k``, Adam moments ``m, v`` and ``p0`` in
   registers from ``z0`` and the per-row scalars of earlier passes
-  (docs/cost-model.md). The only scratch is the partials, ``[N, n, 3, chunks]``
-  float32, ``3 n / BLOCK`` of the logits' size.
+  (docs/cost-model.md). The only scratch is the partials, ``[N, n + 1, 3,
+  chunks]`` float32 (slot ``n``: the partials of the returned row, for counting),
+  ``3 (n + 1) / BLOCK`` of the logits' size, and one float32 ticket per row.
 * Early exits: a row whose slot is ``-1`` or whose ``steps`` is 0 returns at
   once in every pass; a row whose entropy fell below its threshold before step
   ``k + 1`` stops in pass ``k + 1`` (writing a stop marker, ``m_c = +inf``, so later
@@ -45,10 +46,20 @@ Design (one decoding step, ``n`` = the largest ``steps`` of the batch):
 * Masks: entries at or below ``-1e37`` (``-inf``, ``finfo(float32).min``, ...)
   count as masked: they become the finite ``MASKED`` in registers, so their
   ``q``, ``p0``, ``g`` and update are exactly 0, and they are never stored back.
-* Statistics (optional ``stats``): the last pass's first program of each
-  processed row adds 1 to ``stats[0]`` (below the threshold from the start),
-  its steps to ``stats[1]``, or 1 to ``stats[2]`` (restored), with integer
-  atomics: no host sync, and the sums do not depend on the order.
+* Counting (optional ``stats``, one mode's int64 ``[counters.WIDTH]``, layout in
+  :mod:`em_inf.counters`): in the last pass the first program of each processed
+  row (slot ``>= 0``, ``steps > 0``) adds ``ROWS``, ``BELOW``, ``WORK`` (its steps),
+  ``RESTORED`` and its entropy before (``H(z0)``, from the first pass's partials)
+  with integer atomics (:mod:`em_inf.kernels._counting`): no host sync, and the
+  sums do not depend on the order. The entropy after, with no extra pass: a row
+  left alone or restored has its entropy before; a row that stopped early below
+  its threshold has ``H(z_k)``, which the statistics pass that stopped it
+  computed; a row that ran all its steps has ``H(z_s)`` folded into the last
+  pass: every program writes its chunk's partials of ``z_s`` (one more slot of
+  the scratch), takes a ticket (a float32 atomic per row, reset by the first
+  pass), and the program that takes the last ticket combines the row's partials
+  in chunk order (``_row_stats``, the same fixed order whoever is last) and adds
+  it. Without ``stats`` none of this is compiled in (``HAS_STATS``).
 
 Cost per decoding step, ``n`` steps, ``B x V`` float32 logits (``4 B V`` bytes):
 
@@ -75,6 +86,7 @@ import triton.language as tl
 
 from em_inf.backend import batch_invariant
 from em_inf.config import ADAM_BETAS, ADAM_EPS
+from em_inf.kernels import _counting
 from em_inf.kernels._common import (
     check_block,
     check_logits,
@@ -132,6 +144,21 @@ def _row_stats(p_part, n_chunks, C_POW2: tl.constexpr):
     return shift, log_s, mean_y, tl.where(live, log_s - mean_y, -1.0), ok
 
 
+@triton.jit
+def _chunk_partials(b_z):
+    """Partial softmax statistics of one chunk ``b_z`` (masked entries at
+    ``MASKED``): ``(m_c, s_c, w_c)``; a chunk with no unmasked entry reports max
+    ``-inf`` and zero sums."""
+    chunk_max = tl.max(b_z, axis=0)
+    has = chunk_max > MASKED_CUT
+    shift = tl.where(has, chunk_max, 0.0)
+    b_y = tl.maximum(b_z - shift, MASKED)  # finite: e * y is 0, never NaN
+    b_e = tl.exp2(b_y * LOG2E)
+    s_c = tl.where(has, tl.sum(b_e, axis=0), 0.0)
+    w_c = tl.where(has, tl.sum(b_e * b_y, axis=0), 0.0)
+    return tl.where(has, chunk_max, float("-inf")), s_c, w_c
+
+
 @triton.jit(do_not_specialize=["pass_idx", "max_steps"])
 def _em_inf_pass_kernel(
     p_logits,  # float32 [N, V], row stride `row_stride`; z0 in, result out
@@ -143,11 +170,12 @@ def _em_inf_pass_kernel(
     p_kl_weight,  # float32 [S]
     p_lr,  # float32 [S]
     p_steps,  # int32/int64 [S]
-    p_part,  # float32 [N, max_steps, 3, n_chunks]: chunk partials of each pass
+    p_part,  # float32 [N, max_steps + 1, 3, n_chunks]: chunk partials of each pass
     max_steps,
     n_chunks,
     pass_idx,  # this pass: statistics of z_{pass_idx}, or the write when FINAL
-    p_stats,  # int64 [3] (+ [1] rows processed with COUNT_ROWS), added to
+    p_stats,  # HAS_STATS: int64 [counters.WIDTH], added to
+    p_ticket,  # HAS_STATS: float32 [N], programs of the row done with the last pass
     BLOCK: tl.constexpr,
     C_POW2: tl.constexpr,
     PHASE: tl.constexpr,  # 0: stats of z0; 1: stats of z_k, k >= 1; 2: write
@@ -157,7 +185,6 @@ def _em_inf_pass_kernel(
     INDIRECT: tl.constexpr,  # read logits / row_slot / rows through p_launch
     SLOT_INT64: tl.constexpr,  # INDIRECT: row_slot's dtype
     HAS_STATS: tl.constexpr,
-    COUNT_ROWS: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     i_chunk = tl.program_id(1)
@@ -185,7 +212,7 @@ def _em_inf_pass_kernel(
     else:
         if n_steps <= pass_idx:  # the row needs no statistics of z_{pass_idx}
             return
-    p_part_row = p_part + i_row * (max_steps * 3 * n_chunks)
+    p_part_row = p_part + i_row * ((max_steps + 1) * 3 * n_chunks)
     p_part_out = p_part_row + pass_idx * 3 * n_chunks + i_chunk
 
     # Step j + 1 runs while H(z_j) >= threshold. Pass k checks H(z_{k-1}) (one
@@ -202,18 +229,21 @@ def _em_inf_pass_kernel(
             tl.store(p_part_out + n_chunks, 0.0)
             tl.store(p_part_out + 2 * n_chunks, 0.0)
             return
+    if PHASE == 0:
+        if HAS_STATS:
+            if i_chunk == 0:  # the last pass counts the row's programs from 0
+                tl.store(p_ticket + i_row, 0.0)
     if PHASE != 0:
         shift0, log_s0, mean_y0, h0, ok = _row_stats(p_part_row, n_chunks, C_POW2)
         if PHASE == 2:
             # Below the threshold from the start (left alone), or restored
-            # (statistics of z0 not finite): z0 stays. The first program of the
-            # row counts it.
+            # (statistics of z0 not finite: NaN / +inf in the input, no
+            # entropy): z0 stays. The first program of the row counts it.
             if (ok == 0) | (h0 < threshold):
                 if HAS_STATS:
                     if i_chunk == 0:
-                        tl.atomic_add(p_stats + tl.where(ok, 0, 2), 1)
-                        if COUNT_ROWS:
-                            tl.atomic_add(p_stats + 3, 1)
+                        no_work = tl.zeros([], tl.int64)
+                        _counting.add_row(p_stats, ok, no_work, ok == 0, h0, h0, ok, ok)
                 return
 
     o_v = i_chunk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -258,12 +288,15 @@ def _em_inf_pass_kernel(
         beta2_pow = tl.full([], BETA2, tl.float32)
         active = tl.full([], 1, tl.int1)
         taken = tl.full([], 1, tl.int64)  # steps this row takes
+        h_stop = h0  # HAS_STATS: H(z_j) of the pass that stopped the row
         for j in range(1, n_apply):
             p_part_j = p_part_row + j * 3 * n_chunks
             shift_j, log_s_j, mean_y_j, h_j, ok_j = _row_stats(
                 p_part_j, n_chunks, C_POW2
             )
             ok = ok & ok_j
+            if HAS_STATS:
+                h_stop = tl.where(active & ok_j & (h_j < threshold), h_j, h_stop)
             active = active & ok_j & (h_j >= threshold)
             taken += active.to(tl.int64)
             beta1_pow = beta1_pow * BETA1
@@ -283,25 +316,36 @@ def _em_inf_pass_kernel(
         if ok:
             tl.store(p_row + o_v, b_z, mask=m_v & (b_z > MASKED_CUT))
         if HAS_STATS:
+            # A row that ran all its steps: H(z_s) was never computed. Every
+            # program writes its chunk's partials of z_s into slot max_steps and
+            # takes a ticket; the last one combines them (in chunk order, like
+            # every statistics pass) and adds the entropy after.
+            ran_all = ok & active
+            if ran_all:
+                m_out, s_c, w_c = _chunk_partials(b_z)
+                p_last = p_part_row + max_steps * 3 * n_chunks
+                tl.store(p_last + i_chunk, m_out)
+                tl.store(p_last + n_chunks + i_chunk, s_c)
+                tl.store(p_last + 2 * n_chunks + i_chunk, w_c)
+                tl.debug_barrier()  # every thread's stores before the release
+                ticket = tl.atomic_add(p_ticket + i_row, 1.0)  # acq_rel, gpu
+                if ticket == n_chunks - 1:
+                    _, _, _, h_last, _ = _row_stats(p_last, n_chunks, C_POW2)
+                    _counting.add_entropy(
+                        p_stats, h_last, _counting.HIST_AFTER, _counting.SUM_AFTER
+                    )
             if i_chunk == 0:
-                if ok:
-                    tl.atomic_add(p_stats + 1, taken)
-                else:  # restored: z0 is still in place
-                    tl.atomic_add(p_stats + 2, 1)
-                if COUNT_ROWS:
-                    tl.atomic_add(p_stats + 3, 1)
+                # Restored rows (statistics went non-finite on the way; z0 is
+                # still in place) keep their entropy and count no work.
+                after = tl.where(ok, h_stop, h0)
+                work = tl.where(ok, taken, 0)
+                _counting.add_row(
+                    p_stats, False, work, ok == 0, h0, after, True, ran_all == 0
+                )
     else:
-        # Chunk partials of z_{pass_idx} (online softmax, one chunk); a chunk
-        # with no unmasked entry reports max -inf and zero sums, one holding NaN
-        # or +inf (only z0 can) reports s_c = NaN.
-        chunk_max = tl.max(b_z, axis=0)
-        has = chunk_max > MASKED_CUT
-        shift = tl.where(has, chunk_max, 0.0)
-        b_y = tl.maximum(b_z - shift, MASKED)  # finite: e * y is 0, never NaN
-        b_e = tl.exp2(b_y * LOG2E)
-        s_c = tl.where(has, tl.sum(b_e, axis=0), 0.0)
-        w_c = tl.where(has, tl.sum(b_e * b_y, axis=0), 0.0)
-        m_out = tl.where(has, chunk_max, float("-inf"))
+        # Chunk partials of z_{pass_idx} (online softmax, one chunk); one
+        # holding NaN or +inf (only z0 can) reports s_c = NaN.
+        m_out, s_c, w_c = _chunk_partials(b_z)
         if PHASE == 0:
             b_bad = (b_raw != b_raw) | (b_raw == float("inf"))
             bad = tl.max(b_bad.to(tl.int32), axis=0) > 0
@@ -325,8 +369,8 @@ def launch_passes(
     max_steps: int,
     block: int,
     stats: torch.Tensor | None,
+    tickets: torch.Tensor | None = None,
     *,
-    count_rows: bool = False,
     slot_int64: bool = False,
 ) -> None:
     """The ``max_steps + 1`` launches of one decoding step, arguments unchecked.
@@ -337,9 +381,11 @@ def launch_passes(
             holding the logits' address, ``row_slot``'s address and the row count
             (indirect: what :mod:`em_inf.kernels.step` captures in a graph;
             ``slot_int64`` then gives ``row_slot``'s dtype).
-        partials: float32 ``[grid_rows, max_steps, 3, chunks]`` scratch.
-        stats: int64 ``[3]`` (``[4]`` with ``count_rows``: rows processed in [3])
-            to add to, or ``None``.
+        partials: float32 ``[grid_rows, max_steps + 1, 3, chunks]`` scratch
+            (:func:`scratch`).
+        stats: one mode's int64 ``[counters.WIDTH]`` counters to add to
+            (:mod:`em_inf.counters`), or ``None``: nothing counted.
+        tickets: float32 ``[grid_rows]`` scratch, needed with ``stats``.
     """
     n_chunks = -(-n_cols // block)
     indirect = isinstance(target, torch.Tensor)
@@ -354,17 +400,36 @@ def launch_passes(
         INDIRECT=indirect,
         SLOT_INT64=slot_int64,
         HAS_STATS=stats is not None,
-        COUNT_ROWS=count_rows,
         num_warps=warps_for(block),
     )
+    if stats is not None and tickets is None:
+        raise ValueError("counting (stats) needs the tickets scratch")
     launch = _em_inf_pass_kernel[(grid_rows, n_chunks)]
     args = (logits, row_stride, n_cols, row_slot, launch_args)
     args += (threshold, kl_weight, lr, steps, partials, max_steps, n_chunks)
-    p_stats = stats if stats is not None else partials
+    counting = (stats, tickets) if stats is not None else (partials, partials)
     for pass_idx in range(max_steps):
         phase = _PHASE_FIRST if pass_idx == 0 else _PHASE_MIDDLE
-        launch(*args, pass_idx, p_stats, PHASE=phase, **consts)
-    launch(*args, max_steps, p_stats, PHASE=_PHASE_FINAL, **consts)
+        launch(*args, pass_idx, *counting, PHASE=phase, **consts)
+    launch(*args, max_steps, *counting, PHASE=_PHASE_FINAL, **consts)
+
+
+def scratch_elements(rows: int, max_steps: int, n_chunks: int) -> int:
+    """float32 elements of the logits kernel's scratch for ``rows`` rows:
+    ``rows x (max_steps + 1) x 3 x n_chunks`` partials, then ``rows`` tickets."""
+    return rows * ((max_steps + 1) * 3 * n_chunks + 1)
+
+
+def scratch(
+    buffer: torch.Tensor, rows: int, max_steps: int, n_chunks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partials, tickets)``, views of the flat float32 ``buffer`` (at least
+    :func:`scratch_elements`): partials ``[rows, max_steps + 1, 3, n_chunks]``
+    (slot ``max_steps``: the returned rows' partials, for counting) and tickets
+    ``[rows]``."""
+    n_part = rows * (max_steps + 1) * 3 * n_chunks
+    partials = buffer[:n_part].view(rows, max_steps + 1, 3, n_chunks)
+    return partials, buffer[n_part : n_part + rows]
 
 
 def em_inf_rows_(
@@ -393,11 +458,16 @@ def em_inf_rows_(
             the number of launches (``max_steps + 1``). Pass it (vLLM keeps the
             per-slot values on the host) to avoid a device sync; ``None`` reads
             ``steps.max()`` from the device. Slots with more steps are cut to it.
-        stats: int64 ``[3]`` on the logits' device, added to without a sync:
-            ``[0]`` rows below their threshold from the start, ``[1]`` Adam steps
-            taken, ``[2]`` rows restored by the fail-safe (a row whose input holds
-            NaN or ``+inf``, or whose statistics went non-finite, comes back as it
-            went in).
+        stats: the logits mode's counters, a contiguous int64
+            ``[counters.WIDTH]`` tensor on the logits' device (layout:
+            :mod:`em_inf.counters`), added to with device atomics, no sync. Every
+            processed row (slot ``>= 0``, ``steps > 0``) adds 1 to ``ROWS``;
+            ``BELOW``: rows below their threshold from the start; ``WORK``: Adam
+            steps taken; ``RESTORED``: rows restored by the fail-safe (a row whose
+            input holds NaN or ``+inf``, counted in ``ROWS`` and ``RESTORED``
+            only, or whose statistics went non-finite, comes back as it went in);
+            ``SUM_*`` / ``HIST_*``: the entropy of each row before and of the row
+            returned. ``None``: nothing counted, nothing extra computed.
 
     Returns:
         ``logits``. Rows whose entropy starts below their threshold, rows with
@@ -459,8 +529,15 @@ def em_inf_rows_with_plan_(
     else:
         block = check_block(block)
     n_chunks = -(-n_cols // block)
-    partials = torch.empty(
-        (group, max_steps, 3, n_chunks), dtype=torch.float32, device=logits.device
+    partials, tickets = scratch(
+        torch.empty(
+            scratch_elements(group, max_steps, n_chunks),
+            dtype=torch.float32,
+            device=logits.device,
+        ),
+        group,
+        max_steps,
+        n_chunks,
     )
     # Row groups run one after another on the stream, reusing `partials`.
     for start in range(0, n_rows, group):
@@ -478,5 +555,6 @@ def em_inf_rows_with_plan_(
             max_steps,
             block,
             stats,
+            tickets,
         )
     return logits

@@ -13,11 +13,12 @@ step, whatever ``n``.
 Device memory is taken once, while the engine starts (before vLLM sizes its KV
 cache), when the runner is told the most rows and the vocabulary it will see: one
 float32 scratch for the logits kernel's chunk partials, big enough for every shape
-up to ``max_rows`` rows and :data:`~em_inf.config.MAX_STEPS` steps, shared by every
-graph and direct launch (they all run in order on one stream), plus the ``[3]``
-launch tensor. :meth:`StepRunner.device_bytes` reports it. A step beyond those
-bounds (a wider batch, another vocabulary) allocates its own scratch, with one
-warning.
+up to ``max_rows`` rows and :data:`~em_inf.config.MAX_STEPS` steps (with the slot
+of the returned rows' partials and the per-row tickets the counting needs:
+:func:`logits_mode.scratch_elements`), shared by every graph and direct launch
+(they all run in order on one stream), plus the ``[3]`` launch tensor.
+:meth:`StepRunner.device_bytes` reports it. A step beyond those bounds (a wider
+batch, another vocabulary) allocates its own scratch, with one warning.
 
 A graph fixes its kernels' arguments, but vLLM hands over new logits and a new
 row -> slot mapping every step, with a varying row count. The captured kernels are
@@ -26,8 +27,10 @@ the row count from a small device tensor (``launch``) that each step fills with 
 non-blocking copy from pinned memory (:class:`em_inf.staging.HostToDevice`); the
 grid covers a power-of-two bucket of rows and programs past the row count exit at
 once. Everything else a graph touches is static: the per-slot tables (their
-address is part of the key), the statistics counters, and the chunk partials,
-allocated per graph. No logits are copied in or out.
+address is part of the key), the ``[2, counters.WIDTH]`` counters (ditto), and the
+chunk partials, carved from the scratch per graph. Every count, the rows
+included, is added on the device: under speculative decoding only the device
+knows which rows a step has. No logits are copied in or out.
 
 Without CUDA (Triton's interpreter) nothing can be captured; ``graphs=True`` then
 runs, every step, exactly the indirect launch sequence a graph would replay, so
@@ -44,12 +47,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import os
 from typing import Any
 
 import torch
 
+from em_inf import counters
 from em_inf.backend import batch_invariant
 from em_inf.config import MAX_STEPS
 from em_inf.kernels import logits_mode, temperature_mode
@@ -101,16 +104,24 @@ class StepShape:
     block: int
     slot_int64: bool
 
-    def partials_size(self) -> tuple[int, int, int, int]:
-        """``(rows, max_steps, 3, chunks)``: the logits kernel's scratch shape."""
-        return (self.rows, self.max_steps, 3, -(-self.n_cols // self.block))
+    def chunks(self) -> int:
+        """Chunks per row of the logits kernel."""
+        return -(-self.n_cols // self.block)
 
-    def partials(self, scratch: _Scratch) -> torch.Tensor | None:
-        """Scratch of the logits kernel for this shape (``None`` without it), a
-        view of ``scratch``'s buffer where it fits."""
+    def scratch_elements(self) -> int:
+        """float32 elements of the logits kernel's scratch for this shape."""
+        if self.max_steps == 0:
+            return 0
+        return logits_mode.scratch_elements(self.rows, self.max_steps, self.chunks())
+
+    def partials(self, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The logits kernel's ``(partials, tickets)`` for this shape (``None``
+        without it; :func:`logits_mode.scratch`), views of ``scratch``'s buffer
+        where they fit."""
         if self.max_steps == 0:
             return None
-        return scratch.view(self.partials_size())
+        buffer = scratch.view(self.scratch_elements())
+        return logits_mode.scratch(buffer, self.rows, self.max_steps, self.chunks())
 
 
 class _Scratch:
@@ -122,20 +133,18 @@ class _Scratch:
         self.buffer = torch.empty(elements, dtype=torch.float32, device=device)
         self._warned = False
 
-    def view(self, size: tuple[int, ...]) -> torch.Tensor:
-        elements = math.prod(size)
+    def view(self, elements: int) -> torch.Tensor:
         if elements <= self.buffer.numel():
-            return self.buffer[:elements].view(size)
+            return self.buffer[:elements]
         if not self._warned:
             self._warned = True
             logger.warning(
-                "EM-INF: a step of shape %s needs %d bytes of scratch beyond the "
-                "%d reserved at start-up; allocating it now",
-                size,
+                "EM-INF: a step needs %d bytes of scratch beyond the %d reserved "
+                "at start-up; allocating it now",
                 4 * elements,
                 4 * self.buffer.numel(),
             )
-        return torch.empty(size, dtype=torch.float32, device=self.device)
+        return torch.empty(elements, dtype=torch.float32, device=self.device)
 
 
 def launch_step(
@@ -144,7 +153,7 @@ def launch_step(
     target: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
     tables: Any,
     stats: torch.Tensor | None,
-    partials: torch.Tensor | None,
+    partials: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
     """Every launch of one step, in order: the logits-mode passes, then the
     temperature kernel. The kernels tell the modes apart by the tables: a slot
@@ -156,9 +165,14 @@ def launch_step(
             indirect (graph) sequence (see :func:`logits_mode.launch_passes`).
         tables: per-slot device tensors ``threshold, kl_weight, lr, steps,
             temperature_threshold, alpha, t_min, t_max`` (``em_inf.core.SlotTables``).
-        stats: int64 ``[2, 4]`` counters (logits, temperature mode) or ``None``.
+        stats: int64 ``[2, counters.WIDTH]`` counters, row 0 the logits mode's,
+            row 1 the temperature mode's (layout: :mod:`em_inf.counters`; each
+            row contiguous), or ``None``: nothing counted.
+        partials: the logits kernel's ``(partials, tickets)``
+            (:meth:`StepShape.partials`), or ``None`` without logits-mode passes.
     """
     if shape.max_steps:
+        part, tickets = partials
         logits_mode.launch_passes(
             shape.rows,
             shape.n_cols,
@@ -168,11 +182,11 @@ def launch_step(
             tables.kl_weight,
             tables.lr,
             tables.steps,
-            partials,
+            part,
             shape.max_steps,
             shape.block,
             None if stats is None else stats[0],
-            count_rows=True,
+            tickets,
             slot_int64=shape.slot_int64,
         )
     if shape.temperature:
@@ -186,7 +200,6 @@ def launch_step(
             tables.t_min,
             tables.t_max,
             None if stats is None else stats[1],
-            count_rows=True,
             slot_int64=shape.slot_int64,
         )
 
@@ -250,8 +263,19 @@ class StepRunner:
     ) -> None:
         """One step in place on ``logits`` (float32 ``[N, V]``); ``row_slot``
         (int32/int64 ``[N]``) on the same device; ``max_steps`` / ``temperature``
-        as in :class:`StepShape`; ``tables`` and ``stats`` as in
-        :func:`launch_step`."""
+        as in :class:`StepShape`; ``tables`` as in :func:`launch_step`; ``stats``:
+        the int64 ``[2, counters.WIDTH]`` counters on the logits' device (row 0
+        logits mode, row 1 temperature mode; :mod:`em_inf.counters`) that the
+        kernels add this step's rows to, or ``None``."""
+        if stats is not None and (
+            stats.shape != (2, counters.WIDTH)
+            or stats.dtype != torch.int64
+            or stats.stride(1) != 1
+        ):
+            raise ValueError(
+                f"stats must be int64 [2, {counters.WIDTH}] with contiguous rows "
+                f"(em_inf.counters), got {stats.dtype} {tuple(stats.shape)}"
+            )
         n_rows, n_cols = logits.shape
         bucket = bucket_rows(n_rows) if self.graphs else None
         if bucket is None or n_rows == 0 or logits.stride(0) != n_cols:
@@ -284,19 +308,27 @@ class StepRunner:
     def scratch_elements(self, max_rows: int, n_cols: int) -> int:
         """float32 elements of scratch that every step of at most ``max_rows`` rows
         (graphed ones rounded up to their bucket) and ``n_cols`` logits needs, at
-        :data:`MAX_STEPS` steps: the largest ``rows x steps x 3 x chunks`` over the
-        row counts, since the block plan (hence the chunks) follows the rows."""
+        :data:`MAX_STEPS` steps: the largest
+        :func:`logits_mode.scratch_elements` (``rows x (steps + 1) x 3 x chunks``
+        partials, the last slot for counting the returned rows' entropy, plus one
+        ticket per row) over the row counts, since the block plan (hence the
+        chunks) follows the rows."""
         top = max_rows
         if self.graphs and bucket_rows(max_rows) is not None:
             top = bucket_rows(max_rows)
         largest = 0
         for rows in range(1, top + 1):
             block = plan_block(rows, n_cols, self.device, self.invariant)
-            largest = max(largest, rows * -(-n_cols // block))
-        return largest * MAX_STEPS * 3
+            chunks = -(-n_cols // block)
+            largest = max(
+                largest, logits_mode.scratch_elements(rows, MAX_STEPS, chunks)
+            )
+        return largest
 
     def device_bytes(self) -> int:
-        """Device memory this runner holds: the scratch and the launch tensor."""
+        """Device memory this runner holds: the float32 scratch
+        (:meth:`scratch_elements`: partials and tickets) and the int64 ``[3]``
+        launch tensor."""
         return 4 * self._scratch.buffer.numel() + 8 * 3
 
     def _shape(

@@ -33,6 +33,16 @@ overflow (``b max|z|`` beyond float32) comes back as it went in, and is counted.
 Memory traffic per row: one read for the max, one per solver pass (the ``b = 1``
 pass gives ``H0`` and, when ``1`` lies in the interval, the first iterate), one
 read + one write for the scaling; nothing else, no scratch.
+
+Counting (optional ``stats``, one mode's int64 ``[counters.WIDTH]``, layout in
+:mod:`em_inf.counters`): the row's one program adds ``ROWS``, ``BELOW``, ``WORK``
+(solver passes), ``RESTORED`` and the entropies with integer atomics
+(:mod:`em_inf.kernels._counting`). Before: ``H0`` of the ``b = 1`` pass. After: a
+row left alone or restored keeps ``H0``; otherwise the entropy at the final ``b``
+from the solver's last evaluation when that was at exactly this ``b``, else
+(usually: the last Newton step is taken without evaluating it) folded into the
+scaling pass, which then also sums ``e`` and ``e y`` (one exponential per logit
+more). Without ``stats`` none of this is compiled in (``HAS_STATS``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from em_inf.kernels import _counting
 from em_inf.kernels._common import (
     check_logits,
     check_row_slot,
@@ -112,6 +123,47 @@ def _entropy_and_slope(p_row, n_cols, row_max, b, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _scale_row(p_row, n_cols, b, BLOCK: tl.constexpr):
+    """``z <- b z`` in place (masked entries keep their value)."""
+    for start in range(0, n_cols, BLOCK):
+        o_v = start + tl.arange(0, BLOCK)
+        m_v = o_v < n_cols
+        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf"))
+        b_live = b_z > MASKED_CUT
+        tl.store(p_row + o_v, tl.where(b_live, b_z, 0.0) * b, mask=m_v & b_live)
+
+
+@triton.jit
+def _scale_row_entropy(p_row, n_cols, row_max, b, BLOCK: tl.constexpr):
+    """:func:`_scale_row`, returning ``H(softmax(b z))`` summed on the way as
+    :func:`_entropy_and_slope` does (``n_top``, ``log1p``, float64 lane sums)."""
+    b_log2e = b * 1.4426950408889634
+    acc_top = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_rest = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_y = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        o_v = start + tl.arange(0, BLOCK)
+        m_v = o_v < n_cols
+        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf"))
+        b_live = b_z > MASKED_CUT
+        tl.store(p_row + o_v, tl.where(b_live, b_z, 0.0) * b, mask=m_v & b_live)
+        b_y = tl.where(b_live, tl.maximum(b_z - row_max, MASKED), 0.0)  # <= 0
+        b_e = tl.where(b_live, tl.exp2(b_log2e * b_y), 0.0)
+        b_top = b_live & (b_y == 0.0)
+        acc_top += b_top.to(tl.float32)
+        acc_rest += tl.where(b_top, 0.0, b_e)
+        acc_y += b_e * b_y
+    n_top = tl.sum(acc_top, axis=0)
+    rest = tl.sum(acc_rest.to(tl.float64), axis=0).to(tl.float32)
+    sum_y = tl.sum(acc_y.to(tl.float64), axis=0)
+    has_mass = n_top > 0
+    s = tl.where(has_mass, n_top + rest, 1.0)
+    log_s = _log1p(tl.maximum(n_top - 1.0, 0.0) + rest)
+    mean_y = (sum_y / s).to(tl.float32)
+    return tl.where(has_mass, log_s - b * mean_y, 0.0)
+
+
+@triton.jit
 def _adaptive_temperature_kernel(
     p_logits,  # float32 [N, V], row stride `row_stride`; modified in place
     row_stride,
@@ -122,14 +174,13 @@ def _adaptive_temperature_kernel(
     p_alpha,  # float32 [S]
     p_t_min,  # float32 [S]
     p_t_max,  # float32 [S]
-    p_stats,  # int64 [3] (+ [1] rows processed with COUNT_ROWS), added to
+    p_stats,  # HAS_STATS: int64 [counters.WIDTH], added to
     BLOCK: tl.constexpr,
     STEP_TOL: tl.constexpr,
     MAX_PASSES: tl.constexpr,
     INDIRECT: tl.constexpr,  # read logits / row_slot / rows through p_launch
     SLOT_INT64: tl.constexpr,  # INDIRECT: row_slot's dtype
     HAS_STATS: tl.constexpr,
-    COUNT_ROWS: tl.constexpr,
 ):
     i_row = tl.program_id(0).to(tl.int64)
     if INDIRECT:  # see kernels.logits_mode: a CUDA graph over a bucket of rows
@@ -149,9 +200,7 @@ def _adaptive_temperature_kernel(
     threshold = tl.load(p_threshold + slot)
     if threshold == float("inf"):  # the slot does not use this mode
         return
-    if HAS_STATS:
-        if COUNT_ROWS:
-            tl.atomic_add(p_stats + 3, 1)
+    no_work = tl.zeros([], tl.int32)
     p_row = p_z + i_row * row_stride
 
     # Pass 1: the row's unmasked max and min (the min bounds b |z| for the
@@ -167,8 +216,9 @@ def _adaptive_temperature_kernel(
         acc_max = tl.maximum(acc_max, tl.where(b_live, b_z, float("-inf")))
         acc_min = tl.minimum(acc_min, tl.where(b_live, b_z, float("inf")))
     if tl.max(acc_bad, axis=0) > 0:
-        if HAS_STATS:
-            tl.atomic_add(p_stats + 2, 1)
+        if HAS_STATS:  # no entropy: ROWS and RESTORED only
+            zero = tl.zeros([], tl.float32)
+            _counting.add_row(p_stats, False, no_work, True, zero, zero, False, False)
         return
     row_max = tl.max(acc_max, axis=0)
     row_min = tl.min(acc_min, axis=0)
@@ -180,7 +230,7 @@ def _adaptive_temperature_kernel(
     h0, slope0, noise0 = _entropy_and_slope(p_row, n_cols, row_max, one, BLOCK)
     if h0 <= threshold:
         if HAS_STATS:
-            tl.atomic_add(p_stats, 1)
+            _counting.add_row(p_stats, True, no_work, False, h0, h0, True, True)
         return
     target = tl.maximum(threshold, tl.load(p_alpha + slot) * h0)
 
@@ -195,8 +245,12 @@ def _adaptive_temperature_kernel(
     ent = h0
     slope = slope0
     noise = noise0
+    b_ent = one  # HAS_STATS: the b that `ent` was evaluated at
     if u != 0.0:
-        ent, slope, noise = _entropy_and_slope(p_row, n_cols, row_max, tl.exp(u), BLOCK)
+        b_try = tl.exp(u)
+        ent, slope, noise = _entropy_and_slope(p_row, n_cols, row_max, b_try, BLOCK)
+        if HAS_STATS:
+            b_ent = b_try
     lo_seen = tl.full([], 0, tl.int1)  # whether lo / hi are evaluated points yet
     hi_seen = tl.full([], 0, tl.int1)
     failed = h0 != h0
@@ -228,9 +282,10 @@ def _adaptive_temperature_kernel(
         u = tl.where(inside, newton, tl.where(done, u, fallback))
         go = ~done
         if go:
-            ent, slope, noise = _entropy_and_slope(
-                p_row, n_cols, row_max, tl.exp(u), BLOCK
-            )
+            b_try = tl.exp(u)
+            ent, slope, noise = _entropy_and_slope(p_row, n_cols, row_max, b_try, BLOCK)
+            if HAS_STATS:
+                b_ent = b_try
             n_passes += 1
 
     # Last pass: z <- b z (masked entries keep their value), unless that
@@ -239,19 +294,22 @@ def _adaptive_temperature_kernel(
     b = tl.where(u == u_hi, 1.0 / t_min, tl.where(u == u_lo, 1.0 / t_max, tl.exp(u)))
     failed = failed | (tl.abs(row_max * b) == float("inf"))
     failed = failed | (tl.abs(row_min * b) == float("inf"))
-    if HAS_STATS:
-        if failed:
-            tl.atomic_add(p_stats + 2, 1)
-        else:
-            tl.atomic_add(p_stats + 1, n_passes.to(tl.int64))
     if failed:
+        if HAS_STATS:  # restored: the entropy stays H0 (none if H0 is NaN)
+            finite = h0 == h0
+            _counting.add_row(p_stats, False, no_work, True, h0, h0, finite, finite)
         return
-    for start in range(0, n_cols, BLOCK):
-        o_v = start + tl.arange(0, BLOCK)
-        m_v = o_v < n_cols
-        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf"))
-        b_live = b_z > MASKED_CUT
-        tl.store(p_row + o_v, tl.where(b_live, b_z, 0.0) * b, mask=m_v & b_live)
+    if HAS_STATS:
+        # The entropy after: the solver's last evaluation if it was at this b,
+        # else summed while scaling.
+        after = ent
+        if b != b_ent:
+            after = _scale_row_entropy(p_row, n_cols, row_max, b, BLOCK)
+        else:
+            _scale_row(p_row, n_cols, b, BLOCK)
+        _counting.add_row(p_stats, False, n_passes, False, h0, after, True, True)
+    else:
+        _scale_row(p_row, n_cols, b, BLOCK)
 
 
 def block_for(n_cols: int) -> int:
@@ -277,12 +335,12 @@ def launch_rows(
     t_max: torch.Tensor,
     stats: torch.Tensor | None,
     *,
-    count_rows: bool = False,
     slot_int64: bool = False,
 ) -> None:
-    """The one launch of the temperature mode, arguments unchecked; ``target``,
-    ``stats`` and ``count_rows`` as in :func:`em_inf.kernels.logits_mode.launch_passes`.
-    A slot whose ``threshold`` is ``+inf`` is left alone (and not counted)."""
+    """The one launch of the temperature mode, arguments unchecked; ``target`` and
+    ``stats`` (int64 ``[counters.WIDTH]`` or ``None``) as in
+    :func:`em_inf.kernels.logits_mode.launch_passes`. A slot whose ``threshold``
+    is ``+inf`` is left alone (and not counted)."""
     block = block_for(n_cols)
     indirect = isinstance(target, torch.Tensor)
     logits, row_slot = (target, target) if indirect else target
@@ -303,7 +361,6 @@ def launch_rows(
         INDIRECT=indirect,
         SLOT_INT64=slot_int64,
         HAS_STATS=stats is not None,
-        COUNT_ROWS=count_rows,
         num_warps=warps_for(block),
     )
 
@@ -327,10 +384,16 @@ def adaptive_temperature_rows_(
             ``expanded_idx_mapping``); ``-1`` leaves the row untouched. Slots
             must be below ``S`` (not checked: that would need a device sync).
         threshold, alpha, t_min, t_max: float32 ``[S]`` per-slot settings.
-        stats: int64 ``[3]`` on the logits' device, added to without a sync:
-            ``[0]`` rows at or below their threshold, ``[1]`` solver passes
-            (entropy evaluations) summed over rows, ``[2]`` rows restored by the
-            fail-safe.
+        stats: the temperature mode's counters, a contiguous int64
+            ``[counters.WIDTH]`` tensor on the logits' device (layout:
+            :mod:`em_inf.counters`), added to with device atomics, no sync. Every
+            processed row (slot ``>= 0``, finite ``threshold``) adds 1 to
+            ``ROWS``; ``BELOW``: rows at or below their threshold; ``WORK``:
+            solver passes (entropy evaluations) of the rows scaled; ``RESTORED``:
+            rows restored by the fail-safe (NaN / ``+inf`` in the input: counted
+            in ``ROWS`` and ``RESTORED`` only); ``SUM_*`` / ``HIST_*``: the
+            entropy of each row before and of the row returned. ``None``: nothing
+            counted, nothing extra computed.
 
     Returns:
         ``logits``: each row with ``H0 > threshold`` divided by the solved ``T``

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from em_inf import backend, cpu_backend, functional, reference  # noqa: E402
+from em_inf import backend, counters, cpu_backend, functional, reference  # noqa: E402
 from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
 from em_inf.kernels.logits_mode import em_inf_rows_with_plan_  # noqa: E402
 from em_inf.reference import entropy  # noqa: E402
@@ -305,6 +305,9 @@ def test_temperature_kernel_leaves_fully_masked_rows_alone():
         (dict(steps=torch.zeros(1)), "steps"),
         (dict(stats=torch.zeros(3)), "stats"),
         (dict(stats=torch.zeros(4, dtype=torch.int64)), "stats"),
+        (dict(stats=torch.zeros(counters.WIDTH)), "stats"),
+        (dict(stats=torch.zeros(2, counters.WIDTH, dtype=torch.int64)), "stats"),
+        (dict(stats=torch.zeros(2 * counters.WIDTH, dtype=torch.int64)[::2]), "stats"),
     ],
 )
 def test_logits_kernel_rejects_bad_arguments_naming_them(change, message):
@@ -411,7 +414,8 @@ def test_temperature_kernel_treats_values_at_or_below_minus_1e37_as_masked(mask_
 def test_logits_kernel_adds_its_counts_to_stats():
     """Rows: below the threshold from the start; threshold 0 (all 4 steps); one
     that stops after 2 steps; NaN input (restored); +inf input (restored); steps 0
-    and slot -1 (not counted). The counts add to what ``stats`` held."""
+    and slot -1 (not counted). The counts add to what ``stats`` held
+    (tests/test_kernels_counters.py checks every column)."""
     vocab = 4_000
     logits = random_logits(7, vocab, scale=1.5)
     logits[0, 5] = 80.0  # one-hot: entropy ~0
@@ -431,10 +435,11 @@ def test_logits_kernel_adds_its_counts_to_stats():
         "steps": torch.tensor([3, 4, 6, 3, 3, 0], dtype=torch.int32),
     }
     row_slot = torch.tensor([0, 1, 2, 3, 4, 5, -1], dtype=torch.int32)
-    stats = torch.tensor([5, 7, 11], dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
+    stats[:4] = torch.tensor([5, 7, 11, 13])
     with np.errstate(invalid="ignore"):  # the NaN and +inf rows' arithmetic
         out = _run_em_inf(logits, row_slot, params, stats=stats)
-    assert stats.tolist() == [5 + 1, 7 + 4 + 2, 11 + 2]
+    assert stats[:4].tolist() == [5 + 1, 7 + 4 + 2, 11 + 2, 13 + 5]
     for row in (0, 3, 4, 5, 6):
         assert torch.equal(out[row].view(torch.int32), logits[row].view(torch.int32))
     assert_matches(out[2:3], trajectory[-1][None])
@@ -453,12 +458,12 @@ def test_temperature_kernel_adds_its_counts_to_stats():
         "t_max": torch.full((5,), 1.0),
     }
     row_slot = torch.tensor([0, 1, 2, 3, 4, -1], dtype=torch.int32)
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     out = logits.clone()
     with np.errstate(invalid="ignore"):  # the NaN row's arithmetic
         adaptive_temperature_rows_(out, row_slot, **params, stats=stats)
-    below, passes, restored = stats.tolist()
-    assert (below, restored) == (1, 1)
+    below, passes, restored, rows = stats[:4].tolist()
+    assert (below, restored, rows) == (1, 1, 4)
     assert 2 <= passes <= 2 * 20  # two rows solved, a few passes each
     for row in (0, 3, 4, 5):
         assert torch.equal(out[row].view(torch.int32), logits[row].view(torch.int32))

@@ -8,7 +8,8 @@ values, ``-inf`` / ``finfo.min`` masks, one unmasked entry, all masked, NaN and
 * no NaN anywhere; finite wherever the input was finite;
 * masked entries (at or below ``-1e37``) keep their exact input value;
 * a row holding NaN or ``+inf`` comes back bit-identical, and every row that comes
-  back restored is counted in ``stats[2]``;
+  back restored is counted in ``RESTORED`` (:mod:`em_inf.counters`), every row in
+  ``ROWS``, every row with an entropy (not NaN / ``+inf``) in both histograms;
 * where float32 resolves the row (moderate scales), the oracle standard.
 
 The interpreter evaluates both sides of every ``tl.where`` with numpy, so the
@@ -27,10 +28,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from em_inf import counters  # noqa: E402
 from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_  # noqa: E402
 from em_inf.reference import (  # noqa: E402
     adaptive_temperature_oracle,
     em_inf_oracle,
+    entropy,
     mismatch,
 )
 
@@ -99,6 +102,18 @@ def _check_properties(out: torch.Tensor, logits: torch.Tensor, names: list[str])
     return bad_input, identical
 
 
+def _check_counts(stats, n, bad_input, identical):
+    """Every row counted once, restored rows between the NaN / ``+inf`` ones and
+    the bit-identical ones, and every row with an entropy in both histograms."""
+    assert stats[counters.ROWS] == n
+    assert bad_input.sum() <= stats[counters.RESTORED] <= identical.sum()
+    with_entropy = n - int(bad_input.sum())
+    before = stats[counters.HIST_BEFORE : counters.HIST_AFTER]
+    assert before.sum() == with_entropy
+    assert stats[counters.HIST_AFTER :].sum() == with_entropy
+    assert (stats >= 0).all()
+
+
 @pytest.mark.parametrize("vocab", [1, 37, 3_000])
 def test_logits_kernel_stays_finite_at_the_edges_of_the_accepted_ranges(
     vocab, generator
@@ -114,12 +129,11 @@ def test_logits_kernel_stays_finite_at_the_edges_of_the_accepted_ranges(
         "lr": torch.tensor([(1e2, 1e-6, 0.1, 1e2)[i % 4] for i in range(n)]),
         "steps": torch.tensor([(1, 3, 5)[i % 3] for i in range(n)], dtype=torch.int32),
     }
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     out = logits.clone()
     em_inf_rows_(out, torch.arange(n, dtype=torch.int32), **params, stats=stats)
     bad_input, identical = _check_properties(out, logits, names)
-    assert stats[2] >= bad_input.sum()
-    assert stats[2] <= identical.sum()
+    _check_counts(stats, n, bad_input, identical)
     for i, name in enumerate(names):
         if name.startswith("resolved") and params["steps"][i] <= 5:
             one = {k: v[i].item() for k, v in params.items()}
@@ -149,11 +163,11 @@ def test_logits_kernel_stays_finite_for_many_steps_at_the_largest_lr():
         "lr": torch.full((1,), 1e2),
         "steps": torch.full((1,), 30, dtype=torch.int32),
     }
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     out = logits.clone()
     em_inf_rows_(out, torch.zeros(1, dtype=torch.int32), **params, stats=stats)
     _check_properties(out, logits, ["extreme"])
-    assert stats.tolist() == [0, 30, 0]
+    assert stats[:4].tolist() == [0, 30, 0, 1]
     assert not torch.equal(out, logits)
 
 
@@ -172,14 +186,13 @@ def test_temperature_kernel_stays_finite_at_the_edges_of_the_accepted_ranges(
         "t_min": torch.tensor([t_ends[i % 4][0] for i in range(n)]),
         "t_max": torch.tensor([t_ends[i % 4][1] for i in range(n)]),
     }
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     out = logits.clone()
     adaptive_temperature_rows_(
         out, torch.arange(n, dtype=torch.int32), **params, stats=stats
     )
     bad_input, identical = _check_properties(out, logits, names)
-    assert stats[2] >= bad_input.sum()
-    assert stats[2] <= identical.sum()
+    _check_counts(stats, n, bad_input, identical)
     for i, name in enumerate(names):
         if name.startswith("resolved") and params["t_min"][i] >= 0.01:
             one = {k: v[i].item() for k, v in params.items()}
@@ -204,14 +217,29 @@ def test_overflowing_temperature_restores_the_whole_row():
         "t_min": torch.full((1,), 1e-4),
         "t_max": torch.full((1,), 1e-4),
     }
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     out = logits.clone()
     adaptive_temperature_rows_(
         out, torch.zeros(2, dtype=torch.int32), **params, stats=stats
     )
     assert torch.equal(out[0], logits[0])
     assert torch.allclose(out[1], logits[1] * 1e4)
-    assert stats.tolist() == [0, stats[1].item(), 1]
+    below, work, restored, rows = stats[:4].tolist()
+    assert (below, restored, rows) == (0, 1, 2)
+    assert work >= 1  # row 1's solver passes; none for the restored row
+    assert stats[counters.HIST_BEFORE :].sum() == 2 * 2
+    # Row 0 keeps its entropy (log 2, the two tied maxima), row 1 is scaled.
+    h = [entropy(logits[0].double()).item(), entropy(out[1].double()).item()]
+    fixed = [counters.fixed_point(v) for v in h]
+    assert (
+        abs(
+            stats[counters.SUM_BEFORE]
+            - fixed[0]
+            - counters.fixed_point(entropy(logits[1].double()).item())
+        )
+        <= 20
+    )
+    assert abs(stats[counters.SUM_AFTER] - sum(fixed)) <= 20
 
 
 @pytest.mark.parametrize("poisoned_pass", [0, 1, 2])
@@ -243,7 +271,7 @@ def test_non_finite_statistics_of_any_pass_restore_the_row(monkeypatch, poisoned
         "lr": torch.full((2,), 0.1),
         "steps": torch.tensor([3, 3], dtype=torch.int32),
     }
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     out = logits.clone()
     logits_mode.em_inf_rows_with_plan_(
         out, torch.arange(2, dtype=torch.int32), **params, stats=stats, block=1024
@@ -251,4 +279,10 @@ def test_non_finite_statistics_of_any_pass_restore_the_row(monkeypatch, poisoned
     assert torch.equal(out[0], logits[0])
     one = {k: v[1].item() for k, v in params.items()}
     assert mismatch(out[1:], em_inf_oracle(logits[1:], **one)) is None
-    assert stats.tolist() == [0, 3, 1]
+    assert stats[:4].tolist() == [0, 3, 1, 2]
+    # The restored row keeps its entropy (after == before), except where pass 0's
+    # statistics are poisoned: then, as for NaN in its input, it has none.
+    h = [counters.fixed_point(entropy(z.double()).item()) for z in (logits[0], out[1])]
+    expected = h[1] + (h[0] if poisoned_pass else 0)
+    assert abs(stats[counters.SUM_AFTER] - expected) <= 40
+    assert stats[counters.HIST_AFTER :].sum() == (2 if poisoned_pass else 1)

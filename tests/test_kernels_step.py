@@ -21,6 +21,7 @@ kernel_helpers.require_interpreter()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from em_inf import counters  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 from em_inf.kernels import step  # noqa: E402
 from em_inf.kernels.step import StepRunner, bucket_rows, graphs_wanted  # noqa: E402
@@ -43,7 +44,7 @@ def _run(runner, logits, row_slot, settings, stats=None, max_steps=4):
     """One step on a copy of ``logits``; returns it and the counters."""
     out = logits.clone()
     if stats is None:
-        stats = torch.zeros(2, 4, dtype=torch.int64)
+        stats = torch.zeros(2, counters.WIDTH, dtype=torch.int64)
     runner.run(out, row_slot, max_steps, True, settings.tables(CPU), stats)
     return out, stats
 
@@ -85,7 +86,7 @@ def test_graph_sequence_matches_direct_launches_bitwise(monkeypatch, slot_dtype)
     assert_matches(graph, oracle_rows(logits, row_slot.tolist(), CONFIGS))
     # Rows counted per mode by the kernels: 3 logits-mode rows (slot 3 twice),
     # 2 temperature rows; slot 2 is off.
-    assert graph_stats[:, 3].tolist() == [3, 2]
+    assert graph_stats[:, counters.ROWS].tolist() == [3, 2]
 
 
 def test_padding_rows_past_the_row_count_touch_nothing():
@@ -107,7 +108,7 @@ def test_replays_reuse_static_buffers_for_new_tensors_every_step():
     addresses), one set of static buffers, every step exact."""
     settings = slot_settings(CONFIGS)
     runner = StepRunner(CPU, graphs=True)
-    stats = torch.zeros(2, 4, dtype=torch.int64)
+    stats = torch.zeros(2, counters.WIDTH, dtype=torch.int64)
     partials = set()
     for rows in (3, 4, 3):
         row_slot = torch.randint(0, len(CONFIGS), (rows,))
@@ -115,7 +116,7 @@ def test_replays_reuse_static_buffers_for_new_tensors_every_step():
         out, _ = _run(runner, logits, row_slot, settings, stats)
         assert_matches(out, oracle_rows(logits, row_slot.tolist(), CONFIGS))
         (replay,) = runner._replays.values()
-        partials.add(replay.partials.data_ptr())
+        partials.add(replay.partials[0].data_ptr())
     assert len(partials) == 1
     assert runner._launch.buffers == 1  # host staging reused (no copies in flight)
 
@@ -124,7 +125,7 @@ def test_new_device_tables_get_their_own_replay(monkeypatch):
     monkeypatch.setattr(step, "MAX_GRAPHS", 2)
     settings = slot_settings(CONFIGS)
     runner = StepRunner(CPU, graphs=True)
-    stats = torch.zeros(2, 4, dtype=torch.int64)
+    stats = torch.zeros(2, counters.WIDTH, dtype=torch.int64)
     logits = random_logits(2, 700)
     row_slot = torch.tensor([0, 1])
     _run(runner, logits, row_slot, settings, stats)
