@@ -79,6 +79,7 @@ def logits_variants():
         "n_chunks": "i32",
         "pass_idx": "i32",
         "p_stats": "*i64",
+        "p_ticket": "*fp32",
     }
     pointers = [n for n, t in types.items() if t.startswith("*")]
     for block, phase, indirect in itertools.product(
@@ -95,7 +96,6 @@ def logits_variants():
             INDIRECT=indirect,
             SLOT_INT64=True,
             HAS_STATS=True,
-            COUNT_ROWS=indirect,
         )
         name = f"logits block {block} phase {phase}{' indirect' if indirect else ''}"
         attrs = _aligned(fn, pointers, ["row_stride", "n_cols"])
@@ -133,7 +133,6 @@ def temperature_variants():
             INDIRECT=indirect,
             SLOT_INT64=True,
             HAS_STATS=True,
-            COUNT_ROWS=indirect,
         )
         name = f"temperature block {block}{' indirect' if indirect else ''}"
         attrs = _aligned(fn, pointers, ["row_stride", "n_cols"])
