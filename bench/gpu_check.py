@@ -453,6 +453,7 @@ def time_kernels(device, cuda: bool, rows: int, vocab: int, args, bandwidth):
     copy_s = median_seconds(lambda: buf.copy_(src), cuda, reps, warmup)
     floor_s = 2 * src.numel() * 4 / bandwidth
     planned_block = plan_block(rows, vocab, device)
+    counted = torch.zeros(counters.WIDTH, dtype=torch.int64, device=device)
     out = []
 
     def add(mode, steps, provider, seconds, extrapolated=False, raw=None):
@@ -490,7 +491,9 @@ def time_kernels(device, cuda: bool, rows: int, vocab: int, args, bandwidth):
                 threshold=cfg.threshold, kl_weight=cfg.kl_weight, lr=cfg.lr, steps=steps
             )
 
-            def kernel(block=None, group=None, slot_params=slot_params, steps=steps):
+            def kernel(
+                block=None, group=None, slot_params=slot_params, steps=steps, stats=None
+            ):
                 em_inf_rows_with_plan_(
                     buf.copy_(src),
                     row_slot,
@@ -498,9 +501,15 @@ def time_kernels(device, cuda: bool, rows: int, vocab: int, args, bandwidth):
                     max_steps=steps,
                     block=block,
                     rows_per_launch=group,
+                    stats=stats,
                 )
 
             add_kernel(mode, steps, "triton", kernel)
+            # The same launches counting rows and entropies (what the processor
+            # runs): the cost of EM-INF's metrics is this row against "triton".
+            add_kernel(
+                mode, steps, "triton+counting", lambda k=kernel: k(stats=counted)
+            )
             add_kernel(
                 mode, steps, "triton@invariant", lambda k=kernel: k(INVARIANT_BLOCK)
             )
@@ -532,10 +541,15 @@ def time_kernels(device, cuda: bool, rows: int, vocab: int, args, bandwidth):
             }
             fn_params = {name: getattr(cfg, name) for name in slot_params}
 
-            def kernel(slot_params=slot_params):
-                adaptive_temperature_rows_(buf.copy_(src), row_slot, **slot_params)
+            def kernel(slot_params=slot_params, stats=None):
+                adaptive_temperature_rows_(
+                    buf.copy_(src), row_slot, **slot_params, stats=stats
+                )
 
             add_kernel(mode, steps, "triton", kernel)
+            add_kernel(
+                mode, steps, "triton+counting", lambda k=kernel: k(stats=counted)
+            )
 
             def batched(fn_params=fn_params):
                 functional.adaptive_temperature(src, **fn_params)
@@ -724,6 +738,7 @@ def print_kernel_table(timings: list[dict], bandwidth: float) -> dict:
     header = (
         f"{'mode':<12}{'steps':>6}{'B':>6}{'floor':>10}{'triton':>10}{'invariant':>11}"
         f"{'torch':>11}{'reference':>13}{'tri/floor':>10}{'torch/tri':>10}"
+        f"{'counting':>10}"
     )
     print(header + "\n" + "-" * len(header))
     keyed = {(r["mode"], r["steps"], r["B"], r["provider"]): r for r in timings}
@@ -741,8 +756,12 @@ def print_kernel_table(timings: list[dict], bandwidth: float) -> dict:
             f"{ref['us']:>12.0f}{'*' if ref['extrapolated'] else ' '}"
             f"{tri / keyed[(*key, 'floor')]['us']:>10.2f}"
             f"{keyed[(*key, 'torch')]['us'] / tri:>10.1f}"
+            f"{100 * (keyed[(*key, 'triton+counting')]['us'] / tri - 1):>9.1f}%"
         )
-    print("(microseconds of GPU time; * = reference scaled per row from fewer rows)")
+    print(
+        "(microseconds of GPU time; * = reference scaled per row from fewer rows;\n"
+        " counting: the cost of counting rows and entropies, in % of triton)"
+    )
     sweep = sorted(
         {r["provider"] for r in timings if r["provider"].startswith("triton@")}
     )
