@@ -430,9 +430,23 @@ static __attribute__((noinline, cold)) void online_raise(Online *o, vf top) {
     }
 }
 
+/* Whether any lane of a exceeds b's (one compare and mask test on x86; hany
+ * extracts the lanes one by one). */
+#if defined(__AVX512F__) && LANES == 16
+static inline int any_above(vf a, vf b) {
+    return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ) != 0;
+}
+#elif defined(__AVX__) && LANES == 8
+static inline int any_above(vf a, vf b) {
+    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GT_OQ)) != 0;
+}
+#else
+static inline int any_above(vf a, vf b) { return hany(a > b); }
+#endif
+
 static inline void online_block(Online *o, const vf y[BLOCK_VECTORS]) {
     const vf top = vmax(vmax(y[0], y[1]), vmax(y[2], y[3]));
-    if (__builtin_expect(hany(top > o->shift), 0)) online_raise(o, top);
+    if (__builtin_expect(any_above(top, o->shift), 0)) online_raise(o, top);
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS];
     EACH_VECTOR {
         vf zs = vmax(y[k] - o->shift, splat(-FLT_MAX));
