@@ -391,6 +391,25 @@ def test_counts_do_not_depend_on_threads_or_batch(seed, threads, mode):
         assert torch.equal(stats, want), (seed, thread_count, pick.tolist())
 
 
+def test_a_last_step_that_drops_the_top_far_still_counts_its_entropy(generator):
+    """kl_weight 1e3, lr 1e2, two steps: the second pulls every row's top logit
+    down by tens of nats, below the range the last step's online statistics keep
+    (LOST_RANGE; an instrumented build took the recomputing pass on each row)."""
+    rows, vocab = 6, 3_000
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    params = dict(
+        threshold=torch.zeros(rows),
+        kl_weight=torch.full((rows,), 1e3),
+        lr=torch.full((rows,), 1e2),
+        steps=torch.full((rows,), 2),
+    )
+    stats = new_stats()
+    out = run("logits", logits, params, stats=stats)
+    assert torch.isfinite(out).all()
+    expected = [Expected(h64(logits[r]), h64(out[r]), work=2) for r in range(rows)]
+    check_counts(stats, expected, "generator")
+
+
 @pytest.mark.parametrize("mode", ["logits", "temperature"])
 def test_without_stats_the_rows_come_back_the_same(seed, mode):
     """Counting changes nothing the kernels return."""
