@@ -40,6 +40,19 @@
  *
  * Masked logits are those <= MASKED_AT (-inf, finfo(float32).min, ...): their
  * probability is exactly 0 and they keep their input value.
+ *
+ * Counting (stats given; em_inf/counters.py has the layout): every processed row
+ * adds its entropy before (the first statistics pass / the solver's pass at T = 1)
+ * and after, as fixed-point sums and bins. After: a row left alone keeps its
+ * entropy; a logits-mode row that stopped below its threshold has it from its last
+ * statistics pass; one that ran all its steps from its last update pass, which then
+ * also accumulates the new logits' softmax statistics (online: per lane a shift,
+ * raised when a new logit exceeds it; chunks combined in chunk order, so counts
+ * are batch and thread invariant like the rows). That is one exp per logit more in
+ * that pass: on a kernel bound by arithmetic it costs about one statistics pass
+ * (logits mode, 3 steps, V = 151,936: about 15% more time; bench/latency.py
+ * --counting). Temperature mode: the solver's evaluation at the 1/T applied (no
+ * extra work). Without stats nothing of this runs.
  */
 #include <float.h>
 #include <math.h>
