@@ -16,6 +16,12 @@ call so that load from other processes hits them alike):
   ``EM_INF_BACKEND=torch``.
 * ``triton``: :mod:`em_inf.functional` on CUDA tensors, which dispatches to the
   Triton kernels of :mod:`em_inf.kernels` (GPU only).
+* with ``--counting``: ``cpu-kernel`` and ``cpu-kernel+counting``, the compiled
+  kernels called directly (``em_inf.cpu_backend``, a copy of the logits into a
+  preallocated buffer, then the call in place) with ``stats=None`` and with one
+  mode's ``[counters.WIDTH]`` counters: the cost of counting (the entropy after,
+  sums and bins) is their difference. ``--impls`` times only the implementations
+  named (``floor`` always runs where the kernels do: the ``x_floor`` column).
 
 ``--breakdown`` adds where the compiled path's time goes, for B = 8 at the largest V:
 a row left alone (the scan and the first statistics pass), then each Adam step (one
@@ -39,6 +45,8 @@ Usage::
     python bench/latency.py --quick          # CPU, under a minute on 2 cores
     python bench/latency.py --breakdown      # CPU, full grid (3 passes), ~5 minutes
     python bench/latency.py --out bench/results/latency_gpu.json   # on a GPU box
+    python bench/latency.py --counting --impls cpu-kernel cpu-kernel+counting \
+        --vocab 151936 --steps 3 --threads 1      # the cost of counting, CPU
 
 Writes JSON (``--out``) and a PNG next to it (``bench/plots.py`` redraws it).
 """
@@ -69,7 +77,14 @@ if __package__ in (None, ""):  # `python bench/latency.py`: make the repo import
 from bench import common  # noqa: E402
 from bench.checkout import map_kernels_package  # noqa: E402
 from bench.common import make_logits, time_call  # noqa: E402
-from em_inf import backend, cpu_backend, cpu_build, functional, reference  # noqa: E402
+from em_inf import (  # noqa: E402
+    backend,
+    counters,
+    cpu_backend,
+    cpu_build,
+    functional,
+    reference,
+)
 from em_inf.config import PRESETS  # noqa: E402
 
 VOCABS = (49_152, 151_936)
@@ -113,9 +128,11 @@ def _temperature_params() -> dict:
 
 
 def implementations(
-    case: Case, logits: torch.Tensor, cuda: bool
+    case: Case, logits: torch.Tensor, cuda: bool, counting: bool = False
 ) -> dict[str, Callable]:
-    """Zero-argument callables, each computing the case's output from ``logits``."""
+    """Zero-argument callables, each computing the case's output from ``logits``
+    (with ``counting``, also the kernels called directly without and with
+    ``stats``)."""
     if case.mode == "logits":
         params = _logits_params(case.steps)
 
@@ -148,11 +165,43 @@ def implementations(
     impls["torch"] = forced("torch", logits)
     if cpu_backend.available():
         impls["floor"] = lambda: cpu_backend.exp_floor(logits)
+    if counting and cpu_backend.available():
+        impls["cpu-kernel"] = _kernel_call(case, logits, None)
+        stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
+        impls["cpu-kernel+counting"] = _kernel_call(case, logits, stats)
     if cuda:
         on_gpu = logits.cuda()
         impls["torch-cuda"] = forced("torch", on_gpu)
         impls["triton"] = lambda: batched(on_gpu)
     return impls
+
+
+def _kernel_call(
+    case: Case, logits: torch.Tensor, stats: torch.Tensor | None
+) -> Callable[[], torch.Tensor]:
+    """The compiled kernels on ``case`` called directly: ``logits`` copied into a
+    buffer of its own, then processed there in place, counting into ``stats``."""
+    work = torch.empty_like(logits)
+    batch = logits.shape[0]
+    if case.mode == "logits":
+        params = _logits_params(case.steps)
+        dtypes = {"steps": torch.int64}
+        process = cpu_backend.em_inf_
+    else:
+        params = _temperature_params()
+        dtypes = {}
+        process = cpu_backend.adaptive_temperature_
+    columns = [
+        torch.full((batch, 1), value, dtype=dtypes.get(name, torch.float32))
+        for name, value in params.items()
+    ]
+
+    def run() -> torch.Tensor:
+        work.copy_(logits)
+        process(work, *columns, stats=stats)
+        return work
+
+    return run
 
 
 @contextlib.contextmanager
@@ -176,6 +225,8 @@ def _time_case(
     skip_reference: bool,
     min_seconds: float,
     max_repeats: int,
+    counting: bool = False,
+    only: list[str] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
     """Seconds per call of every implementation on ``case``, and their outputs.
 
@@ -184,9 +235,11 @@ def _time_case(
     ``max_repeats`` rounds: cheap cells get many samples, costly ones few.
     """
     logits = make_logits(case.batch, case.vocab)
-    impls = implementations(case, logits, cuda)
+    impls = implementations(case, logits, cuda, counting)
     if skip_reference:
         impls.pop("reference")
+    if only:
+        impls = {k: v for k, v in impls.items() if k in only or k == "floor"}
     names = list(impls)
     outputs: dict[str, torch.Tensor] = {}
     for name in names:  # warm-up (and Triton compilation)
@@ -254,6 +307,8 @@ def measure_grid(
     max_repeats: int = 200,
     passes: int = 1,
     log: Callable[[str], None] | None = None,
+    counting: bool = False,
+    only: list[str] | None = None,
 ) -> list[dict]:
     """Time every case ``passes`` times over, the whole grid once per pass, and pool
     the samples: a burst of load from other processes then hits only part of a
@@ -270,6 +325,8 @@ def measure_grid(
                 case.batch > no_reference_above,
                 min_seconds / passes,
                 max(1, max_repeats // passes),
+                counting,
+                only,
             )
             outputs.setdefault(case, case_outputs)
             for name, samples in case_times.items():
@@ -331,7 +388,7 @@ def breakdown(batch: int, vocab: int, repeats: int = 30) -> dict:
     temperature_params = [
         column(v) for v in (preset.threshold, preset.alpha, preset.t_min, preset.t_max)
     ]
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
 
     def temperature_call() -> None:
         work.copy_(logits)
@@ -351,7 +408,7 @@ def breakdown(batch: int, vocab: int, repeats: int = 30) -> dict:
             call()
             times[name].append(time.perf_counter() - started)
     ms = {name: 1e3 * min(samples) for name, samples in times.items()}
-    passes_per_row = float(stats[1]) / (repeats * batch)
+    passes_per_row = float(stats[counters.WORK]) / (repeats * batch)
     floor = ms["floor"]
     parts = {
         "scan + first statistics pass (row left alone)": ms["left_alone"],
@@ -369,6 +426,32 @@ def breakdown(batch: int, vocab: int, repeats: int = 30) -> dict:
         "parts_ms": parts,
         "parts_in_floors": {name: value / floor for name, value in parts.items()},
     }
+
+
+def counting_overhead(rows: list[dict]) -> list[dict]:
+    """Per cell, the kernels' median time without and with counting, and the
+    difference in % of the time without."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["mode"], row["steps"], row["batch"], row["vocab"])
+        cells.setdefault(key, {})[row["impl"]] = row
+    out = []
+    for (mode, steps, batch, vocab), impls in cells.items():
+        if "cpu-kernel" in impls and "cpu-kernel+counting" in impls:
+            plain = impls["cpu-kernel"]["median_ms"]
+            counted = impls["cpu-kernel+counting"]["median_ms"]
+            out.append(
+                {
+                    "mode": mode,
+                    "steps": steps,
+                    "batch": batch,
+                    "vocab": vocab,
+                    "plain_ms": plain,
+                    "counting_ms": counted,
+                    "overhead_pct": 100 * (counted - plain) / plain,
+                }
+            )
+    return out
 
 
 def cpu_environment() -> dict:
@@ -477,6 +560,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also time the compiled path's passes (B = 8, the largest V)",
     )
+    parser.add_argument(
+        "--counting",
+        action="store_true",
+        help="also time the compiled kernels called directly with stats=None and "
+        "with stats (cpu-kernel, cpu-kernel+counting): the cost of counting",
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        help="time only these implementations (and floor)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -524,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         min_seconds=args.min_seconds,
         passes=args.passes,
         log=lambda line: print(line, flush=True),
+        counting=args.counting,
+        only=args.impls,
     )
     result = {
         "kind": "latency",
@@ -543,6 +639,15 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
+    if args.counting:
+        result["counting_overhead"] = counting_overhead(rows)
+        for row in result["counting_overhead"]:
+            print(
+                f"counting: {row['mode']:11s} steps {row['steps']!s:4s} "
+                f"B={row['batch']:<3d} V={row['vocab']}: "
+                f"{row['plain_ms']:.3f} -> {row['counting_ms']:.3f} ms "
+                f"({row['overhead_pct']:+.2f}%)"
+            )
     if args.breakdown and cpu_backend.available():
         result["breakdown"] = breakdown(8, max(args.vocab))
         for name, value in result["breakdown"]["parts_ms"].items():

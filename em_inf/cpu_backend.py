@@ -17,6 +17,13 @@ Entry points take the arguments of :mod:`em_inf.torch_backend` (``[N, 1]`` or
 ``[N]`` parameter tensors) plus ``rows``: an optional int64 index of the rows of
 ``logits`` to process (parameter entry ``i`` belongs to row ``rows[i]``), so that a
 sub-batch is processed where it lies, without a gather.
+
+``stats``, when given, is one mode's counters (:mod:`em_inf.counters`): a
+contiguous int64 ``[counters.WIDTH]`` CPU tensor the kernels add to, every column,
+for the rows they process (logits mode: the rows with ``steps > 0``; temperature
+mode: every row). The entropies before and after are computed in the passes EM-INF
+runs anyway (the last Adam step accumulates the softmax statistics of the logits it
+writes); with ``stats=None`` nothing is counted and no entropy after is computed.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import threading
 
 import torch
 
-from em_inf import cpu_build
+from em_inf import counters, cpu_build
 from em_inf.config import ADAM_BETAS, ADAM_EPS, TEMPERATURE_RTOL
 
 logger = logging.getLogger(__name__)
@@ -36,6 +43,8 @@ _lock = threading.Lock()  # one call at a time: they share the scratch buffer
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 _scratch = torch.empty(0, dtype=torch.uint8)
+#: The entropy bins' edges the kernels compare with (one source: counters.py).
+_EDGES = torch.tensor(counters.ENTROPY_EDGES, dtype=torch.float64)
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -45,12 +54,14 @@ _SIGNATURES = {
     "em_inf_scratch_bytes": (_I64, [_I64, _INT]),
     "em_inf_logits": (
         None,
-        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64, _F64, _P, _P, _INT],
+        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64, _F64]
+        + [_P, _P, _P, _INT, _INT],
     ),
     "em_inf_temperature": (
         None,
-        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _P, _P, _P, _INT],
+        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _P, _P, _P, _P, _INT, _INT],
     ),
+    "em_inf_stats_layout": (None, [_INT, _P]),
     "em_inf_exp_floor": (None, [_P, _I64, _I64, _P, _INT]),
     "em_inf_exp": (None, [_P, _P, _I64]),
     "em_inf_lanes": (_INT, []),
@@ -72,6 +83,7 @@ def load() -> ctypes.CDLL | None:
                     function = getattr(library, name)
                     function.restype = restype
                     function.argtypes = argtypes
+                _check_layout(library)
             except (cpu_build.BuildError, OSError, AttributeError) as err:
                 _failure = str(err)
                 logger.warning(
@@ -117,8 +129,11 @@ def em_inf_(
         threshold, kl_weight, lr: one value per processed row (``[n]`` or
             ``[n, 1]``), any float dtype. steps: the same, integer.
         rows: int64 ``[n]`` indices of the rows to process, or ``None`` (all).
-        stats: int64 ``[3]`` CPU tensor to add the counts to (INTERFACES: rows
-            below threshold, Adam steps, rows restored by the fail-safe).
+        stats: contiguous int64 ``[counters.WIDTH]`` CPU tensor (one mode's
+            counters, :mod:`em_inf.counters`) to add the counts of the rows with
+            ``steps > 0`` to: every column (``BELOW``, ``WORK`` = Adam steps of the
+            rows not restored, ``RESTORED``, ``ROWS``, entropy sums and bins before
+            and after). ``None``: nothing counted, no entropy after computed.
     """
     count, index = _rows(logits, rows)
     params = [_per_row(p, count, torch.float32) for p in (threshold, kl_weight, lr)]
@@ -140,6 +155,8 @@ def em_inf_(
             ADAM_EPS,
             scratch,
             _stats_pointer(stats),
+            _EDGES.data_ptr(),
+            _EDGES.numel(),
             threads,
         )
     return logits
@@ -158,10 +175,11 @@ def adaptive_temperature_(
 ) -> torch.Tensor:
     """The adaptive-temperature mode in place, as :func:`em_inf_`; each processed
     row's entropy ends within ``TEMPERATURE_RTOL`` of its target (or ``T`` at the
-    end of ``[t_min, t_max]`` nearer to it). ``stats[1]`` counts entropy
-    evaluations (the first, at ``T = 1``, included). ``inv_temperature``: a
-    float32 ``[n]`` CPU tensor that receives each row's ``1 / T`` (1 where the row
-    was left as it was)."""
+    end of ``[t_min, t_max]`` nearer to it). ``stats``: as :func:`em_inf_`, every
+    row counted, ``stats[counters.WORK]`` adding entropy evaluations (the first,
+    at ``T = 1``, included) and the entropy after being the solver's evaluation
+    at the ``1 / T`` applied. ``inv_temperature``: a float32 ``[n]`` CPU tensor
+    that receives each row's ``1 / T`` (1 where the row was left as it was)."""
     count, index = _rows(logits, rows)
     params = [
         _per_row(p, count, torch.float32) for p in (threshold, alpha, t_min, t_max)
@@ -181,6 +199,8 @@ def adaptive_temperature_(
             _inv_temperature_pointer(inv_temperature, count),
             scratch,
             _stats_pointer(stats),
+            _EDGES.data_ptr(),
+            _EDGES.numel(),
             threads,
         )
     return logits
@@ -288,13 +308,41 @@ def _inv_temperature_pointer(out: torch.Tensor | None, count: int) -> int | None
     return out.data_ptr()
 
 
+def _check_layout(library: ctypes.CDLL) -> None:
+    """Raise unless the kernels write stats in :mod:`em_inf.counters`' layout."""
+    layout = torch.zeros(11, dtype=torch.int64)
+    library.em_inf_stats_layout(_EDGES.numel(), layout.data_ptr())
+    expected = [
+        counters.BELOW,
+        counters.WORK,
+        counters.RESTORED,
+        counters.ROWS,
+        counters.SUM_BEFORE,
+        counters.SUM_AFTER,
+        counters.HIST_BEFORE,
+        counters.HIST_AFTER,
+        counters.WIDTH,
+        counters.FIXED_POINT,
+    ]
+    if layout[:10].tolist() != expected or _EDGES.numel() > layout[10]:
+        raise cpu_build.BuildError(
+            f"the kernels' stats layout {layout.tolist()} is not counters.py's "
+            f"{expected} (at most {int(layout[10])} edges)"
+        )
+
+
 def _stats_pointer(stats: torch.Tensor | None) -> int | None:
     if stats is None:
         return None
-    if stats.dtype != torch.int64 or stats.shape != (3,) or not stats.is_contiguous():
+    width = counters.WIDTH
+    if (
+        stats.dtype != torch.int64
+        or stats.shape != (width,)
+        or not stats.is_contiguous()
+    ):
         raise ValueError(
-            f"stats must be a contiguous int64 [3] tensor, got {stats.dtype} "
-            f"{tuple(stats.shape)}"
+            f"stats must be a contiguous int64 [{width}] tensor (em_inf.counters), "
+            f"got {stats.dtype} {tuple(stats.shape)}"
         )
     if stats.device.type != "cpu":
         raise ValueError(f"stats must be on the CPU, got {stats.device}")

@@ -40,6 +40,19 @@
  *
  * Masked logits are those <= MASKED_AT (-inf, finfo(float32).min, ...): their
  * probability is exactly 0 and they keep their input value.
+ *
+ * Counting (stats given; em_inf/counters.py has the layout): every processed row
+ * adds its entropy before (the first statistics pass / the solver's pass at T = 1)
+ * and after, as fixed-point sums and bins. After: a row left alone keeps its
+ * entropy; a logits-mode row that stopped below its threshold has it from its last
+ * statistics pass; one that ran all its steps from its last update pass, which then
+ * also accumulates the new logits' softmax statistics (online: per lane a shift,
+ * raised when a new logit exceeds it; chunks combined in chunk order, so counts
+ * are batch and thread invariant like the rows). That is one exp per logit more in
+ * that pass: on a kernel bound by arithmetic it costs about one statistics pass
+ * (logits mode, 3 steps, V = 151,936: about 15% more time; bench/latency.py
+ * --counting). Temperature mode: the solver's evaluation at the 1/T applied (no
+ * extra work). Without stats nothing of this runs.
  */
 #include <float.h>
 #include <math.h>
@@ -223,6 +236,7 @@ typedef struct {
     double sum_ez3; /* sum of exp(.) * zs^3 (temperature mode) */
     float max;      /* largest logit (scan), largest new logit (update) */
     float min;      /* smallest unmasked logit (scan for the temperature mode) */
+    float shift;    /* counted last update: the shift of sum_e and sum_ez */
     int32_t count;  /* temperature passes: logits at the max */
     int32_t bad;    /* scan: NaN or +inf seen; update: a non-finite result */
 } Partial;
@@ -235,6 +249,7 @@ static inline void partial_init(Partial *p) {
     p->sum_e = p->sum_ez = p->sum_ez2 = p->sum_ez3 = 0.0;
     p->max = -INFINITY;
     p->min = INFINITY;
+    p->shift = -INFINITY;
     p->count = 0;
     p->bad = 0;
 }
@@ -400,15 +415,94 @@ typedef struct {
     vi bad;
 } Moved;
 
+/* The softmax statistics of the new logits y, accumulated while the last step
+ * writes them (only when the caller counts entropies): per lane a shift, which
+ * starts at the previous statistics pass's max and is raised to a new logit that
+ * exceeds it (exp_nonpos needs y - shift <= 0), and double sums of
+ * e = exp(y - shift) and e (y - shift), rescaled when the shift is raised. The
+ * top logits move by about lr per step, so raises are few (a handful per row). */
+typedef struct {
+    vf shift;
+    Acc s, t;
+} Online;
+
+/* Lane j of an Acc (acc_add puts the low half of a vector's lanes in lo). */
+#define ACC_LANE(a, j) \
+    (((double *)((j) < LANES / 2 ? (void *)&(a).lo : (void *)&(a).hi))[(j) % (LANES / 2)])
+
+/* Raise lane j's shift to top[j] where top[j] exceeds it: s' = r s,
+ * t' = r (t + d s) with d = old - new shift (exact in double), r = exp(d). */
+static __attribute__((noinline, cold)) void online_raise(Online *o, vf top) {
+    for (int j = 0; j < LANES; j++) {
+        if (!(top[j] > o->shift[j])) continue;
+        const double d = (double)o->shift[j] - (double)top[j], r = exp(d);
+        double *s = &ACC_LANE(o->s, j), *t = &ACC_LANE(o->t, j);
+        *t = *s == 0.0 ? 0.0 : r * (*t + d * *s);
+        *s *= r;
+        o->shift[j] = top[j];
+    }
+}
+
+/* Whether any lane of a exceeds b's (one compare and mask test on x86; hany
+ * extracts the lanes one by one). */
+#if defined(__AVX512F__) && LANES == 16
+static inline int any_above(vf a, vf b) {
+    return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ) != 0;
+}
+#elif defined(__AVX__) && LANES == 8
+static inline int any_above(vf a, vf b) {
+    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GT_OQ)) != 0;
+}
+#else
+static inline int any_above(vf a, vf b) { return hany(a > b); }
+#endif
+
+static inline void online_block(Online *o, const vf y[BLOCK_VECTORS]) {
+    const vf top = vmax(vmax(y[0], y[1]), vmax(y[2], y[3]));
+    if (__builtin_expect(any_above(top, o->shift), 0)) online_raise(o, top);
+    vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS];
+    EACH_VECTOR {
+        vf zs = vmax(y[k] - o->shift, splat(-FLT_MAX));
+        e[k] = exp_nonpos(zs);
+        ez[k] = e[k] * zs;
+    }
+    acc_add(&o->s, block_sum(e));
+    acc_add(&o->t, block_sum(ez));
+}
+
+/* Fold a chunk's lanes, in lane order, into out: shift = the lanes' largest,
+ * sum_e and sum_ez relative to it. */
+static void online_finish(Online *o, Partial *out) {
+    float m = hmax(o->shift);
+    double s = 0.0, t = 0.0;
+    for (int j = 0; j < LANES; j++) {
+        double sj = ACC_LANE(o->s, j), tj = ACC_LANE(o->t, j);
+        if (sj == 0.0) continue;
+        const double d = (double)o->shift[j] - (double)m;
+        if (d != 0.0) {
+            const double r = exp(d);
+            tj = r * (tj + d * sj);
+            sj *= r;
+        }
+        s += sj;
+        t += tj;
+    }
+    out->shift = m;
+    out->sum_e = s;
+    out->sum_ez = t;
+}
+
 /* One Adam step, in place. e holds exp(z - M) of the last statistics pass, p0
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
- * read). LAST: m and v are not needed after the step (not written). A masked logit has e = p0 = 0, hence
- * g = m = v = 0 and moves by exactly 0. */
+ * read). LAST: m and v are not needed after the step (not written). ONLINE (the
+ * last step, counted): the new logits' softmax statistics into o. A masked logit
+ * has e = p0 = 0, hence g = m = v = 0 and moves by exactly 0. */
 static inline void update_block(float *restrict z, const float *restrict e,
                                 const float *restrict p0, float *restrict m,
                                 float *restrict v, const Step *restrict s,
                                 const int first, const int with_kl, const int last,
-                                Moved *a) {
+                                const int online, Moved *a, Online *o) {
+    vf ys[BLOCK_VECTORS];
     EACH_VECTOR {
         const int at = k * LANES;
         vf x = load(z + at);
@@ -431,20 +525,24 @@ static inline void update_block(float *restrict z, const float *restrict e,
         store(z + at, y);
         a->max[k] = vmax(a->max[k], y);
         a->bad |= ((y - y) != 0.0f) & ((x - x) == 0.0f);
+        ys[k] = y;
     }
+    if (online) online_block(o, ys);
 }
 
 /* Inlined into each case of update_chunk, so that every flag is a constant there. */
-static inline __attribute__((always_inline)) void update_body(float *z, const float *e, const float *p0, float *m,
-                               float *v, int64_t lo, int64_t hi, const Step *s,
-                               const int first, const int with_kl, const int last,
-                               Partial *out) {
+static inline __attribute__((always_inline)) void update_body(
+    float *z, const float *e, const float *p0, float *m, float *v, int64_t lo,
+    int64_t hi, const Step *s, const int first, const int with_kl, const int last,
+    const int online, Partial *out) {
     Moved a;
     EACH_VECTOR a.max[k] = splat(-INFINITY);
     a.bad = (vi){0};
+    Online o = {splat(s->shift), {{0}, {0}}, {{0}, {0}}};
     int64_t i = lo;
     for (; i + BLOCK <= hi; i += BLOCK)
-        update_block(z + i, e + i, p0 + i, m + i, v + i, s, first, with_kl, last, &a);
+        update_block(z + i, e + i, p0 + i, m + i, v + i, s, first, with_kl, last,
+                     online, &a, &o);
     if (i < hi) {
         const int64_t n = hi - i;
         Tail tz, te, tp, tm, tv;
@@ -452,7 +550,7 @@ static inline __attribute__((always_inline)) void update_body(float *z, const fl
                      with_kl ? tail_in(&tp, p0 + i, n, 0.0f) : NULL,
                      first ? tm.v : tail_in(&tm, m + i, n, 0.0f),
                      first ? tv.v : tail_in(&tv, v + i, n, 0.0f), s, first, with_kl, last,
-                     &a);
+                     online, &a, &o);
         tail_out(z + i, &tz, n);
         if (!last) {
             tail_out(m + i, &tm, n);
@@ -465,24 +563,58 @@ static inline __attribute__((always_inline)) void update_body(float *z, const fl
         out->max = mx > out->max ? mx : out->max;
     }
     out->bad = hany(a.bad);
+    if (online) online_finish(&o, out);
 }
 
 static void update_chunk(float *z, const float *e, const float *p0, float *m, float *v,
                          int64_t lo, int64_t hi, const Step *s, int first, int with_kl,
-                         int last, Partial *out) {
-    /* One specialised loop per case; q == p0 at step 1: no KL term there. */
-    if (first && last)
-        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 1, out);
+                         int last, int online, Partial *out) {
+    /* One specialised loop per case; q == p0 at step 1: no KL term there. ONLINE
+     * only with LAST. */
+    if (first && last && online)
+        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 1, 1, out);
+    else if (first && last)
+        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 1, 0, out);
     else if (first)
-        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 0, out);
+        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 0, 0, out);
+    else if (with_kl && last && online)
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 1, 1, out);
     else if (with_kl && last)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 1, out);
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 1, 0, out);
     else if (with_kl)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 0, out);
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 0, 0, out);
+    else if (last && online)
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 1, 1, out);
     else if (last)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 1, out);
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 1, 0, out);
     else
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 0, out);
+        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 0, 0, out);
+}
+
+/* The entropy of the new logits from a counted last step's chunk Partials
+ * (combined in chunk order); NAN where their largest shift lies more than
+ * LOST_RANGE above the new max (the top logits fell so far that exp(y - shift)
+ * may have lost part of the row below float32's range: the caller recomputes it
+ * with a statistics pass; no ordinary step moves a logit so far). */
+#define LOST_RANGE 40.0
+static double online_entropy(const Partial *parts, int64_t n, float new_max) {
+    float m = -INFINITY;
+    for (int64_t c = 0; c < n; c++) m = parts[c].shift > m ? parts[c].shift : m;
+    if (!((double)m - (double)new_max <= LOST_RANGE)) return NAN;
+    double s = 0.0, t = 0.0;
+    for (int64_t c = 0; c < n; c++) {
+        double sc = parts[c].sum_e, tc = parts[c].sum_ez;
+        if (sc == 0.0) continue;
+        const double d = (double)parts[c].shift - (double)m;
+        if (d != 0.0) {
+            const double r = exp(d);
+            tc = r * (tc + d * sc);
+            sc *= r;
+        }
+        s += sc;
+        t += tc;
+    }
+    return log(s) - t / s;
 }
 
 /* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs, e zs^2
@@ -620,13 +752,57 @@ typedef struct {
     const int64_t *steps;
     double beta1, beta2, eps, rtol;
     float *inv_t; /* temperature mode: receives each row's 1/T, when not NULL */
+    int count;    /* whether the caller counts (stats given): entropies wanted */
+    const double *edges; /* entropy bins' upper bounds, ascending (when counting) */
+    int n_edges;
 } Batch;
 
-/* Counts a row adds to the caller's stats: below threshold, steps or passes,
- * restored by the fail-safe. */
+/* The stats layout (em_inf/counters.py; em_inf_stats_layout reports it and
+ * cpu_backend checks it against counters.py): one int64 per column. */
+#define STAT_BELOW 0       /* rows left alone below their threshold */
+#define STAT_WORK 1        /* Adam steps / solver passes of rows not restored */
+#define STAT_RESTORED 2    /* rows restored by the fail-safe, or holding NaN / +inf */
+#define STAT_ROWS 3        /* rows processed */
+#define STAT_SUM_BEFORE 4  /* sum of llround(entropy before * FIXED_POINT) */
+#define STAT_SUM_AFTER 5   /* the same, after */
+#define STAT_HIST_BEFORE 6 /* n_edges + 1 bins of the entropy before, then after */
+#define FIXED_POINT 1e6    /* SUM_* units per nat */
+#define MAX_BINS 64        /* most entropy bins (n_edges + 1) a call may ask for */
+
+/* What a thread's rows add to the caller's stats. */
 typedef struct {
-    int64_t below, work, restored;
+    int64_t below, work, restored, rows, sum_before, sum_after;
+    int64_t hist_before[MAX_BINS], hist_after[MAX_BINS];
 } Counts;
+
+static void counts_add(Counts *to, const Counts *from) {
+    to->below += from->below;
+    to->work += from->work;
+    to->restored += from->restored;
+    to->rows += from->rows;
+    to->sum_before += from->sum_before;
+    to->sum_after += from->sum_after;
+    for (int j = 0; j < MAX_BINS; j++) {
+        to->hist_before[j] += from->hist_before[j];
+        to->hist_after[j] += from->hist_after[j];
+    }
+}
+
+/* The bin of entropy h: the number of edges strictly below it. */
+static int entropy_bin(const Batch *b, double h) {
+    int bin = 0;
+    for (int j = 0; j < b->n_edges; j++) bin += b->edges[j] < h;
+    return bin;
+}
+
+/* A processed row's entropy before and after (nats), when counting. */
+static void count_entropy(const Batch *b, Counts *counts, double before, double after) {
+    if (!b->count) return;
+    counts->sum_before += llround(before * FIXED_POINT);
+    counts->sum_after += llround(after * FIXED_POINT);
+    counts->hist_before[entropy_bin(b, before)]++;
+    counts->hist_after[entropy_bin(b, after)]++;
+}
 
 /* The scan every row starts with. */
 static Partial scan_row(float *z, int64_t vocab, Slot *slot, int split, int with_min) {
@@ -642,9 +818,10 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     const int64_t vocab = b->vocab, nc = chunk_count(vocab);
     const int64_t steps = b->steps[r];
     const float threshold = b->threshold[r];
-    if (steps <= 0) return;
+    if (steps <= 0) return; /* not processed, not counted */
+    counts->rows++;
     Partial total = scan_row(z, vocab, slot, split, 0);
-    if (total.bad) { /* NaN or +inf in the input: not processed */
+    if (total.bad) { /* NaN or +inf in the input: left as it is, no entropy */
         counts->restored++;
         return;
     }
@@ -653,6 +830,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
             counts->below++;
         else
             counts->work += steps;
+        count_entropy(b, counts, 0.0, 0.0);
         return;
     }
     int set = 1; /* the Partials set the next pass writes */
@@ -664,8 +842,10 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     set ^= 1;
     double sum = total.sum_e, mean = total.sum_ez / total.sum_e;
     double entropy = log(sum) - mean;
+    const double before = entropy;
     if (entropy < threshold) {
         counts->below++;
+        count_entropy(b, counts, before, before);
         return;
     }
     Step s;
@@ -678,7 +858,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     s.eps = (float)b->eps;
     const int with_kl = s.kl != 0.0f;
     const double lr = b->lr[r];
-    int restored = 0;
+    int restored = 0, online = 0;
     int64_t taken = 0;
     for (int64_t t = 1; t <= steps; t++) {
         if (t > 1 && entropy < threshold) break;
@@ -689,17 +869,30 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         s.step = (float)(lr / (1.0 - pow(b->beta1, (double)t)));
         s.inv_sqrt_bc2 = (float)(1.0 / sqrt(1.0 - pow(b->beta2, (double)t)));
         const float *e = t == 1 ? slot->p0 : slot->e;
+        online = t == steps && b->count;
         FOR_CHUNKS(split, c, nc,
                    update_chunk(z, e, slot->p0, slot->m, slot->v, CHUNK_LO(c),
                                 CHUNK_HI(c, vocab), &s, t == 1, with_kl, t == steps,
-                                &slot->parts[set][c]));
+                                online, &slot->parts[set][c]));
         total = combine(slot->parts[set], nc);
         set ^= 1;
         if (total.bad) {
             restored = 1;
             break;
         }
-        if (t == steps) break;
+        if (t == steps) {
+            if (online) { /* the entropy of the row returned, from the last step */
+                entropy = online_entropy(slot->parts[set ^ 1], nc, total.max);
+                if (isnan(entropy)) { /* its top fell past LOST_RANGE: recompute */
+                    FOR_CHUNKS(split, c, nc,
+                               stats_chunk(z, slot->e, CHUNK_LO(c), CHUNK_HI(c, vocab),
+                                           total.max, &slot->parts[set][c]));
+                    total = combine(slot->parts[set], nc);
+                    entropy = log(total.sum_e) - total.sum_ez / total.sum_e;
+                }
+            }
+            break;
+        }
         shift = total.max;
         FOR_CHUNKS(split, c, nc,
                    stats_chunk(z, slot->e, CHUNK_LO(c), CHUNK_HI(c, vocab), shift,
@@ -714,9 +907,13 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         FOR_CHUNKS(split, c, nc,
                    copy_chunk(z, slot->keep, CHUNK_LO(c), CHUNK_HI(c, vocab)));
         counts->restored++;
+        count_entropy(b, counts, before, before);
         return;
     }
     counts->work += taken;
+    /* entropy: the last statistics pass's (the row stopped below its threshold)
+     * or the last step's (it ran all its steps) */
+    count_entropy(b, counts, before, entropy);
 }
 
 /* Entropy, its slope and its curvature in u = log b at inverse temperature b:
@@ -761,21 +958,25 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     float *z = b->logits + (b->index ? b->index[r] : r) * b->stride;
     const int64_t vocab = b->vocab, nc = chunk_count(vocab);
     const double threshold = b->threshold[r];
+    counts->rows++;
     Partial total = scan_row(z, vocab, slot, split, 1);
-    if (total.bad) {
+    if (total.bad) { /* NaN or +inf in the input: left as it is, no entropy */
         counts->restored++;
         return 1.0f;
     }
     if (!(total.max > MASKED_AT)) { /* all masked: entropy 0 <= any threshold */
         counts->below++;
+        count_entropy(b, counts, 0.0, 0.0);
         return 1.0f;
     }
     const float shift = total.max, lowest = total.min;
     int set = 1;
     Entropy h = temperature_eval(z, vocab, slot, split, set, shift, 1.0f);
     set ^= 1;
+    const double before = h.entropy;
     if (h.entropy <= threshold) {
         counts->below++;
+        count_entropy(b, counts, before, before);
         return 1.0f;
     }
     int64_t passes = 1;
@@ -800,7 +1001,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         set ^= 1;
         passes++;
     }
-    double best_err = INFINITY;
+    double best_err = INFINITY, best_entropy = h.entropy;
     float best = inv_t;
     /* H decreases in u: err > 0 means the root lies at a larger u. */
     for (;;) {
@@ -808,6 +1009,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         if (fabs(err) <= best_err) { /* ties: the later point (an end, when H is flat) */
             best_err = fabs(err);
             best = inv_t;
+            best_entropy = h.entropy; /* evaluated at exactly the b returned */
         }
         if (fabs(err) <= tol || passes >= TEMPERATURE_MAX_PASSES) break;
         if (err > 0) {
@@ -840,9 +1042,11 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
      * is monotonic); otherwise the row stays as it came (its passes not counted). */
     if (!isfinite(shift * best) || !isfinite(lowest * best)) {
         counts->restored++;
+        count_entropy(b, counts, before, before);
         return 1.0f;
     }
     counts->work += passes;
+    count_entropy(b, counts, before, best_entropy);
     FOR_CHUNKS(split, c, nc, scale_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), best));
     return best;
 }
@@ -866,7 +1070,8 @@ static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
                       int64_t *stats, int threads) {
     if (threads < 1) threads = 1;
     const int64_t whole = rows - rows % threads;
-    Counts total = {0, 0, 0};
+    Counts total;
+    memset(&total, 0, sizeof total);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
@@ -875,34 +1080,50 @@ static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        Counts mine = {0, 0, 0};
+        Counts mine, split_counts;
+        memset(&mine, 0, sizeof mine);
+        memset(&split_counts, 0, sizeof split_counts);
         Slot own = slot_at(scratch, b->vocab, tid);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t r = 0; r < whole; r++) fn(b, r, &own, 0, &mine);
         Slot shared = slot_at(scratch, b->vocab, 0);
-        Counts split_counts = {0, 0, 0};
         for (int64_t r = whole; r < rows; r++) fn(b, r, &shared, 1, &split_counts);
-        if (tid == 0) { /* every thread saw the split rows; count them once */
-            mine.below += split_counts.below;
-            mine.work += split_counts.work;
-            mine.restored += split_counts.restored;
-        }
+        if (tid == 0) /* every thread saw the split rows; count them once */
+            counts_add(&mine, &split_counts);
 #ifdef _OPENMP
 #pragma omp critical(em_inf_counts)
 #endif
-        {
-            total.below += mine.below;
-            total.work += mine.work;
-            total.restored += mine.restored;
-        }
+        counts_add(&total, &mine);
     }
     if (stats) {
-        stats[0] += total.below;
-        stats[1] += total.work;
-        stats[2] += total.restored;
+        const int bins = b->n_edges + 1;
+        stats[STAT_BELOW] += total.below;
+        stats[STAT_WORK] += total.work;
+        stats[STAT_RESTORED] += total.restored;
+        stats[STAT_ROWS] += total.rows;
+        stats[STAT_SUM_BEFORE] += total.sum_before;
+        stats[STAT_SUM_AFTER] += total.sum_after;
+        for (int j = 0; j < bins; j++) {
+            stats[STAT_HIST_BEFORE + j] += total.hist_before[j];
+            stats[STAT_HIST_BEFORE + bins + j] += total.hist_after[j];
+        }
     }
+}
+
+/* The stats layout, for em_inf/cpu_backend.py to check against em_inf/counters.py:
+ * out[0..9] = BELOW, WORK, RESTORED, ROWS, SUM_BEFORE, SUM_AFTER, HIST_BEFORE,
+ * HIST_AFTER, WIDTH (the columns for n_edges edges), FIXED_POINT; out[10] the most
+ * edges a call may pass. */
+void em_inf_stats_layout(int n_edges, int64_t *out) {
+    const int64_t bins = n_edges + 1;
+    const int64_t layout[11] = {STAT_BELOW,      STAT_WORK,       STAT_RESTORED,
+                                STAT_ROWS,       STAT_SUM_BEFORE, STAT_SUM_AFTER,
+                                STAT_HIST_BEFORE, STAT_HIST_BEFORE + bins,
+                                STAT_HIST_BEFORE + 2 * bins, (int64_t)FIXED_POINT,
+                                MAX_BINS - 1};
+    memcpy(out, layout, sizeof layout);
 }
 
 /* Bytes of scratch em_inf_logits / em_inf_temperature need for `threads` threads. */
@@ -913,32 +1134,47 @@ int64_t em_inf_scratch_bytes(int64_t vocab, int threads) {
 /* EM-INF's logits mode in place on `rows` rows of `logits` (row r at
  * logits + index[r] * stride, or logits + r * stride when index is NULL; `vocab`
  * logits each). Parameters, entry r for row r: threshold, kl_weight, lr (float32),
- * steps (int64). stats (int64[3], may be NULL): += rows below their threshold,
- * Adam steps taken (by rows not restored), rows restored by the fail-safe (and rows
- * holding NaN or +inf, left as they are). scratch: em_inf_scratch_bytes for
- * `threads`. */
+ * steps (int64; a row with steps <= 0 is not processed, nor counted).
+ *
+ * stats (may be NULL: then nothing is counted, no entropy computed): one mode's
+ * int64 counters of em_inf/counters.py, 6 + 2 (n_edges + 1) of them, to add to:
+ * [0] rows below their threshold, [1] Adam steps taken (by rows not restored),
+ * [2] rows restored by the fail-safe (and rows holding NaN or +inf, left as they
+ * are), [3] rows processed, [4] / [5] the sum of the rows' entropy before / after
+ * (each llround(h * 1e6)), [6, 6 + n_edges] / [7 + n_edges, 7 + 2 n_edges] rows per
+ * entropy bin before / after (bin: the number of edges[] strictly below h; edges:
+ * n_edges doubles, ascending, at most em_inf_stats_layout's out[10]). A row left as
+ * it was (below its threshold, restored, all masked: entropy 0) has the same
+ * entropy after as before; a row holding NaN or +inf counts in [2] and [3] only.
+ * scratch: em_inf_scratch_bytes for `threads`. */
 void em_inf_logits(float *logits, const int64_t *index, int64_t rows, int64_t vocab,
                    int64_t stride, const float *threshold, const float *kl_weight,
                    const float *lr, const int64_t *steps, double beta1, double beta2,
-                   double eps, void *scratch, int64_t *stats, int threads) {
-    Batch b = {logits, index, vocab, stride, threshold, kl_weight, lr, NULL, NULL,
-               NULL, steps, beta1, beta2, eps, 0.0, NULL};
+                   double eps, void *scratch, int64_t *stats, const double *edges,
+                   int n_edges, int threads) {
+    Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
+               .threshold = threshold, .kl_weight = kl_weight, .lr = lr,
+               .steps = steps, .beta1 = beta1, .beta2 = beta2, .eps = eps,
+               .count = stats != NULL, .edges = edges, .n_edges = n_edges};
     run_batch(&b, rows, logits_row, scratch, stats, threads);
 }
 
-/* The adaptive-temperature mode, in place, on rows as em_inf_logits; parameters
- * threshold, alpha, t_min, t_max (float32); the entropy of a processed row ends
- * within rtol of its target (or at the end of [t_min, t_max] nearer to it).
- * stats[1] += entropy evaluations (solver passes, the first at T = 1 included).
- * inv_t (float32 [rows], may be NULL) receives the factor 1/T each row got (1 for
- * rows left as they were). */
+/* The adaptive-temperature mode, in place, on rows as em_inf_logits (every row is
+ * processed); parameters threshold, alpha, t_min, t_max (float32); the entropy of
+ * a processed row ends within rtol of its target (or at the end of [t_min, t_max]
+ * nearer to it). stats, edges, n_edges: as em_inf_logits, with [1] += entropy
+ * evaluations (solver passes, the first at T = 1 included); the entropy after is
+ * the solver's evaluation at the 1/T returned. inv_t (float32 [rows], may be NULL)
+ * receives the factor 1/T each row got (1 for rows left as they were). */
 void em_inf_temperature(float *logits, const int64_t *index, int64_t rows,
                         int64_t vocab, int64_t stride, const float *threshold,
                         const float *alpha, const float *t_min, const float *t_max,
                         double rtol, float *inv_t, void *scratch, int64_t *stats,
-                        int threads) {
-    Batch b = {logits, index, vocab, stride, threshold, NULL, NULL, alpha, t_min,
-               t_max, NULL, 0.0, 0.0, 0.0, rtol, inv_t};
+                        const double *edges, int n_edges, int threads) {
+    Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
+               .threshold = threshold, .alpha = alpha, .t_min = t_min, .t_max = t_max,
+               .rtol = rtol, .inv_t = inv_t, .count = stats != NULL, .edges = edges,
+               .n_edges = n_edges};
     run_batch(&b, rows, temperature_row, scratch, stats, threads);
 }
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from em_inf import backend, cpu_backend, cpu_build, torch_backend
+from em_inf import backend, counters, cpu_backend, cpu_build, torch_backend
 from em_inf.config import TEMPERATURE_RTOL, EMInfConfig
 from em_inf.core import SlotSettings, apply_to_rows
 from em_inf.reference import entropy
@@ -41,6 +41,16 @@ def compiled_kernels(request: pytest.FixtureRequest) -> None:
 
 BACKENDS = {"cpu": cpu_backend, "torch": torch_backend}
 FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+def new_stats(path: str, *values: int) -> torch.Tensor:
+    """One mode's counters for ``path``, starting at ``values`` (then zeros): the
+    compiled kernels count every column of :mod:`em_inf.counters`; the eager
+    path, until it does too, the first three."""
+    width = counters.WIDTH if path == "cpu" else 3
+    stats = torch.zeros(width, dtype=torch.int64)
+    stats[: len(values)] = torch.tensor(values, dtype=torch.int64)
+    return stats
 
 
 def draw_logits(generator: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
@@ -137,7 +147,7 @@ def test_rows_left_alone_come_back_bit_identical(generator, mode):
     rows, vocab = 8, 5_000
     logits = draw_logits(generator, rows, vocab)
     logits[::2, 11] = 80.0  # near one-hot: entropy far below every threshold
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = new_stats("cpu")
     if mode == "logits":
         params = dict(
             threshold=torch.full((rows,), 0.3),
@@ -159,8 +169,9 @@ def test_rows_left_alone_come_back_bit_identical(generator, mode):
         left_alone[3] = True
     assert torch.equal(out[left_alone], logits[left_alone])
     assert not torch.equal(out[~left_alone], logits[~left_alone])
-    assert stats[0] == rows // 2  # below threshold; the steps == 0 row not counted
-    assert stats[2] == 0
+    assert stats[counters.BELOW] == rows // 2  # the steps == 0 row not counted
+    assert stats[counters.RESTORED] == 0
+    assert stats[counters.ROWS] == (rows - 1 if mode == "logits" else rows)
 
 
 def test_early_stop_counts_the_steps_taken(generator):
@@ -175,7 +186,7 @@ def test_early_stop_counts_the_steps_taken(generator):
         lr=torch.full((rows,), 0.05),
         steps=torch.full((rows,), 20),
     )
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = new_stats("cpu")
     out = run("cpu", "logits", logits, params, stats=stats)
     assert_matches(out, em_inf_oracle(logits, **params))
     expected_steps = 0  # the oracle's: step t runs while H(z after t - 1) >= threshold
@@ -188,7 +199,7 @@ def test_early_stop_counts_the_steps_taken(generator):
                 break
             taken += 1
         expected_steps += taken
-    assert stats.tolist() == [0, expected_steps, 0]
+    assert stats[:4].tolist() == [0, expected_steps, 0, rows]
     assert rows <= expected_steps < 20 * rows
 
 
@@ -229,9 +240,9 @@ def test_the_temperature_solver_needs_about_three_passes_on_ordinary_rows(genera
         t_min=torch.full((rows,), 0.01),
         t_max=torch.full((rows,), 1.0),
     )
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = new_stats("cpu")
     run("cpu", "temperature", logits, params, stats=stats)
-    below, passes, restored = stats.tolist()
+    below, passes, restored = stats[:3].tolist()
     assert below == restored == 0
     assert passes <= 3.25 * rows, passes / rows  # Newton's steps: 3.9 per row
 
@@ -299,7 +310,7 @@ def test_hostile_rows_and_settings_never_give_nan(generator, path, mode, setting
     logits = hostile_batch(generator, 1_000)
     rows = logits.shape[0]
     params = {k: torch.full((rows,), float(v)) for k, v in settings.items()}
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = new_stats(path)
     out = run(path, mode, logits, params, stats=stats)
     nan_in = torch.isnan(logits)
     assert torch.equal(torch.isnan(out), nan_in)  # no NaN but the input's own
@@ -327,23 +338,26 @@ def test_rows_that_would_break_are_restored_exactly_and_counted(generator, path,
         logits[:, 7] = -1e36  # unmasked; divided by T = 1e-4, past float32's range
         settings = dict(threshold=0.0, alpha=0.5, t_min=1e-4, t_max=1e-4)
     params = {k: torch.full((rows,), float(v)) for k, v in settings.items()}
-    stats = torch.tensor([1, 2, 3])
+    stats = new_stats(path, 1, 2, 3)
     out = run(path, mode, logits, params, stats=stats)
     assert torch.equal(out, logits)
-    assert stats.tolist() == [1, 2, 3 + rows]
+    assert stats[:3].tolist() == [1, 2, 3 + rows]
 
 
 def test_stats_add_to_what_is_there(generator):
     logits = draw_logits(generator, 4, 3_000)
-    stats = torch.tensor([10, 20, 30])
+    stats = torch.arange(counters.WIDTH) * 10
     params = dict(
         threshold=torch.zeros(4),
         kl_weight=torch.full((4,), 0.01),
         lr=torch.full((4,), 0.1),
         steps=torch.tensor([1, 2, 3, 0]),
     )
+    alone = torch.zeros(counters.WIDTH, dtype=torch.int64)
+    run("cpu", "logits", logits, params, stats=alone)
+    assert alone[:4].tolist() == [0, 6, 0, 3]  # the steps == 0 row not counted
     run("cpu", "logits", logits, params, stats=stats)
-    assert stats.tolist() == [10, 26, 30]
+    assert torch.equal(stats, torch.arange(counters.WIDTH) * 10 + alone)
 
 
 def test_row_index_processes_rows_where_they_lie(generator):
@@ -372,8 +386,14 @@ def test_bad_arguments_are_named():
         cpu_backend.em_inf_(
             logits, ones, ones, ones, ones.long(), rows=torch.tensor([0, 2])
         )
-    with pytest.raises(ValueError, match="stats"):
-        cpu_backend.em_inf_(logits, ones, ones, ones, ones.long(), stats=torch.zeros(3))
+    for stats in (
+        torch.zeros(counters.WIDTH),  # float
+        torch.zeros(3, dtype=torch.int64),  # the old layout
+        torch.zeros(2, counters.WIDTH, dtype=torch.int64),  # both modes
+        torch.zeros(2 * counters.WIDTH, dtype=torch.int64)[::2],  # not contiguous
+    ):
+        with pytest.raises(ValueError, match="stats"):
+            cpu_backend.em_inf_(logits, ones, ones, ones, ones.long(), stats=stats)
 
 
 # -- batch invariance -----------------------------------------------------------------
