@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 
 BELOW, WORK, RESTORED, ROWS, SUM_BEFORE, SUM_AFTER = range(6)
 #: Upper bounds (``le``) of the entropy bins, in nats; ``+Inf`` is implied.
@@ -50,6 +51,33 @@ WIDTH = HIST_AFTER + N_BINS
 #: Units of ``SUM_BEFORE`` / ``SUM_AFTER`` per nat.
 FIXED_POINT = 1_000_000
 MODES = ("logits", "temperature")
+#: How many logits-mode rows the compiled CPU kernels measure the entropy after
+#: EM-INF of, one in N (``1``: all of them).
+SAMPLE_ENV = "EM_INF_ENTROPY_SAMPLE"
+DEFAULT_CPU_SAMPLE = 16
+
+
+def logits_after_sample() -> int:
+    """One in how many logits-mode rows the compiled CPU kernels measure the entropy
+    after of (``EM_INF_ENTROPY_SAMPLE``, read at every call; 16 by default).
+
+    The rows are those whose entropy before, in ``SUM`` units, is a multiple of it:
+    a choice that depends on the row alone (batch- and thread-invariant) and not on
+    its entropy's size. A row that runs all its Adam steps pays one more
+    exponential per logit for the entropy after (+17% of the logits mode's time on
+    AVX-512; the kernels' arithmetic, not their memory traffic, is the floor there),
+    so the CPU path measures a sample: ``SUM_AFTER`` and ``HIST_AFTER`` then cover
+    those rows (their count is the histogram's), ``SUM_BEFORE`` and ``HIST_BEFORE``
+    every row. The temperature mode, the Triton kernels and the PyTorch path
+    measure every row (it costs them nothing, or nothing measurable)."""
+    value = os.environ.get(SAMPLE_ENV, "").strip()
+    try:
+        sample = int(value) if value else DEFAULT_CPU_SAMPLE
+    except ValueError:
+        sample = 0
+    if sample < 1:
+        raise ValueError(f"{SAMPLE_ENV} must be a positive integer, got {value!r}")
+    return sample
 
 
 def entropy_bin(entropy: float) -> int:

@@ -755,6 +755,8 @@ typedef struct {
     int count;    /* whether the caller counts (stats given): entropies wanted */
     const double *edges; /* entropy bins' upper bounds, ascending (when counting) */
     int n_edges;
+    int64_t sample; /* logits mode: measure the entropy after of one row in `sample`
+                       (those whose llround(entropy before * FIXED_POINT) it divides) */
 } Batch;
 
 /* The stats layout (em_inf/counters.py; em_inf_stats_layout reports it and
@@ -795,12 +797,19 @@ static int entropy_bin(const Batch *b, double h) {
     return bin;
 }
 
-/* A processed row's entropy before and after (nats), when counting. */
+/* Whether the row whose entropy before is `before` has its entropy after measured
+ * (every row, unless the batch samples them). */
+static int sampled(const Batch *b, double before) {
+    return b->sample <= 1 || llround(before * FIXED_POINT) % b->sample == 0;
+}
+
+/* A processed row's entropy before (nats) and, when sampled, after, when counting. */
 static void count_entropy(const Batch *b, Counts *counts, double before, double after) {
     if (!b->count) return;
     counts->sum_before += llround(before * FIXED_POINT);
-    counts->sum_after += llround(after * FIXED_POINT);
     counts->hist_before[entropy_bin(b, before)]++;
+    if (!sampled(b, before)) return;
+    counts->sum_after += llround(after * FIXED_POINT);
     counts->hist_after[entropy_bin(b, after)]++;
 }
 
@@ -869,7 +878,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         s.step = (float)(lr / (1.0 - pow(b->beta1, (double)t)));
         s.inv_sqrt_bc2 = (float)(1.0 / sqrt(1.0 - pow(b->beta2, (double)t)));
         const float *e = t == 1 ? slot->p0 : slot->e;
-        online = t == steps && b->count;
+        online = t == steps && b->count && sampled(b, before);
         FOR_CHUNKS(split, c, nc,
                    update_chunk(z, e, slot->p0, slot->m, slot->v, CHUNK_LO(c),
                                 CHUNK_HI(c, vocab), &s, t == 1, with_kl, t == steps,
@@ -1146,16 +1155,20 @@ int64_t em_inf_scratch_bytes(int64_t vocab, int threads) {
  * n_edges doubles, ascending, at most em_inf_stats_layout's out[10]). A row left as
  * it was (below its threshold, restored, all masked: entropy 0) has the same
  * entropy after as before; a row holding NaN or +inf counts in [2] and [3] only.
+ * sample: the entropy after ([5], and the bins after) is measured and counted for
+ * the rows whose llround(entropy before * 1e6) is a multiple of it (1: every row;
+ * a row that runs all its steps pays one more exp per logit for it).
  * scratch: em_inf_scratch_bytes for `threads`. */
 void em_inf_logits(float *logits, const int64_t *index, int64_t rows, int64_t vocab,
                    int64_t stride, const float *threshold, const float *kl_weight,
                    const float *lr, const int64_t *steps, double beta1, double beta2,
                    double eps, void *scratch, int64_t *stats, const double *edges,
-                   int n_edges, int threads) {
+                   int n_edges, int64_t sample, int threads) {
     Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
                .threshold = threshold, .kl_weight = kl_weight, .lr = lr,
                .steps = steps, .beta1 = beta1, .beta2 = beta2, .eps = eps,
-               .count = stats != NULL, .edges = edges, .n_edges = n_edges};
+               .count = stats != NULL, .edges = edges, .n_edges = n_edges,
+               .sample = sample};
     run_batch(&b, rows, logits_row, scratch, stats, threads);
 }
 

@@ -38,6 +38,15 @@ EDGE_WINDOW = 1e-4
 FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
+@pytest.fixture(autouse=True, scope="module")
+def every_row_measured():
+    """The entropy after of every row (the CPU path samples logits-mode rows by
+    default; test_the_logits_mode_measures_a_sample_of_rows tests the sample)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(counters.SAMPLE_ENV, "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def compiled_kernels() -> None:
     if not cpu_backend.available():
@@ -432,3 +441,43 @@ def test_the_kernels_check_the_layout_against_counters_py():
         counters.HIST_AFTER, counters.WIDTH,
     ]  # fmt: skip
     assert layout[9] == counters.FIXED_POINT
+
+
+@pytest.mark.parametrize("sample", [2, 16])
+def test_the_logits_mode_measures_a_sample_of_rows(generator, monkeypatch, sample):
+    """With EM_INF_ENTROPY_SAMPLE=N a row's entropy after is counted exactly when
+    its entropy before, in SUM units, is a multiple of N (read from the row's own
+    SUM_BEFORE), with the value measuring every row gives; its entropy before
+    always; the rows come back the same."""
+    rows = torch.randn(160, 1_025, generator=generator) * 3
+    params = [torch.full((1,), v) for v in (0.1, 0.05, 0.1)]
+    steps = torch.full((1,), 3, dtype=torch.int64)
+    taken = []
+    for measured_every_row in (True, False):
+        monkeypatch.setenv(
+            counters.SAMPLE_ENV, "1" if measured_every_row else str(sample)
+        )
+        per_row, outs = [], []
+        for row in rows:
+            stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
+            out = row[None].clone()
+            cpu_backend.em_inf_(out, *params, steps, stats=stats)
+            per_row.append(stats)
+            outs.append(out)
+        taken.append((per_row, torch.cat(outs)))
+    (all_stats, all_out), (some_stats, some_out) = taken
+    assert torch.equal(all_out, some_out)
+    after = slice(counters.HIST_AFTER, counters.HIST_AFTER + counters.N_BINS)
+    chosen = 0
+    for every, some in zip(all_stats, some_stats, strict=True):
+        assert torch.equal(every[: counters.SUM_AFTER], some[: counters.SUM_AFTER])
+        assert torch.equal(
+            every[counters.HIST_BEFORE : after.start],
+            some[counters.HIST_BEFORE : after.start],
+        )
+        if int(every[counters.SUM_BEFORE]) % sample == 0:
+            chosen += 1
+            assert torch.equal(every, some)
+        else:
+            assert int(some[counters.SUM_AFTER]) == 0 and int(some[after].sum()) == 0
+    assert 0 < chosen < len(rows), chosen

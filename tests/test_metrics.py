@@ -23,6 +23,7 @@ from em_inf.counters import (
     N_BINS,
     RESTORED,
     ROWS,
+    SAMPLE_ENV,
     WIDTH,
     entropy_bin,
     fixed_point,
@@ -66,6 +67,7 @@ def _run_backend(cases, backend: str, monkeypatch) -> np.ndarray:
     from em_inf import functional
 
     monkeypatch.setenv("EM_INF_BACKEND", backend)
+    monkeypatch.setenv(SAMPLE_ENV, "1")  # every row's entropy after
     counters = torch.zeros((2, WIDTH), dtype=torch.int64)
     for row, config in cases:
         if config.mode == "logits":
@@ -166,6 +168,7 @@ def test_vllm_processor_series_are_the_oracles(seed, monkeypatch):
     :func:`em_inf.metrics.snapshot` reads (this process's series) is the oracle's
     count of every row, EM-INF-off rows left out."""
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "1e-9")  # report every step
+    monkeypatch.setenv(SAMPLE_ENV, "1")
     rng = random.Random(seed)
     cases = _avoid_edges(random_cases(rng, VOCAB, 8))
     before = metrics.snapshot()
@@ -186,7 +189,8 @@ def test_vllm_processor_series_are_the_oracles(seed, monkeypatch):
     )
 
 
-def test_hf_processor_keeps_the_same_figures(seed):
+def test_hf_processor_keeps_the_same_figures(seed, monkeypatch):
+    monkeypatch.setenv(SAMPLE_ENV, "1")
     from em_inf.hf import EMInfLogitsProcessor
 
     rng = random.Random(seed)

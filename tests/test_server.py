@@ -33,6 +33,7 @@ import torch
 
 from em_inf import __version__, models
 from em_inf.config import PRESET_SOURCES, PRESETS
+from em_inf.counters import SAMPLE_ENV
 from em_inf.reference import entropy
 from em_inf.server.requests import (
     EMInfRequestError,
@@ -250,7 +251,8 @@ def tiny_server(tmp_path_factory):
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--max-model-len", "512"]
     args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
     # EM-INF's series reach /metrics once per interval: 1 s, not 10 s, for the tests.
-    interval = {"VLLM_LOG_STATS_INTERVAL": "1"}
+    # Every row's entropy after (the CPU path measures a sample by default).
+    interval = {"VLLM_LOG_STATS_INTERVAL": "1", SAMPLE_ENV: "1"}
     with running_server(args, log_path, env_changes=interval) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id

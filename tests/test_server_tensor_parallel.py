@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from em_inf import models
+from em_inf.counters import SAMPLE_ENV
 from em_inf.server.cpu_defaults import THREADS_BIND_ENV
 from tests import metrics_helpers
 from tests.server_helpers import (
@@ -46,7 +47,11 @@ def tp_server(tmp_path_factory):
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--tensor-parallel-size", "2"]
     args += ["--max-model-len", "512", "--em-inf-threshold", str(SERVER_THRESHOLD)]
     # EM-INF's series reach /metrics once per interval: 1 s for the test.
-    environment = {THREADS_BIND_ENV: None, "VLLM_LOG_STATS_INTERVAL": "1"}
+    environment = {
+        THREADS_BIND_ENV: None,
+        "VLLM_LOG_STATS_INTERVAL": "1",
+        SAMPLE_ENV: "1",  # every row's entropy after
+    }
     with running_server(args, log_path, env_changes=environment) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
         model = client.models.list().data[0].id

@@ -18,6 +18,7 @@ import torch
 
 from em_inf import PRESETS, metrics
 from em_inf.config import EMInfConfig
+from em_inf.counters import SAMPLE_ENV
 from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
 from tests import metrics_helpers
 from tests.oracle import assert_matches, settings_oracle
@@ -70,6 +71,7 @@ def llm(tmp_path_factory):
     environment = {
         metrics.MULTIPROC_ENV: str(tmp_path_factory.mktemp("prometheus")),
         "VLLM_LOG_STATS_INTERVAL": "1",
+        SAMPLE_ENV: "1",  # every row's entropy after
     }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():
