@@ -51,35 +51,26 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import ipaddress
 import json
 import math
 import os
 import platform
 import random
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/load.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from em_inf_support.metrics import metric_total
+from em_inf_support.servers import em_inf_server, get_json, loopback_server_pid
 
 #: Seconds of quiet before an idle memory reading (in-flight responses freed).
 SETTLE_S = 10.0
 RESULTS = Path(__file__).resolve().parent / "results"
-HOST = "127.0.0.1"
 
 PROMPTS = (
     "The capital of France is",
@@ -743,101 +734,6 @@ def memory_growth(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------ server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@contextlib.contextmanager
-def started_server(
-    serve_args: list[str], log_path: Path, timeout_s: float = 600.0
-) -> Iterator[tuple[str, int]]:
-    """``em-inf serve <serve_args>`` on loopback in its own session; yields its base
-    URL and pid; stops it (SIGINT, then SIGKILL of the group) on exit."""
-    script = Path(sys.executable).with_name("em-inf")
-    command = (
-        [str(script)] if script.is_file() else [sys.executable, "-m", "em_inf.cli"]
-    )
-    port = free_port()
-    command += ["serve", *serve_args, "--host", HOST, "--port", str(port)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    base_url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(base_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace").splitlines()[-40:]
-                raise RuntimeError("em-inf serve did not come up:\n" + "\n".join(tail))
-            time.sleep(2)
-        yield base_url, process.pid
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(60)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-
-
-def loopback_server_pid(base_url: str) -> int:
-    """The pid listening on ``base_url``'s port; refuses anything off loopback."""
-    import psutil
-
-    parsed = urllib.parse.urlparse(base_url)
-    host = parsed.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(f"--server must be on loopback (127.0.0.1), got {host!r}")
-    port = parsed.port or 80
-    for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
-            if connection.pid is not None:
-                return connection.pid
-    raise SystemExit(f"no process of this machine listens on port {port}")
-
-
-def get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def metric_total(base_url: str, name: str) -> float:
-    """Sum of a Prometheus metric's samples on ``/metrics`` (0 when absent)."""
-    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
-        text = page.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
-
-
 # ------------------------------------------------------------------------ report
 
 
@@ -945,6 +841,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 # -------------------------------------------------------------------------- main
 
 
+def running_server_pid(base_url: str) -> int:
+    """The pid of the server ``--server`` names (loopback only); exits otherwise."""
+    try:
+        return loopback_server_pid(base_url)
+    except (ValueError, LookupError) as error:
+        raise SystemExit(str(error)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="drive this running server (loopback URL)")
@@ -970,6 +874,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-interval", type=float, default=5.0)
     parser.add_argument("--tag", default=None, help="output name: load_<tag>.json")
     parser.add_argument(
+        "--results-dir", default=str(RESULTS), help="where load_<tag>.* go"
+    )
+    parser.add_argument(
         "--serve-arg",
         action="append",
         default=[],
@@ -982,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{args.requests}x{args.concurrency}"
     warmup = args.warmup if args.warmup is not None else args.requests // 10
     serve_args = [
@@ -998,11 +906,12 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     with contextlib.ExitStack() as stack:
         if args.server:
-            base_url, pid = args.server.rstrip("/"), loopback_server_pid(args.server)
+            base_url, pid = args.server.rstrip("/"), running_server_pid(args.server)
             serve_command = None
         else:
-            log_path = RESULTS / f"load_{tag}.server.log"
-            base_url, pid = stack.enter_context(started_server(serve_args, log_path))
+            log_path = results / f"load_{tag}.server.log"
+            server = em_inf_server(serve_args, log_path, start_timeout_s=600.0)
+            base_url, pid = stack.enter_context(server)
             serve_command = "em-inf serve " + shlex.join(serve_args)
         info = get_json(base_url + "/v1/em-inf")
         model = get_json(base_url + "/v1/models")["data"][0]["id"]
@@ -1094,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "completions_over_time": done_times,
     }
-    out_json = RESULTS / f"load_{tag}.json"
+    out_json = results / f"load_{tag}.json"
     out_json.write_text(json.dumps(result, indent=1))  # the run, before the checks
     checks = check_distributions(
         plan, outcomes, info["defaults"], info["enabled_by_default"], vocab

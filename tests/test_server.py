@@ -22,7 +22,6 @@ Plus fast checks of the request translation and the command line, without a serv
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import urllib.request
 
@@ -40,6 +39,8 @@ from em_inf.server.requests import (
     translate_body,
 )
 from em_inf.server.settings import ServerSettings
+from em_inf_support.metrics import metric_total
+from em_inf_support.servers import get_json
 from tests.published_presets import PUBLISHED
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
@@ -59,12 +60,6 @@ from tests.server_helpers import (
 )
 
 MESSAGE = [{"role": "user", "content": PROMPTS[0]}]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        assert response.status == 200
-        return json.loads(response.read())
 
 
 # ------------------------------------------------- request translation (no server)
@@ -626,13 +621,7 @@ class TestTinyServer:
         base_url, client, model, _ = tiny_server
 
         def finished() -> float:
-            with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
-                lines = page.read().decode().splitlines()
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in lines
-                if line.startswith("vllm:request_success_total")
-            )
+            return metric_total(base_url, "vllm:request_success_total")
 
         before = finished()
         for em_inf in (True, False):

@@ -20,7 +20,7 @@ import pytest
 from packaging.version import Version
 
 from em_inf import models
-from tests.server_helpers import free_port
+from em_inf_support.servers import free_port
 from tests.version_matrix import (
     V2_LOG_LINE,
     Run,
