@@ -21,7 +21,7 @@ endif
 
 setup: $(STAMP)
 	$(PY) -m em_inf.models default
-	$(PY) -m em_inf.models tiny
+	$(PY) -m em_inf_support.tiny_model
 
 serve: setup
 	$(VENV)/bin/em-inf serve $(ARGS)

@@ -246,11 +246,12 @@ def floor_ms(batch: int, vocab: int, repeats: int = 50) -> float | None:
 def resolve_model(name: str) -> tuple[str, str]:
     """(path, label) for ``smollm2``, ``tiny`` or a path / hub id."""
     from em_inf import models
+    from em_inf_support.tiny_model import tiny_model_dir
 
     if name == "smollm2":
         return str(models.prepare_default_model()), "SmolLM2-135M"
     if name == "tiny":
-        return str(models.tiny_model_dir(151_936)), "tiny-V151936"
+        return str(tiny_model_dir(151_936)), "tiny-V151936"
     return name, Path(name.rstrip("/")).name or name
 
 

@@ -29,10 +29,10 @@ import openai
 import pytest
 import torch
 
-from em_inf import models
 from em_inf.config import PRESETS, EMInfConfig
 from em_inf.reference import mismatch, settings_oracle
 from em_inf_support.metrics import metric_total
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
     SERVER_DEFAULT,
@@ -55,7 +55,7 @@ CONCURRENT_REFERENCES = 16
 def fault_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("fault-server") / "server.log"
     args = [
-        str(models.tiny_model_dir(TINY_VOCAB)),
+        str(tiny_model_dir(TINY_VOCAB)),
         *FULL_DISTRIBUTION_ARGS,
         "--max-model-len",
         str(MAX_MODEL_LEN),

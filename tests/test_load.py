@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from em_inf.models import tiny_model_dir
 from em_inf_support.metrics import metric_total
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
     TINY_VOCAB,

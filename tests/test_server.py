@@ -41,6 +41,7 @@ from em_inf.server.requests import (
 from em_inf.server.settings import ServerSettings
 from em_inf_support.metrics import metric_total
 from em_inf_support.servers import get_json
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.published_presets import PUBLISHED
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
@@ -239,7 +240,7 @@ def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
 
 @pytest.fixture(scope="class")
 def tiny_server(tmp_path_factory):
-    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    model_dir = tiny_model_dir(TINY_VOCAB)
     log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--max-model-len", "512"]
     args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]

@@ -18,7 +18,7 @@ import torch
 
 from em_inf import PRESETS
 from em_inf.config import EMInfConfig
-from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+from em_inf_support.tiny_model import TINY_VOCAB_SIZE, tiny_model_dir
 from tests.oracle import assert_matches, settings_oracle
 from tests.vllm_engines import engine, full_vocab_params, generate, processed_logits
 
