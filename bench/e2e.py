@@ -24,9 +24,9 @@ Qwen2.5's 151,936 vocabulary, where the logits, not the model, dominate), or a p
 
 Usage::
 
-    python bench/e2e.py --quick                       # ~5 minutes on 2 CPU cores
-    python bench/e2e.py                               # batch 1, 8, 32; both models
-    python bench/e2e.py --models /path/to/model --batch 8 --em-inf '{"lr": 0.05}'
+    python -m bench.e2e --quick                       # ~5 minutes on 2 CPU cores
+    python -m bench.e2e                               # batch 1, 8, 32; both models
+    python -m bench.e2e --models /path/to/model --batch 8 --em-inf '{"lr": 0.05}'
 
 Writes ``bench/results/e2e_<device>.json`` (``--out``) and a PNG beside it.
 """
@@ -43,9 +43,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # `python bench/e2e.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOPICS = (
     "the water cycle",
@@ -300,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "kind": "e2e",
-        "command": "python bench/e2e.py "
+        "command": "python -m bench.e2e "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "seconds": round(time.time() - started, 1),

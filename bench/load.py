@@ -35,10 +35,10 @@ the curve under load is reported too.
 
 Usage::
 
-    python bench/load.py --requests 200 --concurrency 16            # quick check
-    python bench/load.py --requests 2000 --concurrency 64           # the load target
-    python bench/load.py --requests 10000 --concurrency 64 --tag soak  # the soak
-    python bench/load.py --server http://127.0.0.1:8000 --requests 500
+    python -m bench.load --requests 200 --concurrency 16            # quick check
+    python -m bench.load --requests 2000 --concurrency 64           # the load target
+    python -m bench.load --requests 10000 --concurrency 64 --tag soak  # the soak
+    python -m bench.load --server http://127.0.0.1:8000 --requests 500
 
 Writes ``bench/results/load_<tag>.json`` and ``.png``; exits 1 when any request
 failed unexpectedly or any check mismatched.
