@@ -885,15 +885,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
+@dataclasses.dataclass
+class LoadRun:
+    """What one run against the server saw, before the checks."""
 
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{args.requests}x{args.concurrency}"
-    warmup = args.warmup if args.warmup is not None else args.requests // 10
-    serve_args = [
+    base_url: str
+    serve_command: str | None
+    info: dict[str, Any]
+    model: str
+    outcomes: list[Outcome]
+    wall_s: float
+    memory_before: dict[str, Any]
+    idle: list[dict[str, Any]]  # after the warm-up, at the end
+    samples: list[dict[str, Any]]
+    done_times: list[tuple[float, int]]
+    preemptions: float
+    running: float
+
+
+def serve_args_of(args: argparse.Namespace) -> list[str]:
+    """``em-inf serve`` arguments for a server this run starts."""
+    return [
         *([args.model] if args.model else []),
         "--logprobs-mode",
         "processed_logprobs",
@@ -901,15 +913,19 @@ def main(argv: list[str] | None = None) -> int:
         "-1",
         *[a for extra in args.serve_arg for a in shlex.split(extra)],
     ]
-    plan = make_plan(args.requests, args.seed)
-    loadavg_start = list(os.getloadavg())
-    started = dt.datetime.now(dt.UTC)
+
+
+def run_load(
+    args: argparse.Namespace, plan: list, warmup: int, log_path: Path
+) -> LoadRun:
+    """Start the server (or find ``--server``'s), drive the warm-up and the rest of
+    ``plan`` with a quiet memory reading after each, and read its metrics."""
     with contextlib.ExitStack() as stack:
         if args.server:
             base_url, pid = args.server.rstrip("/"), running_server_pid(args.server)
             serve_command = None
         else:
-            log_path = results / f"load_{tag}.server.log"
+            serve_args = serve_args_of(args)
             server = em_inf_server(serve_args, log_path, start_timeout_s=600.0)
             base_url, pid = stack.enter_context(server)
             serve_command = "em-inf serve " + shlex.join(serve_args)
@@ -917,77 +933,106 @@ def main(argv: list[str] | None = None) -> int:
         model = get_json(base_url + "/v1/models")["data"][0]["id"]
         sampler = stack.enter_context(MemorySampler(pid, args.memory_interval))
         before = sampler.sample()
-        done_times: list[tuple[float, int]] = []
-        t0 = time.monotonic()
-
-        def progress(count: int) -> None:
-            sampler.done = count
-            done_times.append((round(time.monotonic() - t0, 2), count))
-            if count % max(1, args.requests // 20) == 0:
-                print(f"  {count}/{args.requests} done", flush=True)
-
         print(
             f"sending {args.requests} requests from {args.concurrency} clients "
             f"to {base_url} ({model})",
             flush=True,
         )
-        outcomes, wall, idle = [], 0.0, []
-        for phase in (plan[:warmup], plan[warmup:]):
-            already = len(outcomes)
-            done, phase_wall = asyncio.run(
-                drive(
-                    base_url,
-                    phase,
-                    concurrency=args.concurrency,
-                    time_limit_s=args.time_limit - wall,
-                    request_timeout_s=args.request_timeout,
-                    progress=lambda count, already=already: progress(already + count),
-                )
+        outcomes, wall, idle, done_times = drive_phases(
+            args, base_url, (plan[:warmup], plan[warmup:]), sampler
+        )
+        return LoadRun(
+            base_url=base_url,
+            serve_command=serve_command,
+            info=info,
+            model=model,
+            outcomes=outcomes,
+            wall_s=wall,
+            memory_before=before,
+            idle=idle,
+            samples=sampler.samples,
+            done_times=done_times,
+            preemptions=metric_total(base_url, "vllm:num_preemptions_total"),
+            running=metric_total(base_url, "vllm:num_requests_running"),
+        )
+
+
+def drive_phases(
+    args: argparse.Namespace, base_url: str, phases: tuple, sampler: MemorySampler
+) -> tuple[list[Outcome], float, list[dict[str, Any]], list[tuple[float, int]]]:
+    """Each phase's requests, then :data:`SETTLE_S` of quiet and a memory reading:
+    the outcomes, the wall time, the idle readings and the completion curve."""
+    done_times: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+
+    def progress(count: int) -> None:
+        sampler.done = count
+        done_times.append((round(time.monotonic() - t0, 2), count))
+        if count % max(1, args.requests // 20) == 0:
+            print(f"  {count}/{args.requests} done", flush=True)
+
+    outcomes, wall, idle = [], 0.0, []
+    for phase in phases:
+        already = len(outcomes)
+        done, phase_wall = asyncio.run(
+            drive(
+                base_url,
+                phase,
+                concurrency=args.concurrency,
+                time_limit_s=args.time_limit - wall,
+                request_timeout_s=args.request_timeout,
+                progress=lambda count, already=already: progress(already + count),
             )
-            outcomes += done
-            wall += phase_wall
-            time.sleep(SETTLE_S)
-            idle.append(sampler.sample())
-        after = idle[-1]
-        preemptions = metric_total(base_url, "vllm:num_preemptions_total")
-        running = metric_total(base_url, "vllm:num_requests_running")
-    loadavg_end = list(os.getloadavg())
+        )
+        outcomes += done
+        wall += phase_wall
+        time.sleep(SETTLE_S)
+        idle.append(sampler.sample())
+    return outcomes, wall, idle, done_times
+
+
+def result_of(
+    args: argparse.Namespace, run: LoadRun, warmup: int, started: dt.datetime, loadavg
+) -> dict[str, Any]:
+    """The run's JSON record, ``checks`` still to fill in."""
+    import torch
+
+    outcomes, idle = run.outcomes, run.idle
     vocab = max(
         (len(o.first_row) for o in outcomes if o.first_row is not None), default=0
     )
-    summary = summarize(outcomes, wall)
-    result = {
+    return {
         "benchmark": "load",
         "started_utc": started.isoformat(timespec="seconds"),
         "args": vars(args),
-        "server": args.server or serve_command,
-        "model": model,
+        "server": args.server or run.serve_command,
+        "model": run.model,
         "vocab": vocab,
-        "em_inf_defaults": info["defaults"],
+        "em_inf_defaults": run.info["defaults"],
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
-            "loadavg_start": loadavg_start,
-            "loadavg_end": loadavg_end,
+            "loadavg_start": loadavg[0],
+            "loadavg_end": loadavg[1],
         },
-        "summary": summary,
+        "summary": summarize(outcomes, run.wall_s),
         "checks": None,  # filled in below; the file is written before and after
         "engine": {
-            "preemptions_total": preemptions,
-            "requests_running_after": running,
+            "preemptions_total": run.preemptions,
+            "requests_running_after": run.running,
         },
         "memory": {
-            "before": before,
-            "after": after,
-            "growth": memory_growth(sampler.samples, warmup),
+            "before": run.memory_before,
+            "after": idle[-1],
+            "growth": memory_growth(run.samples, warmup),
             "idle_after_warmup": idle[0],
             "idle_end": idle[-1],
             "idle_growth": {
                 f"{key}_growth_pct": 100.0 * (idle[1][key] / idle[0][key] - 1.0)
                 for key in ("rss", "pss")
             },
-            "samples": sampler.samples,
+            "samples": run.samples,
         },
         "latencies_s": {
             "stream": [
@@ -1001,18 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
                 if o.error is None and not o.stream and o.latency_s is not None
             ],
         },
-        "completions_over_time": done_times,
+        "completions_over_time": run.done_times,
     }
-    out_json = results / f"load_{tag}.json"
-    out_json.write_text(json.dumps(result, indent=1))  # the run, before the checks
-    checks = check_distributions(
-        plan, outcomes, info["defaults"], info["enabled_by_default"], vocab
-    )
-    result["checks"] = checks
-    out_json.write_text(json.dumps(result, indent=1))
-    with contextlib.suppress(ImportError):
-        plot(result, out_json.with_suffix(".png"))
-    counts = checks["counts"]
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    summary, counts = result["summary"], result["checks"]["counts"]
     print(
         json.dumps(
             {
@@ -1026,14 +1065,46 @@ def main(argv: list[str] | None = None) -> int:
                     "rss_growth_pct"
                 ),
                 "memory_growth_idle": result["memory"]["idle_growth"],
-                "loadavg": [loadavg_start, loadavg_end],
+                "loadavg": [
+                    result["machine"]["loadavg_start"],
+                    result["machine"]["loadavg_end"],
+                ],
             },
             indent=1,
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{args.requests}x{args.concurrency}"
+    warmup = args.warmup if args.warmup is not None else args.requests // 10
+    plan = make_plan(args.requests, args.seed)
+    loadavg_start = list(os.getloadavg())
+    started = dt.datetime.now(dt.UTC)
+    run = run_load(args, plan, warmup, results / f"load_{tag}.server.log")
+    loadavg = (loadavg_start, list(os.getloadavg()))
+    result = result_of(args, run, warmup, started, loadavg)
+    out_json = results / f"load_{tag}.json"
+    out_json.write_text(json.dumps(result, indent=1))  # the run, before the checks
+    info = run.info
+    result["checks"] = check_distributions(
+        plan,
+        run.outcomes,
+        info["defaults"],
+        info["enabled_by_default"],
+        result["vocab"],
+    )
+    out_json.write_text(json.dumps(result, indent=1))
+    with contextlib.suppress(ImportError):
+        plot(result, out_json.with_suffix(".png"))
+    print_summary(result)
     print(f"wrote {out_json}")
+    counts = result["checks"]["counts"]
     bad = (
-        sum(summary["errors"].values())
+        sum(result["summary"]["errors"].values())
         + counts.get("mismatch", 0)
         + counts.get("incomplete", 0)
     )
