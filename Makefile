@@ -21,7 +21,7 @@ endif
 
 setup: $(STAMP)
 	$(PY) -m em_inf.models default
-	$(PY) -m em_inf.models tiny
+	$(PY) -m em_inf_support.tiny_model
 
 serve: setup
 	$(VENV)/bin/em-inf serve $(ARGS)
@@ -32,7 +32,7 @@ serve: setup
 # the interpreter switch is process-wide and must not reach vLLM's engines.
 # The release notice never fails the target: `make vllm-watch` is the check.
 test: setup
-	$(PY) -m ruff check em_inf kernels server tests bench
+	$(PY) -m ruff check em_inf em_inf_support kernels server tests bench
 	$(PY) -m tests.vllm_layers
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels*.py
@@ -47,5 +47,5 @@ dist: $(STAMP)
 	$(PY) -m build --outdir dist .
 
 lint: $(STAMP)
-	$(PY) -m ruff check em_inf kernels server tests bench
-	$(PY) -m ruff format --check em_inf kernels server tests bench
+	$(PY) -m ruff check em_inf em_inf_support kernels server tests bench
+	$(PY) -m ruff format --check em_inf em_inf_support kernels server tests bench

@@ -26,14 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
-
-from bench.checkout import map_kernels_package  # noqa: E402
-
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real
-map_kernels_package()
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real: before Triton loads
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -24,9 +24,9 @@ Qwen2.5's 151,936 vocabulary, where the logits, not the model, dominate), or a p
 
 Usage::
 
-    python bench/e2e.py --quick                       # ~5 minutes on 2 CPU cores
-    python bench/e2e.py                               # batch 1, 8, 32; both models
-    python bench/e2e.py --models /path/to/model --batch 8 --em-inf '{"lr": 0.05}'
+    python -m bench.e2e --quick                       # ~5 minutes on 2 CPU cores
+    python -m bench.e2e                               # batch 1, 8, 32; both models
+    python -m bench.e2e --models /path/to/model --batch 8 --em-inf '{"lr": 0.05}'
 
 Writes ``bench/results/e2e_<device>.json`` (``--out``) and a PNG beside it.
 """
@@ -43,9 +43,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # `python bench/e2e.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOPICS = (
     "the water cycle",
@@ -246,11 +243,12 @@ def floor_ms(batch: int, vocab: int, repeats: int = 50) -> float | None:
 def resolve_model(name: str) -> tuple[str, str]:
     """(path, label) for ``smollm2``, ``tiny`` or a path / hub id."""
     from em_inf import models
+    from em_inf_support.tiny_model import tiny_model_dir
 
     if name == "smollm2":
         return str(models.prepare_default_model()), "SmolLM2-135M"
     if name == "tiny":
-        return str(models.tiny_model_dir(151_936)), "tiny-V151936"
+        return str(tiny_model_dir(151_936)), "tiny-V151936"
     return name, Path(name.rstrip("/")).name or name
 
 
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "kind": "e2e",
-        "command": "python bench/e2e.py "
+        "command": "python -m bench.e2e "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "seconds": round(time.time() - started, 1),

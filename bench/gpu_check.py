@@ -41,7 +41,7 @@ Writes ``bench/results/gpu_check_<device>_<timestamp>.json`` (device, versions,
 every number) and prints the tables next to the issue's targets. Runs without a
 GPU under Triton's interpreter on tiny shapes, to prove it end to end::
 
-    TRITON_INTERPRET=1 python bench/gpu_check.py --quick
+    TRITON_INTERPRET=1 python -m bench.gpu_check --quick
 
 Needs only torch, triton, numpy and a plain copy of this tree (no vLLM, no network).
 """
@@ -62,30 +62,23 @@ import numpy
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # `python bench/gpu_check.py`: make the repo importable
-    sys.path.insert(0, str(REPO))
-
-
-from bench.checkout import map_kernels_package  # noqa: E402
-
-map_kernels_package()
-
-from bench import gpu_steps  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench import gpu_steps
+from bench.common import (
     environment,
     make_logits,
     median_seconds,
 )
-from em_inf import backend, counters, functional, reference  # noqa: E402
-from em_inf.config import PRESETS, TEMPERATURE_RTOL  # noqa: E402
-from em_inf.reference import (  # noqa: E402
+from em_inf import backend, counters, functional, reference
+from em_inf.config import PRESETS, TEMPERATURE_RTOL
+from em_inf.reference import (
     adaptive_temperature_oracle,
     em_inf_oracle,
     entropy,
     mismatch,
     settings_oracle,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 QWEN_VOCAB = 151_936
 BATCHES = [1, 8, 64, 256, 1024]

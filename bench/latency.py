@@ -42,10 +42,10 @@ bandwidth against the floor of one read and one write of the logits
 
 Usage::
 
-    python bench/latency.py --quick          # CPU, under a minute on 2 cores
-    python bench/latency.py --breakdown      # CPU, full grid (3 passes), ~5 minutes
-    python bench/latency.py --out bench/results/latency_gpu.json   # on a GPU box
-    python bench/latency.py --counting --impls cpu-kernel cpu-kernel+counting \
+    python -m bench.latency --quick          # CPU, under a minute on 2 cores
+    python -m bench.latency --breakdown      # CPU, full grid (3 passes), ~5 minutes
+    python -m bench.latency --out bench/results/latency_gpu.json   # on a GPU box
+    python -m bench.latency --counting --impls cpu-kernel cpu-kernel+counting \
         --vocab 151936 --steps 3 --threads 1      # the cost of counting, CPU
 
 Writes JSON (``--out``) and a PNG next to it (``bench/plots.py`` redraws it).
@@ -71,21 +71,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # `python bench/latency.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import common  # noqa: E402
-from bench.checkout import map_kernels_package  # noqa: E402
-from bench.common import make_logits, time_call  # noqa: E402
-from em_inf import (  # noqa: E402
-    backend,
-    counters,
-    cpu_backend,
-    cpu_build,
-    functional,
-    reference,
-)
-from em_inf.config import PRESETS  # noqa: E402
+from bench import common
+from bench.common import make_logits, time_call
+from em_inf import backend, counters, cpu_backend, cpu_build, functional, reference
+from em_inf.config import PRESETS
 
 VOCABS = (49_152, 151_936)
 BATCHES = (1, 8, 64)
@@ -587,8 +576,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device == "auto" and torch.cuda.is_available()
-    if cuda:
-        map_kernels_package()
     out = args.out or Path(__file__).resolve().parent / "results" / (
         "latency_gpu.json" if cuda else "latency_cpu.json"
     )
@@ -623,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {
         "kind": "latency",
-        "command": "python bench/latency.py "
+        "command": "python -m bench.latency "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "seconds": round(time.time() - started, 1),

@@ -35,10 +35,10 @@ the curve under load is reported too.
 
 Usage::
 
-    python bench/load.py --requests 200 --concurrency 16            # quick check
-    python bench/load.py --requests 2000 --concurrency 64           # the load target
-    python bench/load.py --requests 10000 --concurrency 64 --tag soak  # the soak
-    python bench/load.py --server http://127.0.0.1:8000 --requests 500
+    python -m bench.load --requests 200 --concurrency 16            # quick check
+    python -m bench.load --requests 2000 --concurrency 64           # the load target
+    python -m bench.load --requests 10000 --concurrency 64 --tag soak  # the soak
+    python -m bench.load --server http://127.0.0.1:8000 --requests 500
 
 Writes ``bench/results/load_<tag>.json`` and ``.png``; exits 1 when any request
 failed unexpectedly or any check mismatched.
@@ -51,35 +51,26 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import ipaddress
 import json
 import math
 import os
 import platform
 import random
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/load.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from em_inf_support.metrics import metric_total
+from em_inf_support.servers import em_inf_server, get_json, loopback_server_pid
 
 #: Seconds of quiet before an idle memory reading (in-flight responses freed).
 SETTLE_S = 10.0
 RESULTS = Path(__file__).resolve().parent / "results"
-HOST = "127.0.0.1"
 
 PROMPTS = (
     "The capital of France is",
@@ -743,101 +734,6 @@ def memory_growth(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------ server
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@contextlib.contextmanager
-def started_server(
-    serve_args: list[str], log_path: Path, timeout_s: float = 600.0
-) -> Iterator[tuple[str, int]]:
-    """``em-inf serve <serve_args>`` on loopback in its own session; yields its base
-    URL and pid; stops it (SIGINT, then SIGKILL of the group) on exit."""
-    script = Path(sys.executable).with_name("em-inf")
-    command = (
-        [str(script)] if script.is_file() else [sys.executable, "-m", "em_inf.cli"]
-    )
-    port = free_port()
-    command += ["serve", *serve_args, "--host", HOST, "--port", str(port)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    base_url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(base_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace").splitlines()[-40:]
-                raise RuntimeError("em-inf serve did not come up:\n" + "\n".join(tail))
-            time.sleep(2)
-        yield base_url, process.pid
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(60)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-
-
-def loopback_server_pid(base_url: str) -> int:
-    """The pid listening on ``base_url``'s port; refuses anything off loopback."""
-    import psutil
-
-    parsed = urllib.parse.urlparse(base_url)
-    host = parsed.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(f"--server must be on loopback (127.0.0.1), got {host!r}")
-    port = parsed.port or 80
-    for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
-            if connection.pid is not None:
-                return connection.pid
-    raise SystemExit(f"no process of this machine listens on port {port}")
-
-
-def get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def metric_total(base_url: str, name: str) -> float:
-    """Sum of a Prometheus metric's samples on ``/metrics`` (0 when absent)."""
-    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
-        text = page.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
-
-
 # ------------------------------------------------------------------------ report
 
 
@@ -945,6 +841,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 # -------------------------------------------------------------------------- main
 
 
+def running_server_pid(base_url: str) -> int:
+    """The pid of the server ``--server`` names (loopback only); exits otherwise."""
+    try:
+        return loopback_server_pid(base_url)
+    except (ValueError, LookupError) as error:
+        raise SystemExit(str(error)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="drive this running server (loopback URL)")
@@ -970,6 +874,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-interval", type=float, default=5.0)
     parser.add_argument("--tag", default=None, help="output name: load_<tag>.json")
     parser.add_argument(
+        "--results-dir", default=str(RESULTS), help="where load_<tag>.* go"
+    )
+    parser.add_argument(
         "--serve-arg",
         action="append",
         default=[],
@@ -978,14 +885,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
+@dataclasses.dataclass
+class LoadRun:
+    """What one run against the server saw, before the checks."""
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{args.requests}x{args.concurrency}"
-    warmup = args.warmup if args.warmup is not None else args.requests // 10
-    serve_args = [
+    base_url: str
+    serve_command: str | None
+    info: dict[str, Any]
+    model: str
+    outcomes: list[Outcome]
+    wall_s: float
+    memory_before: dict[str, Any]
+    idle: list[dict[str, Any]]  # after the warm-up, at the end
+    samples: list[dict[str, Any]]
+    done_times: list[tuple[float, int]]
+    preemptions: float
+    running: float
+
+
+def serve_args_of(args: argparse.Namespace) -> list[str]:
+    """``em-inf serve`` arguments for a server this run starts."""
+    return [
         *([args.model] if args.model else []),
         "--logprobs-mode",
         "processed_logprobs",
@@ -993,92 +913,126 @@ def main(argv: list[str] | None = None) -> int:
         "-1",
         *[a for extra in args.serve_arg for a in shlex.split(extra)],
     ]
-    plan = make_plan(args.requests, args.seed)
-    loadavg_start = list(os.getloadavg())
-    started = dt.datetime.now(dt.UTC)
+
+
+def run_load(
+    args: argparse.Namespace, plan: list, warmup: int, log_path: Path
+) -> LoadRun:
+    """Start the server (or find ``--server``'s), drive the warm-up and the rest of
+    ``plan`` with a quiet memory reading after each, and read its metrics."""
     with contextlib.ExitStack() as stack:
         if args.server:
-            base_url, pid = args.server.rstrip("/"), loopback_server_pid(args.server)
+            base_url, pid = args.server.rstrip("/"), running_server_pid(args.server)
             serve_command = None
         else:
-            log_path = RESULTS / f"load_{tag}.server.log"
-            base_url, pid = stack.enter_context(started_server(serve_args, log_path))
+            serve_args = serve_args_of(args)
+            server = em_inf_server(serve_args, log_path, start_timeout_s=600.0)
+            base_url, pid = stack.enter_context(server)
             serve_command = "em-inf serve " + shlex.join(serve_args)
         info = get_json(base_url + "/v1/em-inf")
         model = get_json(base_url + "/v1/models")["data"][0]["id"]
         sampler = stack.enter_context(MemorySampler(pid, args.memory_interval))
         before = sampler.sample()
-        done_times: list[tuple[float, int]] = []
-        t0 = time.monotonic()
-
-        def progress(count: int) -> None:
-            sampler.done = count
-            done_times.append((round(time.monotonic() - t0, 2), count))
-            if count % max(1, args.requests // 20) == 0:
-                print(f"  {count}/{args.requests} done", flush=True)
-
         print(
             f"sending {args.requests} requests from {args.concurrency} clients "
             f"to {base_url} ({model})",
             flush=True,
         )
-        outcomes, wall, idle = [], 0.0, []
-        for phase in (plan[:warmup], plan[warmup:]):
-            already = len(outcomes)
-            done, phase_wall = asyncio.run(
-                drive(
-                    base_url,
-                    phase,
-                    concurrency=args.concurrency,
-                    time_limit_s=args.time_limit - wall,
-                    request_timeout_s=args.request_timeout,
-                    progress=lambda count, already=already: progress(already + count),
-                )
+        outcomes, wall, idle, done_times = drive_phases(
+            args, base_url, (plan[:warmup], plan[warmup:]), sampler
+        )
+        return LoadRun(
+            base_url=base_url,
+            serve_command=serve_command,
+            info=info,
+            model=model,
+            outcomes=outcomes,
+            wall_s=wall,
+            memory_before=before,
+            idle=idle,
+            samples=sampler.samples,
+            done_times=done_times,
+            preemptions=metric_total(base_url, "vllm:num_preemptions_total"),
+            running=metric_total(base_url, "vllm:num_requests_running"),
+        )
+
+
+def drive_phases(
+    args: argparse.Namespace, base_url: str, phases: tuple, sampler: MemorySampler
+) -> tuple[list[Outcome], float, list[dict[str, Any]], list[tuple[float, int]]]:
+    """Each phase's requests, then :data:`SETTLE_S` of quiet and a memory reading:
+    the outcomes, the wall time, the idle readings and the completion curve."""
+    done_times: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+
+    def progress(count: int) -> None:
+        sampler.done = count
+        done_times.append((round(time.monotonic() - t0, 2), count))
+        if count % max(1, args.requests // 20) == 0:
+            print(f"  {count}/{args.requests} done", flush=True)
+
+    outcomes, wall, idle = [], 0.0, []
+    for phase in phases:
+        already = len(outcomes)
+        done, phase_wall = asyncio.run(
+            drive(
+                base_url,
+                phase,
+                concurrency=args.concurrency,
+                time_limit_s=args.time_limit - wall,
+                request_timeout_s=args.request_timeout,
+                progress=lambda count, already=already: progress(already + count),
             )
-            outcomes += done
-            wall += phase_wall
-            time.sleep(SETTLE_S)
-            idle.append(sampler.sample())
-        after = idle[-1]
-        preemptions = metric_total(base_url, "vllm:num_preemptions_total")
-        running = metric_total(base_url, "vllm:num_requests_running")
-    loadavg_end = list(os.getloadavg())
+        )
+        outcomes += done
+        wall += phase_wall
+        time.sleep(SETTLE_S)
+        idle.append(sampler.sample())
+    return outcomes, wall, idle, done_times
+
+
+def result_of(
+    args: argparse.Namespace, run: LoadRun, warmup: int, started: dt.datetime, loadavg
+) -> dict[str, Any]:
+    """The run's JSON record, ``checks`` still to fill in."""
+    import torch
+
+    outcomes, idle = run.outcomes, run.idle
     vocab = max(
         (len(o.first_row) for o in outcomes if o.first_row is not None), default=0
     )
-    summary = summarize(outcomes, wall)
-    result = {
+    return {
         "benchmark": "load",
         "started_utc": started.isoformat(timespec="seconds"),
         "args": vars(args),
-        "server": args.server or serve_command,
-        "model": model,
+        "server": args.server or run.serve_command,
+        "model": run.model,
         "vocab": vocab,
-        "em_inf_defaults": info["defaults"],
+        "em_inf_defaults": run.info["defaults"],
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
-            "loadavg_start": loadavg_start,
-            "loadavg_end": loadavg_end,
+            "loadavg_start": loadavg[0],
+            "loadavg_end": loadavg[1],
         },
-        "summary": summary,
+        "summary": summarize(outcomes, run.wall_s),
         "checks": None,  # filled in below; the file is written before and after
         "engine": {
-            "preemptions_total": preemptions,
-            "requests_running_after": running,
+            "preemptions_total": run.preemptions,
+            "requests_running_after": run.running,
         },
         "memory": {
-            "before": before,
-            "after": after,
-            "growth": memory_growth(sampler.samples, warmup),
+            "before": run.memory_before,
+            "after": idle[-1],
+            "growth": memory_growth(run.samples, warmup),
             "idle_after_warmup": idle[0],
             "idle_end": idle[-1],
             "idle_growth": {
                 f"{key}_growth_pct": 100.0 * (idle[1][key] / idle[0][key] - 1.0)
                 for key in ("rss", "pss")
             },
-            "samples": sampler.samples,
+            "samples": run.samples,
         },
         "latencies_s": {
             "stream": [
@@ -1092,18 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
                 if o.error is None and not o.stream and o.latency_s is not None
             ],
         },
-        "completions_over_time": done_times,
+        "completions_over_time": run.done_times,
     }
-    out_json = RESULTS / f"load_{tag}.json"
-    out_json.write_text(json.dumps(result, indent=1))  # the run, before the checks
-    checks = check_distributions(
-        plan, outcomes, info["defaults"], info["enabled_by_default"], vocab
-    )
-    result["checks"] = checks
-    out_json.write_text(json.dumps(result, indent=1))
-    with contextlib.suppress(ImportError):
-        plot(result, out_json.with_suffix(".png"))
-    counts = checks["counts"]
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    summary, counts = result["summary"], result["checks"]["counts"]
     print(
         json.dumps(
             {
@@ -1117,14 +1065,46 @@ def main(argv: list[str] | None = None) -> int:
                     "rss_growth_pct"
                 ),
                 "memory_growth_idle": result["memory"]["idle_growth"],
-                "loadavg": [loadavg_start, loadavg_end],
+                "loadavg": [
+                    result["machine"]["loadavg_start"],
+                    result["machine"]["loadavg_end"],
+                ],
             },
             indent=1,
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{args.requests}x{args.concurrency}"
+    warmup = args.warmup if args.warmup is not None else args.requests // 10
+    plan = make_plan(args.requests, args.seed)
+    loadavg_start = list(os.getloadavg())
+    started = dt.datetime.now(dt.UTC)
+    run = run_load(args, plan, warmup, results / f"load_{tag}.server.log")
+    loadavg = (loadavg_start, list(os.getloadavg()))
+    result = result_of(args, run, warmup, started, loadavg)
+    out_json = results / f"load_{tag}.json"
+    out_json.write_text(json.dumps(result, indent=1))  # the run, before the checks
+    info = run.info
+    result["checks"] = check_distributions(
+        plan,
+        run.outcomes,
+        info["defaults"],
+        info["enabled_by_default"],
+        result["vocab"],
+    )
+    out_json.write_text(json.dumps(result, indent=1))
+    with contextlib.suppress(ImportError):
+        plot(result, out_json.with_suffix(".png"))
+    print_summary(result)
     print(f"wrote {out_json}")
+    counts = result["checks"]["counts"]
     bad = (
-        sum(summary["errors"].values())
+        sum(result["summary"]["errors"].values())
         + counts.get("mismatch", 0)
         + counts.get("incomplete", 0)
     )

@@ -6,7 +6,7 @@ The middleware still validates each request's settings (400s), answers
 so every settings check of the load mismatches by design; read its latency and
 memory figures only. Same arguments as ``em-inf serve``::
 
-    python bench/serve_without_processor.py --logprobs-mode processed_logprobs \\
+    python -m bench.serve_without_processor --logprobs-mode processed_logprobs \\
         --max-logprobs -1 --host 127.0.0.1 --port 8001
 """
 
@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python bench/...`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from em_inf import cli
 from em_inf.server import launch

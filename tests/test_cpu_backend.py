@@ -604,7 +604,7 @@ ENGINE_SETTINGS = (
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+    from em_inf_support.tiny_model import TINY_VOCAB_SIZE, tiny_model_dir
     from tests.vllm_engines import engine
 
     with engine(str(tiny_model_dir(TINY_VOCAB_SIZE)), dtype="float32") as llm:
@@ -618,7 +618,7 @@ def test_in_an_engine_a_requests_em_inf_ignores_its_neighbours(tiny_engine, gene
     two identical requests in one batch get identical raw logits, which the test
     checks first.)"""
     from em_inf import functional
-    from em_inf.models import TINY_VOCAB_SIZE
+    from em_inf_support.tiny_model import TINY_VOCAB_SIZE
     from tests.vllm_engines import full_vocab_params, generate, processed_logits
 
     def params(config: EMInfConfig | None):

@@ -91,6 +91,9 @@ def test_the_wheel_carries_every_package_and_the_c_source(built):
     for package in ("em_inf/kernels/", "em_inf/server/"):
         assert any(name.startswith(package) for name in names), package
     assert not any(name.startswith("tests/") for name in names)
+    # What tests and bench share, the tiny-model builder included, stays out.
+    assert not any(name.startswith("em_inf_support/") for name in names)
+    assert "em_inf/models.py" in names
 
 
 def test_the_sdist_builds_the_same_packages(built):

@@ -29,9 +29,10 @@ import openai
 import pytest
 import torch
 
-from em_inf import models
 from em_inf.config import PRESETS, EMInfConfig
 from em_inf.reference import mismatch, settings_oracle
+from em_inf_support.metrics import metric_total
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
     SERVER_DEFAULT,
@@ -54,7 +55,7 @@ CONCURRENT_REFERENCES = 16
 def fault_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("fault-server") / "server.log"
     args = [
-        str(models.tiny_model_dir(TINY_VOCAB)),
+        str(tiny_model_dir(TINY_VOCAB)),
         *FULL_DISTRIBUTION_ARGS,
         "--max-model-len",
         str(MAX_MODEL_LEN),
@@ -77,18 +78,6 @@ def fault_server(tmp_path_factory):
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def metric(base_url: str, name: str, label: str = "") -> float:
-    """Sum of a Prometheus metric's samples whose labels contain ``label``."""
-    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
-        text = page.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if (line.startswith(name + "{") or line.startswith(name + " "))
-        and label in line
-    )
 
 
 def random_prompt(rng: random.Random, length: int) -> list[int]:
@@ -344,7 +333,7 @@ def test_dropped_streams_leave_no_slot_with_stale_settings(fault_server, seed):
     assert not problems, "\n".join(problems[:10])
     aborted = aborted_requests(log_path) - aborted_before
     print(f"the engine aborted {aborted} of the {dropped} dropped streams")
-    running = settled(lambda: metric(base_url, "vllm:num_requests_running"), 0)
+    running = settled(lambda: metric_total(base_url, "vllm:num_requests_running"), 0)
     assert running == 0
     assert_still_serving(base_url, model)
 
@@ -355,7 +344,7 @@ def test_preempted_requests_resume_with_their_own_settings(fault_server, seed):
     before and after its preemptions, are exact for its own settings."""
     base_url, model, _ = fault_server
     rng = random.Random(seed)
-    preempted_before = metric(base_url, "vllm:num_preemptions_total")
+    preempted_before = metric_total(base_url, "vllm:num_preemptions_total")
 
     async def scenario():
         client = openai.AsyncOpenAI(
@@ -374,7 +363,7 @@ def test_preempted_requests_resume_with_their_own_settings(fault_server, seed):
                 (p, e, tokens, rows)
                 for p, e, (tokens, rows) in zip(prompts, extras, generated, strict=True)
             ]
-            preempted = metric(base_url, "vllm:num_preemptions_total")
+            preempted = metric_total(base_url, "vllm:num_preemptions_total")
             problems = await check_positions(
                 client, model, results, lambda n: [0, 60, 100, 140, 180, n - 1]
             )
@@ -475,6 +464,6 @@ def test_a_request_at_the_edges_leaves_its_batch_exact_and_the_engine_serving(
 
     problems = asyncio.run(scenario())
     assert not problems, "\n".join(problems[:10])
-    running = settled(lambda: metric(base_url, "vllm:num_requests_running"), 0)
+    running = settled(lambda: metric_total(base_url, "vllm:num_requests_running"), 0)
     assert running == 0
     assert_still_serving(base_url, model)

@@ -5,19 +5,26 @@ retries): chat and completions, streaming and not, ``n`` up to 3, seeds, stop
 strings, both EM-INF modes, presets, ``"em_inf": false`` and about 10% invalid
 settings. Nothing may fail unexpectedly (every invalid request gets a 400 naming its
 field), and every request that asked for the full first-token distribution must
-match the float64 oracle of its own settings (see :mod:`bench.load`). The server
+match the float64 oracle of its own settings (see ``bench/load.py``). The server
 serves the tiny random Qwen2 with a 512-token vocabulary in float32, so full
-distributions are cheap; ``python bench/load.py`` runs the same on the default model.
+distributions are cheap; ``python -m bench.load`` runs the same on the default model.
+
+The benchmark runs as it does by hand, ``python -m bench.load --server URL``, in a
+process of its own (tests do not import bench), and the test reads the JSON it
+writes.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from bench import load
-from em_inf import models
+from em_inf_support.metrics import metric_total
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
     TINY_VOCAB,
@@ -25,50 +32,62 @@ from tests.server_helpers import (
     settled,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = 200
 CONCURRENCY = 16
+TIME_LIMIT_S = 900
 
 
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("load-server") / "server.log"
-    args = [str(models.tiny_model_dir(TINY_VOCAB)), *FULL_DISTRIBUTION_ARGS]
+    args = [str(tiny_model_dir(TINY_VOCAB)), *FULL_DISTRIBUTION_ARGS]
     args += ["--max-model-len", "512"]
     with running_server(args, log_path) as base_url:
         yield base_url
 
 
-# Server start (at most 420 s) plus the load's own limit (time_limit_s=900 below).
+def run_bench_load(base_url: str, seed: int, results: Path) -> tuple[dict, str]:
+    """``python -m bench.load --server base_url ...``: its JSON and its output."""
+    command = [sys.executable, "-m", "bench.load", "--server", base_url]
+    command += ["--requests", str(REQUESTS), "--concurrency", str(CONCURRENCY)]
+    command += ["--seed", str(seed), "--time-limit", str(TIME_LIMIT_S)]
+    command += ["--request-timeout", "300", "--tag", "test"]
+    command += ["--results-dir", str(results)]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIME_LIMIT_S + 300,
+    )
+    output = (done.stdout + done.stderr)[-4000:]
+    out_json = results / "load_test.json"
+    assert out_json.is_file(), (
+        f"bench.load wrote no JSON (exit {done.returncode}):\n{output}"
+    )
+    return json.loads(out_json.read_text()), output
+
+
+# Server start (at most 420 s) plus the load's own limit (TIME_LIMIT_S) and its
+# two quiet memory readings.
 @pytest.mark.timeout(1500)
 def test_200_mixed_requests_fail_nothing_and_each_gets_its_own_settings(
-    load_server, seed
+    load_server, seed, tmp_path
 ):
     base_url = load_server
-    pid = load.loopback_server_pid(base_url)
-    info = load.get_json(base_url + "/v1/em-inf")
-    plan = load.make_plan(REQUESTS, seed)
-    before = load.memory_of(pid)
-    outcomes, wall = asyncio.run(
-        load.drive(
-            base_url,
-            plan,
-            concurrency=CONCURRENCY,
-            time_limit_s=900,
-            request_timeout_s=300,
-        )
-    )
-    after = load.memory_of(pid)
-    summary = load.summarize(outcomes, wall)
-    checks = load.check_distributions(
-        plan, outcomes, info["defaults"], info["enabled_by_default"], TINY_VOCAB
-    )
+    result, output = run_bench_load(base_url, seed, tmp_path)
+    summary, checks = result["summary"], result["checks"]
+    memory = result["memory"]
     report = (
-        f"seed {seed}; {summary['requests_sent']} requests in {wall:.0f} s, "
-        f"p50 {summary['latency_p50_s']:.3f} s, p99 {summary['latency_p99_s']:.3f} s; "
-        f"RSS {before['rss'] / 2**20:.0f} -> {after['rss'] / 2**20:.0f} MiB; "
-        f"checks {checks['counts']}"
+        f"seed {seed}; {summary['requests_sent']} requests in "
+        f"{summary['wall_s']:.0f} s, p50 {summary['latency_p50_s']:.3f} s, "
+        f"p99 {summary['latency_p99_s']:.3f} s; RSS "
+        f"{memory['before']['rss'] / 2**20:.0f} -> "
+        f"{memory['after']['rss'] / 2**20:.0f} MiB; checks {checks['counts']}"
     )
     print(report)
+    assert result["vocab"] == TINY_VOCAB, output
     assert summary["requests_sent"] == REQUESTS, report
     assert not summary["errors"], f"{report}\n" + "\n".join(summary["error_examples"])
     kinds = summary["kinds"]
@@ -79,7 +98,5 @@ def test_200_mixed_requests_fail_nothing_and_each_gets_its_own_settings(
     )
     assert counts.get("checked", 0) == kinds.get("checked"), counts
     assert counts.get("changed_by_em_inf", 0) > 0, "no check saw EM-INF act"
-    running = settled(
-        lambda: load.metric_total(base_url, "vllm:num_requests_running"), 0
-    )
+    running = settled(lambda: metric_total(base_url, "vllm:num_requests_running"), 0)
     assert running == 0

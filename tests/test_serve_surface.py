@@ -36,6 +36,7 @@ from em_inf.server.launch import MIDDLEWARE, PROCESSOR, StartupError, prepare
 from em_inf.server.middleware import API_KEYS_ENV, INFO_PATH, EMInfMiddleware
 from em_inf.server.requests import GENERATION_PATHS, UNSUPPORTED_PATHS, translate_body
 from em_inf.server.settings import SETTINGS_ENV, ServerSettings
+from em_inf_support import servers
 from tests.server_helpers import numa_nodes_of_allowed_cpus
 
 EXPECTED_VLLM = os.environ.get("EM_INF_EXPECT_VLLM")
@@ -77,9 +78,7 @@ PORT_TRIES = 5
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = servers.free_port()
     _DRAWN_PORTS.add(str(port))
     return port
 

@@ -22,7 +22,6 @@ Plus fast checks of the request translation and the command line, without a serv
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import urllib.request
 
@@ -41,6 +40,9 @@ from em_inf.server.requests import (
     translate_body,
 )
 from em_inf.server.settings import ServerSettings
+from em_inf_support.metrics import metric_total
+from em_inf_support.servers import get_json
+from em_inf_support.tiny_model import tiny_model_dir
 from tests import metrics_helpers
 from tests.published_presets import PUBLISHED
 from tests.server_helpers import (
@@ -61,12 +63,6 @@ from tests.server_helpers import (
 )
 
 MESSAGE = [{"role": "user", "content": PROMPTS[0]}]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        assert response.status == 200
-        return json.loads(response.read())
 
 
 # ------------------------------------------------- request translation (no server)
@@ -246,7 +242,7 @@ def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
 
 @pytest.fixture(scope="class")
 def tiny_server(tmp_path_factory):
-    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    model_dir = tiny_model_dir(TINY_VOCAB)
     log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--max-model-len", "512"]
     args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
@@ -631,13 +627,7 @@ class TestTinyServer:
         base_url, client, model, _ = tiny_server
 
         def finished() -> float:
-            with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
-                lines = page.read().decode().splitlines()
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in lines
-                if line.startswith("vllm:request_success_total")
-            )
+            return metric_total(base_url, "vllm:request_success_total")
 
         before = finished()
         for em_inf in (True, False):

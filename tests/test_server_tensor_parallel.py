@@ -18,9 +18,9 @@ import urllib.request
 import openai
 import pytest
 
-from em_inf import models
 from em_inf.counters import SAMPLE_ENV
 from em_inf.server.cpu_defaults import THREADS_BIND_ENV
+from em_inf_support.tiny_model import tiny_model_dir
 from tests import metrics_helpers
 from tests.server_helpers import (
     FULL_DISTRIBUTION_ARGS,
@@ -42,7 +42,7 @@ from tests.server_helpers import (
 
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory):
-    model_dir = models.tiny_model_dir(TINY_VOCAB)
+    model_dir = tiny_model_dir(TINY_VOCAB)
     log_path = tmp_path_factory.mktemp("tp-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--tensor-parallel-size", "2"]
     args += ["--max-model-len", "512", "--em-inf-threshold", str(SERVER_THRESHOLD)]

@@ -19,7 +19,7 @@ import torch
 from em_inf import PRESETS, metrics
 from em_inf.config import EMInfConfig
 from em_inf.counters import SAMPLE_ENV
-from em_inf.models import TINY_VOCAB_SIZE, tiny_model_dir
+from em_inf_support.tiny_model import TINY_VOCAB_SIZE, tiny_model_dir
 from tests import metrics_helpers
 from tests.oracle import assert_matches, settings_oracle
 from tests.server_helpers import settled

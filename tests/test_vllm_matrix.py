@@ -19,8 +19,8 @@ import sys
 import pytest
 from packaging.version import Version
 
-from em_inf import models
-from tests.server_helpers import free_port
+from em_inf_support.servers import free_port
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.version_matrix import (
     V2_LOG_LINE,
     Run,
@@ -84,7 +84,7 @@ def test_em_inf_serve_names_em_inf_and_vllm_when_the_processor_cannot_load(tmp_p
         f"import sys; sys.modules[{hidden!r}] = None; "
         "from em_inf.cli import main; sys.exit(main())"
     )
-    model_dir = models.tiny_model_dir(512)
+    model_dir = tiny_model_dir(512)
     command = [sys.executable, "-c", program, "serve", str(model_dir)]
     command += ["--host", "127.0.0.1", "--port", str(free_port())]
     result = subprocess.run(
