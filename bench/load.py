@@ -61,15 +61,19 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from em_inf import metrics as em_inf_metrics
 from em_inf_support.metrics import metric_total
 from em_inf_support.servers import em_inf_server, get_json, loopback_server_pid
 
 #: Seconds of quiet before an idle memory reading (in-flight responses freed).
 SETTLE_S = 10.0
+#: Longest wait for EM-INF's series to take in the run's last rows.
+SERIES_SETTLE_S = 40.0
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PROMPTS = (
@@ -793,7 +797,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     latencies = result["latencies_s"]
     for name, values in latencies.items():
         if values:
@@ -829,6 +833,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     idle = result["memory"]["idle_growth"]["rss_growth_pct"]
     axes[2].set_title(f"memory: RSS {idle:+.1f}% idle to idle after warm-up")
     axes[2].legend()
+    plot_entropy(axes[3], result.get("em_inf_series"))
     fig.suptitle(
         f"em-inf serve under load: {result['args']['requests']} requests, "
         f"{result['args']['concurrency']} concurrent ({result['model']})"
@@ -836,6 +841,45 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_entropy(ax: Any, series: dict[str, Any] | None) -> None:
+    """Rows per entropy bin before and after EM-INF, per mode, from what the
+    server's /metrics gained during the run."""
+    ax.set_xlabel("entropy bin (upper bound, nats)")
+    ax.set_ylabel("share of the mode's rows")
+    if not series or not any(m["rows"] for m in series.values()):
+        ax.set_title("entropy: no EM-INF rows on /metrics")
+        return
+    titles = []
+    for mode, figures in series.items():
+        for name, style in (("entropy_before", ":"), ("entropy_after", "-")):
+            histogram = figures[name]
+            if not histogram["count"]:
+                continue
+            cumulative = [count for _, count in histogram["buckets"]]
+            per_bin = [
+                b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True)
+            ]
+            ax.plot(
+                range(len(per_bin)),
+                [n / histogram["count"] for n in per_bin],
+                style,
+                marker="o",
+                label=f"{mode}, {name.removeprefix('entropy_')}",
+            )
+        means = [
+            figures[name]["sum"] / figures[name]["count"]
+            for name in ("entropy_before", "entropy_after")
+            if figures[name]["count"]
+        ]
+        if len(means) == 2:
+            titles.append(f"{mode} {means[0]:.2f} -> {means[1]:.2f}")
+    bounds = [le for le, _ in next(iter(series.values()))["entropy_before"]["buckets"]]
+    ax.set_xticks(range(len(bounds)))
+    ax.set_xticklabels([f"{b:g}" for b in bounds], rotation=90, fontsize=7)
+    ax.set_title("mean entropy (nats): " + ", ".join(titles))
+    ax.legend(fontsize=8)
 
 
 # -------------------------------------------------------------------------- main
@@ -901,6 +945,7 @@ class LoadRun:
     done_times: list[tuple[float, int]]
     preemptions: float
     running: float
+    em_inf_series: dict[str, Any]  # what EM-INF's series on /metrics gained
 
 
 def serve_args_of(args: argparse.Namespace) -> list[str]:
@@ -931,6 +976,7 @@ def run_load(
             serve_command = "em-inf serve " + shlex.join(serve_args)
         info = get_json(base_url + "/v1/em-inf")
         model = get_json(base_url + "/v1/models")["data"][0]["id"]
+        series_before = em_inf_series(base_url)
         sampler = stack.enter_context(MemorySampler(pid, args.memory_interval))
         before = sampler.sample()
         print(
@@ -954,7 +1000,47 @@ def run_load(
             done_times=done_times,
             preemptions=metric_total(base_url, "vllm:num_preemptions_total"),
             running=metric_total(base_url, "vllm:num_requests_running"),
+            em_inf_series=series_gained(base_url, series_before),
         )
+
+
+def em_inf_series(base_url: str) -> dict[str, Any]:
+    """EM-INF's series on the server's /metrics (em_inf.metrics.snapshot's
+    structure)."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as page:
+        return em_inf_metrics.parse(page.read().decode())
+
+
+def series_gained(base_url: str, before: dict[str, Any]) -> dict[str, Any]:
+    """What EM-INF's series gained since ``before``, once they stop moving: the
+    engine reports them once per ``VLLM_LOG_STATS_INTERVAL`` (10 s), the last
+    interval when it has been idle that long."""
+    deadline, last = time.monotonic() + SERIES_SETTLE_S, None
+    while True:
+        now = em_inf_series(base_url)
+        if now == last or time.monotonic() > deadline:
+            break
+        last = now
+        time.sleep(6.0)
+    gained = {}
+    for mode, figures in now.items():
+        old = before[mode]
+        gained[mode] = {
+            key: figures[key] - old[key]
+            for key in ("rows", "below_threshold", "restored", "work")
+        }
+        for name in ("entropy_before", "entropy_after"):
+            gained[mode][name] = {
+                "buckets": [
+                    [le, count - previous]
+                    for (le, count), (_, previous) in zip(
+                        figures[name]["buckets"], old[name]["buckets"], strict=True
+                    )
+                ],
+                "sum": figures[name]["sum"] - old[name]["sum"],
+                "count": figures[name]["count"] - old[name]["count"],
+            }
+    return gained
 
 
 def drive_phases(
@@ -1047,6 +1133,7 @@ def result_of(
             ],
         },
         "completions_over_time": run.done_times,
+        "em_inf_series": run.em_inf_series,
     }
 
 

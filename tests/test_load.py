@@ -100,3 +100,11 @@ def test_200_mixed_requests_fail_nothing_and_each_gets_its_own_settings(
     assert counts.get("changed_by_em_inf", 0) > 0, "no check saw EM-INF act"
     running = settled(lambda: metric_total(base_url, "vllm:num_requests_running"), 0)
     assert running == 0
+    # EM-INF's series on /metrics took in the run's rows (the entropy after is a
+    # sample of the logits-mode rows on the CPU path), and EM-INF lowered entropy.
+    series = result["em_inf_series"]["logits"]
+    assert series["rows"] > 0, result["em_inf_series"]
+    before, after = series["entropy_before"], series["entropy_after"]
+    assert before["count"] == series["rows"], series
+    assert 0 < after["count"] <= series["rows"], series
+    assert after["sum"] / after["count"] < before["sum"] / before["count"], series
