@@ -662,20 +662,22 @@ static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, f
     for (int j = 0; j < LANES; j++) out->count += a.ties[j];
 }
 
-/* z[lo, hi) *= b for unmasked logits. */
-static inline void scale_block(float *z, float b) {
+/* z[lo, hi) *= b for unmasked logits, or /= t when t > 0 (a temperature given
+ * exactly: the ends of [t_min, t_max], where z / T rounds correctly and z times
+ * float32(1 / T) can be off by most of an ulp). */
+static inline void scale_block(float *z, float b, float t) {
     EACH_VECTOR {
         vf x = load(z + k * LANES);
-        store(z + k * LANES, vselect(x > MASKED_AT, x * b, x));
+        store(z + k * LANES, vselect(x > MASKED_AT, t > 0.0f ? x / t : x * b, x));
     }
 }
 
-static void scale_chunk(float *z, int64_t lo, int64_t hi, float b) {
+static void scale_chunk(float *z, int64_t lo, int64_t hi, float b, float t) {
     int64_t i = lo;
-    for (; i + BLOCK <= hi; i += BLOCK) scale_block(z + i, b);
+    for (; i + BLOCK <= hi; i += BLOCK) scale_block(z + i, b, t);
     if (i < hi) {
         Tail tz;
-        scale_block(tail_in(&tz, z + i, hi - i, -INFINITY), b);
+        scale_block(tail_in(&tz, z + i, hi - i, -INFINITY), b, t);
         tail_out(z + i, &tz, hi - i);
     }
 }
@@ -1047,16 +1049,24 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         set ^= 1;
         passes++;
     }
-    /* z * b is finite for every unmasked z iff it is for the extremes (rounding
-     * is monotonic); otherwise the row stays as it came (its passes not counted). */
-    if (!isfinite(shift * best) || !isfinite(lowest * best)) {
+    /* At an end of [t_min, t_max] the row is divided by that temperature. */
+    const float t_min = b->t_min[r], t_max = b->t_max[r];
+    const float t = best == (float)exp(-log((double)t_min))   ? t_min
+                    : best == (float)exp(-log((double)t_max)) ? t_max
+                                                              : 0.0f;
+    /* z * b (z / t) is finite for every unmasked z iff it is for the extremes
+     * (rounding is monotonic); otherwise the row stays as it came (its passes not
+     * counted). */
+    const float top = t > 0.0f ? shift / t : shift * best;
+    const float bottom = t > 0.0f ? lowest / t : lowest * best;
+    if (!isfinite(top) || !isfinite(bottom)) {
         counts->restored++;
         count_entropy(b, counts, before, before);
         return 1.0f;
     }
     counts->work += passes;
     count_entropy(b, counts, before, best_entropy);
-    FOR_CHUNKS(split, c, nc, scale_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), best));
+    FOR_CHUNKS(split, c, nc, scale_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), best, t));
     return best;
 }
 

@@ -256,7 +256,8 @@ def _adaptive_temperature_row_(
     if not bool(unmasked.any()):  # entropy 0 <= any threshold
         counts.row(0.0, 0.0, below=True)
         return 1.0
-    zs = torch.where(unmasked, z - z.amax(), 0.0).double()
+    # In float64: z - max(z) overflows float32 for rows spanning more than its range.
+    zs = torch.where(unmasked, z.double() - z.amax().double(), 0.0)
 
     def entropy_and_slope(b: float) -> tuple[float, float]:
         e = torch.where(unmasked, torch.exp(zs * b), 0.0)
@@ -277,11 +278,11 @@ def _adaptive_temperature_row_(
         u = min(max(u, lo), hi)
         ent, slope = entropy_and_slope(math.exp(u))
         passes += 1
-    best_err, best_u = math.inf, u
+    best_err, best_u, best_ent = math.inf, u, ent
     while True:  # H decreases in u: err > 0 means the root lies at a larger u
         err = ent - target
         if abs(err) <= best_err:  # ties: the later point (an end, when H is flat)
-            best_err, best_u = abs(err), u
+            best_err, best_u, best_ent = abs(err), u, ent
         # Half the tolerance: the other half covers this evaluation's rounding.
         if (
             abs(err) <= 0.5 * TEMPERATURE_RTOL * target
@@ -306,13 +307,19 @@ def _adaptive_temperature_row_(
         ent, slope = entropy_and_slope(math.exp(u))
         passes += 1
     inv_t = torch.tensor(math.exp(best_u), dtype=torch.float32, device=z.device)
-    scaled = torch.where(unmasked, z * inv_t, z)
+    # At an end of [t_min, t_max], divide by that temperature: z / T rounds
+    # correctly, z times float32(1 / T) can be off by most of an ulp.
+    end = {-math.log(t_min): t_min, -math.log(t_max): t_max}.get(best_u)
+    if end is None:
+        scaled = torch.where(unmasked, z * inv_t, z)
+    else:
+        divisor = torch.tensor(end, dtype=torch.float32, device=z.device)
+        scaled = torch.where(unmasked, z / divisor, z)
     if _broken(scaled, z):
         counts.row(h0, h0)
         counts.restored()  # its passes are not counted
         return 1.0
     counts.work(passes)
     z.copy_(scaled)
-    if counts.wanted:  # the entropy of the row returned
-        counts.row(h0, _softmax_stats(z)[3])
+    counts.row(h0, best_ent)  # the solver's evaluation at the 1/T applied
     return float(inv_t)

@@ -44,11 +44,9 @@ FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 def new_stats(path: str, *values: int) -> torch.Tensor:
-    """One mode's counters for ``path``, starting at ``values`` (then zeros): the
-    compiled kernels count every column of :mod:`em_inf.counters`; the eager
-    path, until it does too, the first three."""
-    width = counters.WIDTH if path == "cpu" else 3
-    stats = torch.zeros(width, dtype=torch.int64)
+    """One mode's counters (every path counts every column of
+    :mod:`em_inf.counters`), starting at ``values`` (then zeros)."""
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     stats[: len(values)] = torch.tensor(values, dtype=torch.int64)
     return stats
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from em_inf import cpu_backend, functional, torch_backend
+from em_inf import counters, cpu_backend, functional, torch_backend
 from em_inf.reference import entropy
 from tests.inputs import mask_randomly, random_logits
 from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
@@ -165,7 +165,7 @@ def test_adaptive_temperature_needs_far_fewer_passes_than_bisection(cpu_path):
     Newton steps need a handful."""
     rows, vocab = 8, 20_000
     logits = random_logits(rows, vocab, scale=2.0)
-    stats = torch.zeros(3, dtype=torch.int64)
+    stats = torch.zeros(counters.WIDTH, dtype=torch.int64)
     backend = cpu_backend if cpu_path == "cpu" else torch_backend
     backend.adaptive_temperature_(
         logits,
@@ -175,7 +175,25 @@ def test_adaptive_temperature_needs_far_fewer_passes_than_bisection(cpu_path):
         torch.full((rows, 1), 1.0),
         stats=stats,
     )
-    below, passes, restored = stats.tolist()
+    below, passes, restored = stats[:3].tolist()
     assert below == 0 and restored == 0
     # The first pass measures H0 at T = 1; the rest are solver passes.
     assert 2 * rows <= passes <= 8 * rows, passes
+
+
+@pytest.mark.parametrize("cpu_path", ["cpu", "torch"])
+def test_a_temperature_at_an_end_of_the_interval_divides_exactly(cpu_path, generator):
+    """Where the solver ends at t_min or t_max (here the only temperature allowed),
+    every unmasked logit is z / T rounded once, bit for bit: multiplying by
+    float32(1 / T) instead is off by most of an ulp (9216 / 10 came back as
+    921.60004, not 921.59998)."""
+    backend = cpu_backend if cpu_path == "cpu" else torch_backend
+    logits = torch.randn(6, 257, generator=generator) * 3
+    logits[0, :2] = torch.tensor([9216.0, 9208.0])
+    logits[1, 5] = -torch.inf
+    for t in (10.0, 0.3, 7.0):
+        out = logits.clone()
+        ones = torch.ones(6, 1)
+        backend.adaptive_temperature_(out, ones * 0.0, ones * 0.5, ones * t, ones * t)
+        expected = torch.where(logits > -1e37, logits / torch.tensor(t), logits)
+        assert torch.equal(out, expected), (t, (out != expected).nonzero()[:5])
