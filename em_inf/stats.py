@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -140,25 +141,15 @@ class EMInfStats:
         """Start a daemon thread that reports host-memory counters when no step has
         run for an interval (at least :data:`IDLE_PERIOD`), so that an engine going
         idle still reports its last interval. GPU counters are left to
-        :meth:`tick`: a copy from another thread could meet a CUDA graph capture."""
+        :meth:`tick`: a copy from another thread could meet a CUDA graph capture.
+        The thread holds these stats weakly and ends once they are gone."""
         if self._idle_reporter is not None:
             return
-
-        period = max(self.interval, IDLE_PERIOD)
-
-        def loop() -> None:
-            while True:
-                time.sleep(period)
-                idle = self._clock() - self._ticked_at >= period
-                if (
-                    idle
-                    and self._device is not None
-                    and self._device.device.type == "cpu"
-                ):
-                    self.tick()
-
         self._idle_reporter = threading.Thread(
-            target=loop, name="em-inf-stats", daemon=True
+            target=_report_when_idle,
+            args=(weakref.ref(self), max(self.interval, IDLE_PERIOD)),
+            name="em-inf-stats",
+            daemon=True,
         )
         self._idle_reporter.start()
 
@@ -185,6 +176,19 @@ class EMInfStats:
             self._log(format_line(delta, elapsed))
             if self._publish is not None:
                 self._publish(delta)
+
+
+def _report_when_idle(stats_ref: weakref.ref, period: float) -> None:
+    """:meth:`EMInfStats.report_when_idle`'s loop."""
+    while True:
+        time.sleep(period)
+        stats = stats_ref()
+        if stats is None:
+            return
+        idle = stats._clock() - stats._ticked_at >= period
+        if idle and stats._device is not None and stats._device.device.type == "cpu":
+            stats.tick()
+        del stats
 
 
 def format_line(delta: np.ndarray, elapsed: float) -> str:

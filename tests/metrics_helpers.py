@@ -16,7 +16,9 @@ model's logits against transformers'); every other row's bin is exact.
 from __future__ import annotations
 
 import math
+import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +103,25 @@ def solver_passes(plain: torch.Tensor, config: EMInfConfig) -> int:
         stats=stats,
     )
     return int(stats[WORK])
+
+
+#: Seconds between two equal readings that count as quiet: the engine reports once
+#: a second in these tests (VLLM_LOG_STATS_INTERVAL=1), and an idle engine within
+#: about two.
+QUIET_S = 3.0
+
+
+def quiet(read: Callable[[], dict], timeout_s: float = 60.0) -> dict:
+    """``read()`` once two readings :data:`QUIET_S` apart agree: rows of earlier
+    requests still to be reported would otherwise land in what a test counts."""
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while True:
+        time.sleep(QUIET_S)
+        now = read()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
 
 
 def series(base_url: str) -> dict[str, dict[str, Any]]:

@@ -140,7 +140,7 @@ def test_offline_engine_series_are_the_oracles(llm, mixed_batch):
     """An offline engine's series, read in this process (em_inf.metrics.snapshot
     over the multiprocess directory), count one more batch of every case as the
     oracle does, from each prompt's "off" row."""
-    before = metrics.snapshot()
+    before = metrics_helpers.quiet(metrics.snapshot)
     requests = [(prompt, extra) for prompt in PROMPTS for _, extra, _ in CASES]
     generate(llm, [p for p, _ in requests], [full_vocab_params(e) for _, e in requests])
     expected = metrics_helpers.expected_counts(
