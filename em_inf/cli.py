@@ -60,7 +60,7 @@ RESTARTED_ENV = "EM_INF_ALLOCATOR_APPLIED"
 
 def _restart_with_allocator(args) -> None:
     """On a CPU engine, start this ``em-inf serve`` process again (``exec``, same
-    command line) with the memory allocator of ``--em-inf-allocator`` (see
+    command line) with the memory allocator ``--em-inf-allocator`` asks for (see
     :func:`em_inf.server.cpu_defaults.allocator_environment`): ``LD_PRELOAD`` and
     ``MALLOC_ARENA_MAX`` act only when a process starts, and vLLM's engine
     processes inherit them from this one."""
@@ -70,9 +70,9 @@ def _restart_with_allocator(args) -> None:
     from em_inf.server.cpu_defaults import ALLOCATOR_ENV, allocator_environment
 
     requested = getattr(args, "em_inf_allocator", None)
-    requested = requested or os.environ.get(ALLOCATOR_ENV, "").strip() or "auto"
+    requested = requested or os.environ.get(ALLOCATOR_ENV, "").strip() or "system"
     if requested not in ("auto", "tcmalloc", "arena", "system"):
-        requested = "auto"
+        requested = "system"
     if not vllm_compat.get("current_platform").is_cpu():
         return
     changes, line = allocator_environment(requested)

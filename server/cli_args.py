@@ -85,10 +85,11 @@ def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         "--em-inf-allocator",
         choices=("auto", "tcmalloc", "arena", "system"),
         default=argparse.SUPPRESS,
-        help="CPU engine's memory allocator (default 'auto', or $EM_INF_ALLOCATOR): "
-        "tcmalloc preloaded where installed (libtcmalloc-minimal4), else glibc with "
-        "MALLOC_ARENA_MAX=2; 'system' leaves malloc as it is. Keeps a long-running "
-        "server's memory flat.",
+        help="CPU engine's memory allocator in every server process (or "
+        "$EM_INF_ALLOCATOR). 'system' (default): malloc as it is; 'tcmalloc': "
+        "preloaded from a standard path (libtcmalloc-minimal4), as vLLM's CPU guide "
+        "advises; 'arena': glibc with MALLOC_ARENA_MAX=2; 'auto': tcmalloc where "
+        "found, else arena. Neither kept a soak's memory flat (bench/README.md).",
     )
     for field in FIELD_NAMES:
         kind = _field_type(field)

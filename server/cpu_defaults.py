@@ -13,11 +13,11 @@ Each default applies only where the user left the setting alone:
   to a NUMA node of its own and refuses to start when there are fewer nodes than
   workers ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers");
   there the allowed cores are split among the workers instead;
-* the memory allocator (:func:`allocator_environment`): glibc's malloc, with an
-  arena per thread, lets a long-running server's memory climb under load
-  (bench/soak.py); tcmalloc, preloaded as vLLM's CPU installation guide says,
-  where a standard path holds it, else ``MALLOC_ARENA_MAX=2``. These act when a
-  process starts, so ``em-inf serve`` starts itself again with them (em_inf/cli.py).
+* the memory allocator (:func:`allocator_environment`, ``--em-inf-allocator``):
+  the system's malloc by default. Neither tcmalloc nor ``MALLOC_ARENA_MAX=2`` kept
+  a soak's memory flat (bench/soak.py, bench/README.md), so neither is imposed;
+  ``auto`` / ``tcmalloc`` / ``arena`` ask for one. They act when a process starts,
+  so ``em-inf serve`` then starts itself again with them (em_inf/cli.py).
 """
 
 from __future__ import annotations
@@ -247,15 +247,20 @@ def allocator_environment(
     """The variables that give ``em-inf serve``'s processes the memory allocator
     ``requested`` (one of :data:`ALLOCATORS`), and a line saying what was chosen.
 
-    ``auto``: tcmalloc preloaded where :data:`TCMALLOC_PATHS` holds it, else glibc
-    with ``MALLOC_ARENA_MAX=2``; nothing where the user already preloads tcmalloc or
-    jemalloc or sets ``MALLOC_ARENA_MAX``. ``system``: nothing.
+    ``system`` (the default): nothing. ``auto``: tcmalloc preloaded where
+    :data:`TCMALLOC_PATHS` holds it, else glibc with ``MALLOC_ARENA_MAX=2``;
+    nothing where the user already preloads tcmalloc or jemalloc or sets
+    ``MALLOC_ARENA_MAX``. ``tcmalloc``: as ``auto`` (``MALLOC_ARENA_MAX=2`` where
+    none is found); ``arena``: ``MALLOC_ARENA_MAX=2``.
     """
     environ = os.environ if environ is None else environ
     preload = environ.get("LD_PRELOAD", "")
-    off = f"--em-inf-allocator system or {ALLOCATOR_ENV}=system turns it off"
+    off = "--em-inf-allocator system (the default) turns it off"
     if requested == "system":
-        return {}, "memory allocator: the system's (--em-inf-allocator system)"
+        return {}, (
+            "memory allocator: the system's (--em-inf-allocator auto, tcmalloc or "
+            f"arena, or {ALLOCATOR_ENV}, chooses another)"
+        )
     if requested == "auto" and (
         "tcmalloc" in preload or "jemalloc" in preload or "MALLOC_ARENA_MAX" in environ
     ):

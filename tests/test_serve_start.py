@@ -1,10 +1,12 @@
 """``em-inf serve``'s start on a CPU engine, on real servers of the tiny model.
 
 * The memory allocator (``--em-inf-allocator``, server/cpu_defaults.py): by default
-  tcmalloc is preloaded where installed (else ``MALLOC_ARENA_MAX=2``) in *every*
-  process of the server (the API server, which starts itself again with it, and the
-  engine processes it spawns), read back from ``/proc/<pid>/maps`` and
-  ``/proc/<pid>/environ``; ``--em-inf-allocator system`` leaves malloc alone.
+  malloc is left alone; with ``auto`` tcmalloc is preloaded where installed (else
+  ``MALLOC_ARENA_MAX=2``) in *every* process of the server (the API server, which
+  starts itself again with it, and the engine processes it spawns), read back from
+  ``/proc/<pid>/maps`` and ``/proc/<pid>/environ``. vLLM renames its engine
+  processes (setproctitle), which overwrites their ``/proc/<pid>/environ``: only
+  the maps tell for those.
 * No first-request cliff, counted rather than timed: em-inf's CPU kernels are built
   or loaded (``em_inf.cpu_build.build``, which logs one line per call) exactly once
   in each engine process that runs the processor, before the server reports ready,
@@ -89,11 +91,13 @@ def server_pids(base_url: str) -> list[int]:
 
 
 def allocator_of(pid: int) -> tuple[bool, str | None]:
-    """Whether ``pid`` has tcmalloc mapped, and its ``MALLOC_ARENA_MAX``."""
+    """Whether ``pid`` has tcmalloc mapped, and its ``MALLOC_ARENA_MAX`` (``"?"``
+    where its environment cannot be read back: a renamed process)."""
     maps = Path(f"/proc/{pid}/maps").read_text()
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    env = dict(item.decode().partition("=")[::2] for item in environ if item)
-    return "libtcmalloc" in maps, env.get("MALLOC_ARENA_MAX")
+    env = dict(item.decode(errors="replace").partition("=")[::2] for item in environ)
+    readable = "PATH" in env
+    return "libtcmalloc" in maps, env.get("MALLOC_ARENA_MAX") if readable else "?"
 
 
 def start_tiny(tmp_path_factory, name: str, extra: list[str]):
@@ -110,33 +114,36 @@ def default_server(tmp_path_factory):
         yield base_url, log_path
 
 
-def test_default_allocator_is_in_every_server_process(default_server):
+def test_default_leaves_malloc_alone(default_server):
     base_url, log_path = default_server
+    for pid in server_pids(base_url):
+        assert allocator_of(pid) in ((False, None), (False, "?")), pid
+    log = log_path.read_text()
+    assert log.count("CPU engine: memory allocator:") == 1
+    assert "memory allocator: the system's" in log
+
+
+def test_allocator_auto_is_in_every_server_process(tmp_path_factory):
     expected, _ = allocator_environment("auto", {})
-    pids = server_pids(base_url)
-    assert len(pids) >= 3  # API server, engine core, worker (and helpers)
-    for pid in pids:
-        tcmalloc, arenas = allocator_of(pid)
-        if "LD_PRELOAD" in expected:
-            assert tcmalloc, pid
-        else:
-            assert (tcmalloc, arenas) == (False, "2"), pid
+    server, log_path = start_tiny(
+        tmp_path_factory, "auto-allocator", ["--em-inf-allocator", "auto"]
+    )
+    with server as base_url:
+        pids = server_pids(base_url)
+        assert len(pids) >= 3  # API server, engine core, worker (and helpers)
+        for pid in pids:
+            tcmalloc, arenas = allocator_of(pid)
+            if "LD_PRELOAD" in expected:
+                assert tcmalloc, pid
+            else:
+                assert not tcmalloc and arenas in ("2", "?"), pid
+        assert allocator_of(pids[0])[1] == expected.get("MALLOC_ARENA_MAX")
     log = log_path.read_text()
     assert log.count("CPU engine: memory allocator:") == 1
     found = any(Path(p).exists() for p in TCMALLOC_PATHS)
     assert ("memory allocator: tcmalloc" in log) == found
     # vLLM's CPU worker stops asking for it.
     assert ("libtcmalloc is not found in LD_PRELOAD" in log) == (not found)
-
-
-def test_allocator_system_leaves_malloc_alone(tmp_path_factory):
-    server, log_path = start_tiny(
-        tmp_path_factory, "system-allocator", ["--em-inf-allocator", "system"]
-    )
-    with server as base_url:
-        for pid in server_pids(base_url):
-            assert allocator_of(pid) == (False, None), pid
-    assert "memory allocator: the system's" in log_path.read_text()
 
 
 def kernel_lines(log_path: Path) -> tuple[list[str], list[int], list[int], int]:
