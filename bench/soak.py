@@ -127,8 +127,14 @@ def allocator_seen(pid: int) -> list[dict[str, Any]]:
                 {
                     "pid": proc.pid,
                     "name": proc.name(),
-                    "MALLOC_ARENA_MAX": env.get("MALLOC_ARENA_MAX"),
-                    "LD_PRELOAD": env.get("LD_PRELOAD"),
+                    # vLLM renames its engine processes (setproctitle), which
+                    # overwrites /proc/<pid>/environ: "unreadable" there.
+                    "MALLOC_ARENA_MAX": env.get("MALLOC_ARENA_MAX")
+                    if "PATH" in env
+                    else "unreadable",
+                    "LD_PRELOAD": env.get("LD_PRELOAD")
+                    if "PATH" in env
+                    else "unreadable",
                     "tcmalloc_mapped": "libtcmalloc" in maps,
                 }
             )
@@ -331,7 +337,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(20, 5))
     names = [r["config"] for r in results]
     width = 0.2
     for i, kind in enumerate(("api_server", "engine_core", "worker", "total")):
@@ -343,17 +349,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_ylabel("RSS slope after warm-up (MiB per 1,000 requests)")
     axes[0].set_title("growth under load, per process kind")
     axes[0].legend()
-    for r in results:
-        points = [s for s in r["samples"] if s["phase"] in ("warmup", "load")]
-        done = [s["done"] for s in points]
-        rss = [s["rss"]["total"] / 2**20 for s in points]
-        axes[1].plot(done, rss, label=r["config"])
-    if results:
-        axes[1].axvline(results[0]["warmup"], color="grey", linestyle=":")
-    axes[1].set_xlabel("requests done")
-    axes[1].set_ylabel("server RSS, all processes (MiB)")
-    axes[1].set_title("RSS vs requests done (dotted: end of warm-up)")
-    axes[1].legend(fontsize=8)
+    for axis, kind in ((axes[1], "total"), (axes[2], "worker")):
+        for r in results:
+            points = [s for s in r["samples"] if s["phase"] in ("warmup", "load")]
+            done = [s["done"] for s in points]
+            rss = [s["rss"][kind] / 2**20 for s in points]
+            axis.plot(done, rss, label=r["config"])
+        if results:
+            axis.axvline(results[0]["warmup"], color="grey", linestyle=":")
+        axis.set_xlabel("requests done")
+        axis.set_ylabel(f"RSS, {kind} (MiB)")
+        axis.set_title(f"{kind} RSS vs requests done (dotted: end of warm-up)")
+        axis.legend(fontsize=8)
     fig.suptitle(
         f"em-inf serve, SmolLM2-135M, {results[0]['concurrency']} concurrent: "
         "allocators with and without the processor"
