@@ -236,13 +236,31 @@ def server(processor: bool, env_changes: dict[str, str | None], log_path: Path):
             process.wait(10)
 
 
+def trim(pid: int) -> dict[str, Any]:
+    """Ask glibc to give its free heap back to the system (``malloc_trim(0)``) in
+    every process of the server, through gdb; returns each call's answer."""
+    import psutil
+
+    root = psutil.Process(pid)
+    answers = {}
+    for proc in [root, *root.children(recursive=True)]:
+        done = subprocess.run(
+            ["gdb", "-p", str(proc.pid), "-batch", "-nx",
+             "-ex", "call (int) malloc_trim(0)"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        said = [line for line in done.stdout.splitlines() if line.startswith("$")]
+        answers[proc.pid] = said[-1] if said else done.stderr.strip()[-200:]
+    return answers
+
+
 def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     allocator, _, variant = name.partition("+")
     processor = variant != "noproc"
     env_changes = allocator_environment(allocator)
     plan = make_plan(args.requests, args.seed)
     load_start = os.getloadavg()
-    log_path = RESULTS / f"soak_{name}.server.log"
+    log_path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.server.log"
     with server(processor, env_changes, log_path) as (base_url, pid):
         seen = allocator_seen(pid)
         with Sampler(pid, args.memory_interval) as sampler:
@@ -272,6 +290,11 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(SETTLE_S)
                 idle = sampler.sample(f"idle_after_{phase}")
                 phases.append((outcomes, wall, idle))
+            trimmed = None
+            if args.trim:
+                answers = trim(pid)
+                time.sleep(2)
+                trimmed = {"answers": answers, "rss": sampler.sample("after_trim")}
     load_end = os.getloadavg()
     (_, _, idle0), (outcomes, wall, idle1) = phases
     under_load = [s for s in sampler.samples if s["phase"] == "load"]
@@ -298,6 +321,15 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "idle_after_warmup": {k: idle0[k] / 2**20 for k in keys},
             "idle_end": {k: idle1[k] / 2**20 for k in keys},
         },
+        "after_trim": None
+        if trimmed is None
+        else {
+            "answers": trimmed["answers"],
+            "rss_mib": {k: trimmed["rss"][k] / 2**20 for k in keys},
+            "growth_over_idle_after_warmup_mib": {
+                k: (trimmed["rss"][k] - idle0[k]) / 2**20 for k in keys
+            },
+        },
         "tokens_per_s": summarize(outcomes, wall)["tokens_per_s"],
         "summary_measured": summarize(outcomes, wall),
         "loadavg_start": load_start,
@@ -305,7 +337,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "samples": sampler.samples,
     }
-    (RESULTS / f"soak_{name}.json").write_text(json.dumps(result, indent=1))
+    suffix = "+trim" if args.trim else ""
+    (RESULTS / f"soak_{name}{suffix}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -385,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=3600.0)
     parser.add_argument("--tag", default="allocators")
     parser.add_argument(
+        "--trim", action="store_true",
+        help="at the end, malloc_trim(0) in every server process (gdb) and read "
+        "RSS again: freed heap kept by malloc, or memory still in use",
+    )  # fmt: skip
+    parser.add_argument(
         "--combine", action="store_true",
         help="only combine the soak_<config>.json files already written",
     )  # fmt: skip
@@ -392,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [c if "+" in c else c + "+proc" for c in args.configs]
     results = []
     for name in names:
-        path = RESULTS / f"soak_{name}.json"
+        path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.json"
         if args.combine:
             if path.exists():
                 results.append(json.loads(path.read_text()))
