@@ -67,7 +67,7 @@ TCMALLOC_PATHS = (
 )
 #: The allocator settings compared; each also tells em-inf serve to leave the
 #: allocator alone (``EM_INF_ALLOCATOR=system``) so that only this one is in effect.
-ALLOCATORS = ("glibc", "arena2", "tcmalloc")
+ALLOCATORS = ("glibc", "arena2", "tcmalloc", "mmap128k")
 KINDS = ("api_server", "engine_core", "worker", "other")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,10 +81,13 @@ def allocator_environment(allocator: str) -> dict[str, str | None]:
     env: dict[str, str | None] = {
         "EM_INF_ALLOCATOR": "system",
         "MALLOC_ARENA_MAX": None,
+        "MALLOC_MMAP_THRESHOLD_": None,
         "LD_PRELOAD": None,
     }
     if allocator == "arena2":
         env["MALLOC_ARENA_MAX"] = "2"
+    elif allocator == "mmap128k":  # a fixed mmap threshold: no dynamic raise
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     elif allocator == "tcmalloc":
         path = tcmalloc_path()
         if path is None:
