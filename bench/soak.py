@@ -2,8 +2,10 @@
 
 Runs :mod:`bench.load`'s request plan (the same seed, so the same requests) against
 one server per configuration, one after the other: glibc's malloc as it comes,
-glibc with ``MALLOC_ARENA_MAX=2``, and tcmalloc preloaded (``LD_PRELOAD``, as vLLM's
-CPU installation guide says), each with em-inf's processor and without it
+glibc with ``MALLOC_ARENA_MAX=2``, tcmalloc preloaded (``LD_PRELOAD``, as vLLM's
+CPU installation guide says), and glibc with a fixed mmap threshold
+(``MALLOC_MMAP_THRESHOLD_=131072``: large buffers always mmapped, so returned when
+freed), each with em-inf's processor and without it
 (``bench/serve_without_processor.py``). The variables are set in the environment
 the server starts with, so the API server and every engine process it spawns
 inherit them; each process's ``/proc/<pid>/environ`` and ``/proc/<pid>/maps`` are
@@ -17,7 +19,9 @@ For each configuration it reports, after the warm-up (``--warmup`` requests, the
   the samples taken under load after the warm-up;
 * ``idle_growth_pct``: RSS growth between the idle reading after the warm-up and
   the idle reading after the run;
-* ``tokens_per_s``: completion tokens per second of the measured part.
+* ``tokens_per_s``: completion tokens per second of the measured part;
+* with ``--trim``, ``after_trim``: RSS after ``malloc_trim(0)`` in every server
+  process (through gdb) at the end: what glibc kept of freed memory.
 
 Usage::
 
