@@ -765,6 +765,17 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
             "p99_s": percentile(values, 99),
         }
     first = [o.first_token_s for o in ok if o.first_token_s is not None]
+    # The first requests sent (plan order) beside the next ones: a first-request
+    # cliff (anything built or compiled on first use) shows in "first_10".
+    in_order = [o.latency_s for o in sorted(ok, key=lambda o: o.index)]
+    cliff = {
+        name: {
+            "count": len(v),
+            "p50_s": percentile(v, 50),
+            "max_s": max(v, default=None),
+        }
+        for name, v in (("first_10", in_order[:10]), ("next_100", in_order[10:110]))
+    }
     return {
         "requests_sent": len(outcomes),
         "requests_ok": len(ok),
@@ -781,6 +792,7 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict[str, Any]:
         },
         "latency_p50_s": percentile(latencies, 50),
         "latency_p99_s": percentile(latencies, 99),
+        "first_requests": cliff,
         "kinds": dict(Counter(o.kind for o in outcomes)),
         "errors": dict(Counter(o.error for o in outcomes if o.error)),
         "error_examples": [

@@ -7,6 +7,7 @@ OpenAI-compatible server with EM-INF in its sampler (see :mod:`em_inf.server`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from em_inf import __version__
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         parser.print_help()
         return 2
+    _restart_with_allocator(args)
     return serve(args, serve_parser, argv[argv.index("serve") + 1 :])
 
 
@@ -55,6 +57,47 @@ def serve(args, serve_parser, serve_argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+#: Set in the environment of an ``em-inf serve`` that started itself again with
+#: its allocator: it must not do so twice.
+RESTARTED_ENV = "EM_INF_ALLOCATOR_APPLIED"
+
+
+def _restart_with_allocator(args) -> None:
+    """On a CPU engine, start this ``em-inf serve`` process again (``exec``, same
+    command line) with the memory allocator ``--em-inf-allocator`` asks for (see
+    :func:`em_inf.server.cpu_defaults.allocator_environment`): ``LD_PRELOAD`` and
+    ``MALLOC_ARENA_MAX`` act only when a process starts, and vLLM's engine
+    processes inherit them from this one."""
+    if os.environ.get(RESTARTED_ENV):
+        return
+    from em_inf.server import vllm_compat
+    from em_inf.server.cpu_defaults import ALLOCATOR_ENV, allocator_environment
+
+    requested = getattr(args, "em_inf_allocator", None)
+    requested = requested or os.environ.get(ALLOCATOR_ENV, "").strip() or "system"
+    if requested not in ("auto", "tcmalloc", "arena", "system"):
+        requested = "system"
+    if not vllm_compat.get("current_platform").is_cpu():
+        return
+    changes, line = allocator_environment(requested)
+    _show_em_inf_logs()
+    logging.getLogger("em_inf.server").info("CPU engine: %s", line)
+    if not changes:
+        return
+    env = dict(os.environ, **changes, **{RESTARTED_ENV: requested})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as error:  # run on here: the engine processes still get it
+        logging.getLogger("em_inf.server").warning(
+            "CPU engine: could not restart with the allocator (%s); the engine "
+            "processes get it, this one does not",
+            error,
+        )
+        os.environ.update(changes)
 
 
 def _show_em_inf_logs() -> None:

@@ -17,6 +17,7 @@ cached file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -45,6 +46,10 @@ _BASE_FLAGS = (
     "-shared",
     "-Wno-psabi",
 )
+
+
+#: vLLM's handlers show it in an engine's log: one line per :func:`build` call.
+logger = logging.getLogger("vllm.em_inf")
 
 
 class BuildError(RuntimeError):
@@ -128,6 +133,7 @@ def build() -> Build:
             compiler's last error).
     """
     started = time.perf_counter()
+    logger.info("em-inf: CPU kernels: build or load (pid %d)", os.getpid())
     cc = compiler()
     version = _compiler_version(cc)
     source = SOURCE.read_bytes()

@@ -56,6 +56,9 @@ from em_inf.counters import (
 
 PREFIX = "em_inf_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: The directory :func:`share_across_processes` made (so that a process that
+#: starts itself again, as ``em-inf serve`` does for its allocator, still removes it).
+_OWNED_ENV = "EM_INF_PROMETHEUS_DIR_MADE"
 _series: dict[str, Any] | None = None
 
 
@@ -132,10 +135,13 @@ def share_across_processes() -> str:
     Call it before vLLM starts its engine (``em-inf serve`` does, before it
     imports vLLM). Returns the directory; a ``PROMETHEUS_MULTIPROC_DIR`` already
     set is kept (and then not removed)."""
-    if os.environ.get(MULTIPROC_ENV):
-        return os.environ[MULTIPROC_ENV]
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        if os.environ.get(_OWNED_ENV) == directory:  # ours, this process re-exec'd
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        return directory
     directory = tempfile.mkdtemp(prefix="em-inf-metrics-")
-    os.environ[MULTIPROC_ENV] = directory
+    os.environ[MULTIPROC_ENV] = os.environ[_OWNED_ENV] = directory
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return directory
 

@@ -59,6 +59,7 @@ def _field_type(field: str) -> type:
 EM_INF_FLAGS: tuple[str, ...] = (
     "--em-inf-preset",
     "--em-inf-default",
+    "--em-inf-allocator",
     *(flag_name(field) for field in FIELD_NAMES),
 )
 
@@ -79,6 +80,16 @@ def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         default=argparse.SUPPRESS,
         help="'on' (default): requests that say nothing get EM-INF; 'off': EM-INF "
         "is opt-in per request ('em_inf': true or an object of settings).",
+    )
+    group.add_argument(
+        "--em-inf-allocator",
+        choices=("auto", "tcmalloc", "arena", "system"),
+        default=argparse.SUPPRESS,
+        help="CPU engine's memory allocator in every server process (or "
+        "$EM_INF_ALLOCATOR). 'system' (default): malloc as it is; 'tcmalloc': "
+        "preloaded from a standard path (libtcmalloc-minimal4), as vLLM's CPU guide "
+        "advises; 'arena': glibc with MALLOC_ARENA_MAX=2; 'auto': tcmalloc where "
+        "found, else arena. Neither kept a soak's memory flat (bench/README.md).",
     )
     for field in FIELD_NAMES:
         kind = _field_type(field)

@@ -12,7 +12,12 @@ Each default applies only where the user left the setting alone:
 * OpenMP thread binding (``VLLM_CPU_OMP_THREADS_BIND``): vLLM binds each CPU worker
   to a NUMA node of its own and refuses to start when there are fewer nodes than
   workers ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers");
-  there the allowed cores are split among the workers instead.
+  there the allowed cores are split among the workers instead;
+* the memory allocator (:func:`allocator_environment`, ``--em-inf-allocator``):
+  the system's malloc by default. Neither tcmalloc nor ``MALLOC_ARENA_MAX=2`` kept
+  a soak's memory flat (bench/soak.py, bench/README.md), so neither is imposed;
+  ``auto`` / ``tcmalloc`` / ``arena`` ask for one. They act when a process starts,
+  so ``em-inf serve`` then starts itself again with them (em_inf/cli.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,23 @@ THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 KV_CACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 _SYS_NODES = Path("/sys/devices/system/node")
 _SYS_CPUS = Path("/sys/devices/system/cpu")
+
+#: ``--em-inf-allocator``'s values, and the variable that sets it too.
+ALLOCATORS = ("auto", "tcmalloc", "arena", "system")
+ALLOCATOR_ENV = "EM_INF_ALLOCATOR"
+#: Where Debian/Ubuntu (libtcmalloc-minimal4, libgoogle-perftools4) and Fedora
+#: (gperftools-libs) put tcmalloc.
+TCMALLOC_PATHS = tuple(
+    f"{lib}/{name}"
+    for lib in (
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib/powerpc64le-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    )
+    for name in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+)
 
 
 class CpuSetupError(ValueError):
@@ -217,3 +239,40 @@ def _id_list(ids: list[int]) -> str:
             parts.append(str(start) if start == previous else f"{start}-{previous}")
         start = previous = cpu
     return ",".join(parts)
+
+
+def allocator_environment(
+    requested: str, environ: dict[str, str] | None = None
+) -> tuple[dict[str, str], str]:
+    """The variables that give ``em-inf serve``'s processes the memory allocator
+    ``requested`` (one of :data:`ALLOCATORS`), and a line saying what was chosen.
+
+    ``system`` (the default): nothing. ``auto``: tcmalloc preloaded where
+    :data:`TCMALLOC_PATHS` holds it, else glibc with ``MALLOC_ARENA_MAX=2``;
+    nothing where the user already preloads tcmalloc or jemalloc or sets
+    ``MALLOC_ARENA_MAX``. ``tcmalloc``: as ``auto`` (``MALLOC_ARENA_MAX=2`` where
+    none is found); ``arena``: ``MALLOC_ARENA_MAX=2``.
+    """
+    environ = os.environ if environ is None else environ
+    preload = environ.get("LD_PRELOAD", "")
+    off = "--em-inf-allocator system (the default) turns it off"
+    if requested == "system":
+        return {}, (
+            "memory allocator: the system's (--em-inf-allocator auto, tcmalloc or "
+            f"arena, or {ALLOCATOR_ENV}, chooses another)"
+        )
+    if requested == "auto" and (
+        "tcmalloc" in preload or "jemalloc" in preload or "MALLOC_ARENA_MAX" in environ
+    ):
+        return {}, "memory allocator: left as LD_PRELOAD / MALLOC_ARENA_MAX set it"
+    path = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+    if requested in ("auto", "tcmalloc") and path is not None:
+        joined = f"{path}:{preload}" if preload else str(path)
+        return {"LD_PRELOAD": joined}, f"memory allocator: tcmalloc ({path}); {off}"
+    why = " (no tcmalloc found: apt-get install libtcmalloc-minimal4)"
+    if requested == "arena":
+        why = ""
+    return (
+        {"MALLOC_ARENA_MAX": "2"},
+        f"memory allocator: glibc, MALLOC_ARENA_MAX=2{why}; {off}",
+    )

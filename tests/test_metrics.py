@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +236,20 @@ def test_grafana_dashboard_queries_only_series_em_inf_exports():
     queried = set(re.findall(r"em_inf_\w+", dashboard.read_text()))
     assert queried, "the dashboard queries no EM-INF series"
     assert queried <= exported, queried - exported
+
+
+def test_share_across_processes_makes_one_directory_and_keeps_the_users(
+    monkeypatch, tmp_path
+):
+    """A fresh directory, the same one again after a restart of the process (the
+    allocator's re-exec of em-inf serve), and a directory the user set kept."""
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
+    monkeypatch.delenv(metrics._OWNED_ENV, raising=False)
+    made = metrics.share_across_processes()
+    assert Path(made).is_dir() and os.environ[metrics.MULTIPROC_ENV] == made
+    assert metrics.share_across_processes() == made  # as after the restart
+    os.rmdir(made)
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    monkeypatch.delenv(metrics._OWNED_ENV)
+    assert metrics.share_across_processes() == str(tmp_path)
+    assert metrics._OWNED_ENV not in os.environ

@@ -1,0 +1,193 @@
+"""``em-inf serve``'s start on a CPU engine, on real servers of the tiny model.
+
+* The memory allocator (``--em-inf-allocator``, server/cpu_defaults.py): by default
+  malloc is left alone; with ``auto`` tcmalloc is preloaded where installed (else
+  ``MALLOC_ARENA_MAX=2``) in *every* process of the server (the API server, which
+  starts itself again with it, and the engine processes it spawns), read back from
+  ``/proc/<pid>/maps`` and ``/proc/<pid>/environ``. vLLM renames its engine
+  processes (setproctitle), which overwrites their ``/proc/<pid>/environ``: only
+  the maps tell for those.
+* No first-request cliff, counted rather than timed: em-inf's CPU kernels are built
+  or loaded (``em_inf.cpu_build.build``, which logs one line per call) exactly once
+  in each engine process that runs the processor, before the server reports ready,
+  and never again after requests of both modes.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from pathlib import Path
+
+import openai
+import pytest
+
+from em_inf import models
+from em_inf.server import vllm_compat
+from em_inf.server.cpu_defaults import TCMALLOC_PATHS, allocator_environment
+from tests.server_helpers import TINY_VOCAB, running_server
+
+pytestmark = pytest.mark.skipif(
+    not vllm_compat.get("current_platform").is_cpu(), reason="CPU engine defaults"
+)
+
+#: The test's own allocator settings must not leak into the servers.
+CLEAN_ENV = {
+    "EM_INF_ALLOCATOR": None,
+    "EM_INF_ALLOCATOR_APPLIED": None,
+    "LD_PRELOAD": None,
+    "MALLOC_ARENA_MAX": None,
+}
+BUILD_LINE = re.compile(r"em-inf: CPU kernels: build or load \(pid (\d+)\)")
+PROCESSOR_LINE = re.compile(r"\((\w+) pid=(\d+)\).*EM-INF \S+ on Model Runner")
+READY_LINE = "Application startup complete"
+
+
+# ------------------------------------------------------------ the choice (no server)
+
+
+def test_auto_preloads_tcmalloc_where_found_else_limits_arenas(monkeypatch, tmp_path):
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_text("")
+    monkeypatch.setattr(
+        "em_inf.server.cpu_defaults.TCMALLOC_PATHS", (str(tmp_path / "no"), library)
+    )
+    changes, line = allocator_environment("auto", {})
+    assert changes == {"LD_PRELOAD": str(library)}
+    assert "tcmalloc" in line and "--em-inf-allocator system" in line
+    changes, _ = allocator_environment("auto", {"LD_PRELOAD": "/x/libgomp.so"})
+    assert changes == {"LD_PRELOAD": f"{library}:/x/libgomp.so"}
+    assert allocator_environment("arena", {})[0] == {"MALLOC_ARENA_MAX": "2"}
+    library.unlink()
+    changes, line = allocator_environment("auto", {})
+    assert changes == {"MALLOC_ARENA_MAX": "2"}
+    assert "no tcmalloc found" in line
+    assert allocator_environment("tcmalloc", {})[0] == {"MALLOC_ARENA_MAX": "2"}
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"LD_PRELOAD": "/opt/libjemalloc.so"}, {"MALLOC_ARENA_MAX": "4"}],
+)
+def test_auto_keeps_the_users_own_allocator_settings(environ):
+    assert allocator_environment("auto", environ)[0] == {}
+    assert allocator_environment("system", {})[0] == {}
+
+
+# ---------------------------------------------------------------- real servers
+
+
+def server_pids(base_url: str) -> list[int]:
+    """The pid listening on ``base_url``'s port and every process under it."""
+    import psutil
+
+    port = urllib.parse.urlparse(base_url).port
+    root = next(
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid
+    )
+    return [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+
+
+def allocator_of(pid: int) -> tuple[bool, str | None]:
+    """Whether ``pid`` has tcmalloc mapped, and its ``MALLOC_ARENA_MAX`` (``"?"``
+    where its environment cannot be read back: a renamed process)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode(errors="replace").partition("=")[::2] for item in environ)
+    readable = "PATH" in env
+    return "libtcmalloc" in maps, env.get("MALLOC_ARENA_MAX") if readable else "?"
+
+
+def start_tiny(tmp_path_factory, name: str, extra: list[str]):
+    args = [str(models.tiny_model_dir(TINY_VOCAB)), "--dtype", "float32"]
+    args += ["--max-model-len", "512", *extra]
+    log_path = tmp_path_factory.mktemp(name) / "server.log"
+    return running_server(args, log_path, env_changes=CLEAN_ENV), log_path
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    server, log_path = start_tiny(tmp_path_factory, "default-allocator", [])
+    with server as base_url:
+        yield base_url, log_path
+
+
+def test_default_leaves_malloc_alone(default_server):
+    base_url, log_path = default_server
+    for pid in server_pids(base_url):
+        assert allocator_of(pid) in ((False, None), (False, "?")), pid
+    log = log_path.read_text()
+    assert log.count("CPU engine: memory allocator:") == 1
+    assert "memory allocator: the system's" in log
+
+
+def test_allocator_auto_is_in_every_server_process(tmp_path_factory):
+    expected, _ = allocator_environment("auto", {})
+    server, log_path = start_tiny(
+        tmp_path_factory, "auto-allocator", ["--em-inf-allocator", "auto"]
+    )
+    with server as base_url:
+        pids = server_pids(base_url)
+        assert len(pids) >= 3  # API server, engine core, worker (and helpers)
+        for pid in pids:
+            tcmalloc, arenas = allocator_of(pid)
+            if "LD_PRELOAD" in expected:
+                assert tcmalloc, pid
+            else:
+                assert not tcmalloc and arenas in ("2", "?"), pid
+        assert allocator_of(pids[0])[1] == expected.get("MALLOC_ARENA_MAX")
+    log = log_path.read_text()
+    assert log.count("CPU engine: memory allocator:") == 1
+    found = any(Path(p).exists() for p in TCMALLOC_PATHS)
+    assert ("memory allocator: tcmalloc" in log) == found
+    # vLLM's CPU worker stops asking for it.
+    assert ("libtcmalloc is not found in LD_PRELOAD" in log) == (not found)
+
+
+def kernel_lines(log_path: Path) -> tuple[list[str], list[int], list[int], int]:
+    lines = log_path.read_text(errors="replace").splitlines()
+    builds = [i for i, line in enumerate(lines) if BUILD_LINE.search(line)]
+    processors = [i for i, line in enumerate(lines) if PROCESSOR_LINE.search(line)]
+    ready = next(i for i, line in enumerate(lines) if READY_LINE in line)
+    return lines, builds, processors, ready
+
+
+def test_kernels_are_built_once_per_engine_process_before_ready(default_server):
+    base_url, log_path = default_server
+    lines, builds, processors, ready = kernel_lines(log_path)
+    assert builds and processors
+    built_in = [int(BUILD_LINE.search(lines[i]).group(1)) for i in builds]
+    runs_processor = [int(PROCESSOR_LINE.search(lines[i]).group(2)) for i in processors]
+    # Each engine process that runs the processor built (or loaded) them once.
+    assert sorted(built_in) == sorted(set(runs_processor)), (built_in, runs_processor)
+    assert max(builds + processors) < ready
+    assert "cpu backend" in lines[processors[0]]  # the kernels, not the fallback
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    modes = [{"threshold": 0.0, "steps": 3}, {"mode": "temperature", "threshold": 0.0}]
+    for settings in modes:
+        for stream in (False, True):
+            for n in (1, 2):
+                response = client.completions.create(
+                    model=model,
+                    prompt="The capital of France is",
+                    max_tokens=4,
+                    temperature=0.7 if n > 1 else 0.0,
+                    n=n,
+                    stream=stream,
+                    extra_body={"em_inf": settings},
+                )
+                if stream:
+                    list(response)
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                extra_body={"em_inf": settings},
+            )
+    _, builds_after, processors_after, _ = kernel_lines(log_path)
+    assert builds_after == builds
+    assert processors_after == processors
