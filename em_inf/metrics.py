@@ -138,12 +138,19 @@ def share_across_processes() -> str:
     directory = os.environ.get(MULTIPROC_ENV)
     if directory:
         if os.environ.get(_OWNED_ENV) == directory:  # ours, this process re-exec'd
-            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            atexit.register(_remove_from, os.getpid(), directory)
         return directory
     directory = tempfile.mkdtemp(prefix="em-inf-metrics-")
     os.environ[MULTIPROC_ENV] = os.environ[_OWNED_ENV] = directory
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    atexit.register(_remove_from, os.getpid(), directory)
     return directory
+
+
+def _remove_from(pid: int, directory: str) -> None:
+    """Remove ``directory`` when process ``pid`` exits (not when a process forked
+    from it does: it inherits the exit handler while the server still runs)."""
+    if os.getpid() == pid:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def snapshot() -> dict[str, dict[str, Any]]:

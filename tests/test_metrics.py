@@ -243,8 +243,9 @@ def test_share_across_processes_makes_one_directory_and_keeps_the_users(
 ):
     """A fresh directory, the same one again after a restart of the process (the
     allocator's re-exec of em-inf serve), and a directory the user set kept."""
-    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)
-    monkeypatch.delenv(metrics._OWNED_ENV, raising=False)
+    for name in (metrics.MULTIPROC_ENV, metrics._OWNED_ENV):
+        monkeypatch.setenv(name, "")  # recorded, so that teardown restores it
+        monkeypatch.delenv(name)
     made = metrics.share_across_processes()
     assert Path(made).is_dir() and os.environ[metrics.MULTIPROC_ENV] == made
     assert metrics.share_across_processes() == made  # as after the restart

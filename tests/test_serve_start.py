@@ -22,9 +22,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from em_inf import models
 from em_inf.server import vllm_compat
 from em_inf.server.cpu_defaults import TCMALLOC_PATHS, allocator_environment
+from em_inf_support.tiny_model import tiny_model_dir
 from tests.server_helpers import TINY_VOCAB, running_server
 
 pytestmark = pytest.mark.skipif(
@@ -101,7 +101,7 @@ def allocator_of(pid: int) -> tuple[bool, str | None]:
 
 
 def start_tiny(tmp_path_factory, name: str, extra: list[str]):
-    args = [str(models.tiny_model_dir(TINY_VOCAB)), "--dtype", "float32"]
+    args = [str(tiny_model_dir(TINY_VOCAB)), "--dtype", "float32"]
     args += ["--max-model-len", "512", *extra]
     log_path = tmp_path_factory.mktemp(name) / "server.log"
     return running_server(args, log_path, env_changes=CLEAN_ENV), log_path

@@ -22,6 +22,7 @@ import sys
 import httpx
 import pytest
 
+from em_inf import metrics
 from em_inf.config import PRESETS, REQUEST_KEY
 from em_inf.server import vllm_compat
 from em_inf.server.cli_args import EM_INF_FLAGS, make_serve_parser, serve_subcommand
@@ -185,12 +186,16 @@ def test_em_inf_serve_help_shows_vllm_groups_and_the_em_inf_group():
         ("ModelConfig", "--max-model-len", "--em-inf-lr"),
     ],
 )
-def test_help_for_a_group_or_a_flag(capsys, monkeypatch, keyword, shown, hidden):
+def test_help_for_a_group_or_a_flag(
+    capsys, monkeypatch, tmp_path, keyword, shown, hidden
+):
     from em_inf.cli import main
 
     # vLLM's parser keeps the --help=KEYWORD search on its class: undo it after.
     parser_class = vllm_compat.get("argument_parser")
     monkeypatch.setattr(parser_class, "_search_keyword", None)
+    # `serve` sets up the metrics directory first: keep it out of this process.
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
     with pytest.raises(SystemExit) as exited:
         main(["serve", f"--help={keyword}"])
     assert exited.value.code == 0
