@@ -1034,25 +1034,7 @@ def series_gained(base_url: str, before: dict[str, Any]) -> dict[str, Any]:
             break
         last = now
         time.sleep(6.0)
-    gained = {}
-    for mode, figures in now.items():
-        old = before[mode]
-        gained[mode] = {
-            key: figures[key] - old[key]
-            for key in ("rows", "below_threshold", "restored", "work")
-        }
-        for name in ("entropy_before", "entropy_after"):
-            gained[mode][name] = {
-                "buckets": [
-                    [le, count - previous]
-                    for (le, count), (_, previous) in zip(
-                        figures[name]["buckets"], old[name]["buckets"], strict=True
-                    )
-                ],
-                "sum": figures[name]["sum"] - old[name]["sum"],
-                "count": figures[name]["count"] - old[name]["count"],
-            }
-    return gained
+    return em_inf_metrics.difference(now, before)
 
 
 def drive_phases(

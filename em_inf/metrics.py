@@ -219,6 +219,30 @@ def _mode_snapshot(samples: list[Any], mode: str) -> dict[str, Any]:
     }
 
 
+def difference(after: dict, before: dict) -> dict[str, dict[str, Any]]:
+    """``after - before``, per mode, of two :func:`snapshot`-structured readings
+    (e.g. what a run added to a server's series)."""
+    result = {}
+    for mode in MODES:
+        new, old = after[mode], before[mode]
+        result[mode] = {
+            key: new[key] - old[key]
+            for key in ("rows", "below_threshold", "restored", "work")
+        }
+        for name in ("entropy_before", "entropy_after"):
+            result[mode][name] = {
+                "buckets": [
+                    [le, count - previous]
+                    for (le, count), (_, previous) in zip(
+                        new[name]["buckets"], old[name]["buckets"], strict=True
+                    )
+                ],
+                "sum": new[name]["sum"] - old[name]["sum"],
+                "count": new[name]["count"] - old[name]["count"],
+            }
+    return result
+
+
 def summary(totals: np.ndarray) -> dict[str, dict[str, Any]]:
     """:func:`snapshot`'s structure for counters ``totals`` (int64 ``[2, WIDTH]``),
     e.g. a Hugging Face processor's."""

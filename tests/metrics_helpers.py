@@ -28,6 +28,7 @@ from em_inf import functional, metrics
 from em_inf.config import EMInfConfig
 from em_inf.counters import ENTROPY_EDGES, MODES, WIDTH, WORK
 from em_inf.reference import em_inf_oracle, entropy, settings_oracle
+from tests.server_helpers import settled
 
 #: Largest difference between the served row's entropy and the oracle's (nats).
 ENTROPY_TOL = 1e-3
@@ -131,30 +132,23 @@ def series(base_url: str) -> dict[str, dict[str, Any]]:
         return metrics.parse(page.read().decode())
 
 
-def difference(after: dict, before: dict) -> dict[str, dict[str, Any]]:
-    """``after - before``, per mode, of two :func:`series` readings."""
-    result = {}
-    for mode in MODES:
-        a, b = after[mode], before[mode]
-        entry = {k: a[k] - b[k] for k in ("rows", "below_threshold", "restored")}
-        entry["work"] = a["work"] - b["work"]
-        for name in ("entropy_before", "entropy_after"):
-            entry[name] = {
-                "buckets": [
-                    [le, count - old]
-                    for (le, count), (_, old) in zip(
-                        a[name]["buckets"], b[name]["buckets"], strict=True
-                    )
-                ],
-                "sum": a[name]["sum"] - b[name]["sum"],
-                "count": a[name]["count"] - b[name]["count"],
-            }
-        result[mode] = entry
-    return result
+def assert_settles_to(read: Callable[[], dict], before: dict, expected: dict):
+    """Wait until ``read()`` (series in :func:`em_inf.metrics.snapshot`'s
+    structure) has gained the rows ``expected`` (:func:`expected_counts`) counts
+    since ``before``, then check every figure of what it gained."""
+
+    def counted() -> dict:
+        now = read()
+        return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
+
+    rows = {mode: figures.rows for mode, figures in expected.items()}
+    assert settled(counted, rows) == rows
+    assert_counts(metrics.difference(read(), before), expected)
 
 
 def assert_counts(actual: dict[str, dict[str, Any]], expected: dict[str, Expected]):
-    """Every figure of ``actual`` (a :func:`difference`) against ``expected``."""
+    """Every figure of ``actual`` (an :func:`em_inf.metrics.difference`) against
+    ``expected``."""
     for mode in MODES:
         got, want = actual[mode], expected[mode]
         counts = {k: got[k] for k in ("rows", "below_threshold", "restored", "work")}

@@ -187,7 +187,7 @@ def test_vllm_processor_series_are_the_oracles(seed, monkeypatch):
         logits = torch.stack([row for row, _ in cases] + [cases[0][0]])
         proc.apply(logits, v2_context(slots))
         expected_cases += [*cases, (cases[0][0], None)]
-    actual = metrics_helpers.difference(metrics.snapshot(), before)
+    actual = metrics.difference(metrics.snapshot(), before)
     metrics_helpers.assert_counts(
         actual, metrics_helpers.expected_counts(expected_cases)
     )

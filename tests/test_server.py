@@ -669,14 +669,9 @@ class TestTinyServer:
             cases.append((plain_rows[("completion", prompt)], config))
         expected = metrics_helpers.expected_counts(cases)
 
-        def counted() -> dict:
-            now = metrics_helpers.series(base_url)
-            return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
-
-        rows = {mode: figures.rows for mode, figures in expected.items()}
-        assert settled(counted, rows) == rows
-        actual = metrics_helpers.difference(metrics_helpers.series(base_url), before)
-        metrics_helpers.assert_counts(actual, expected)
+        metrics_helpers.assert_settles_to(
+            lambda: metrics_helpers.series(base_url), before, expected
+        )
 
 
 # ------------------------------------------------------- the default model (SmolLM2)

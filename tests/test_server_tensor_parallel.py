@@ -36,7 +36,6 @@ from tests.server_helpers import (
     numa_nodes_of_allowed_cpus,
     random_logits_settings,
     running_server,
-    settled,
 )
 
 
@@ -141,11 +140,6 @@ def test_metrics_count_each_row_once_across_both_workers(seed, tp_server, plain_
         cases.append((plain_rows[("completion", prompt)], config))
     expected = metrics_helpers.expected_counts(cases)
 
-    def counted() -> dict:
-        now = metrics_helpers.series(base_url)
-        return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
-
-    rows = {mode: figures.rows for mode, figures in expected.items()}
-    assert settled(counted, rows) == rows
-    actual = metrics_helpers.difference(metrics_helpers.series(base_url), before)
-    metrics_helpers.assert_counts(actual, expected)
+    metrics_helpers.assert_settles_to(
+        lambda: metrics_helpers.series(base_url), before, expected
+    )

@@ -22,7 +22,6 @@ from em_inf.counters import SAMPLE_ENV
 from em_inf_support.tiny_model import TINY_VOCAB_SIZE, tiny_model_dir
 from tests import metrics_helpers
 from tests.oracle import assert_matches, settings_oracle
-from tests.server_helpers import settled
 from tests.vllm_engines import engine, full_vocab_params, generate, processed_logits
 
 VOCAB = int(os.environ.get("EM_INF_TEST_VOCAB", TINY_VOCAB_SIZE))
@@ -151,14 +150,7 @@ def test_offline_engine_series_are_the_oracles(llm, mixed_batch):
         ]
     )
 
-    def counted() -> dict:
-        now = metrics.snapshot()
-        return {mode: now[mode]["rows"] - before[mode]["rows"] for mode in now}
-
-    rows = {mode: figures.rows for mode, figures in expected.items()}
-    assert settled(counted, rows) == rows
-    actual = metrics_helpers.difference(metrics.snapshot(), before)
-    metrics_helpers.assert_counts(actual, expected)
+    metrics_helpers.assert_settles_to(metrics.snapshot, before, expected)
 
 
 def test_each_request_gets_alone_what_it_gets_in_the_mixed_batch(llm, mixed_batch):
