@@ -6,7 +6,9 @@ glibc with ``MALLOC_ARENA_MAX=2``, tcmalloc preloaded (``LD_PRELOAD``, as vLLM's
 CPU installation guide says), and glibc with a fixed mmap threshold
 (``MALLOC_MMAP_THRESHOLD_=131072``: large buffers always mmapped, so returned when
 freed), each with em-inf's processor and without it
-(``bench/serve_without_processor.py``). The variables are set in the environment
+(``bench/serve_without_processor.py``), and em-inf serve as it ships (``idletrim``:
+every process returns its freed heap after 5 s idle, em_inf/heap_trim.py). The
+variables are set in the environment
 the server starts with, so the API server and every engine process it spawns
 inherit them; each process's ``/proc/<pid>/environ`` and ``/proc/<pid>/maps`` are
 read back to record what was in effect (``allocator_seen`` in the JSON).
@@ -20,6 +22,8 @@ For each configuration it reports, after the warm-up (``--warmup`` requests, the
 * ``idle_growth_pct``: RSS growth between the idle reading after the warm-up and
   the idle reading after the run;
 * ``tokens_per_s``: completion tokens per second of the measured part;
+* ``heap_trims``: the idle trims the server logged, how many and what they
+  returned (``idletrim`` only);
 * with ``--trim``, ``after_trim``: RSS after ``malloc_trim(0)`` in every server
   process (through gdb) at the end: what glibc kept of freed memory.
 
@@ -27,6 +31,7 @@ Usage::
 
     python -m bench.soak --requests 1000 --warmup 200 --concurrency 64
     python -m bench.soak --configs glibc tcmalloc --requests 1500 --tag quick
+    python -m bench.soak --configs glibc+idletrim --requests 10000 --warmup 1000
 
 Writes ``bench/results/soak_<config>.json`` as each configuration finishes, then
 ``bench/results/soak_<tag>.json`` (all of them) and its ``.png``.
@@ -40,6 +45,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +62,7 @@ from bench.load import (
     memory_of,
     summarize,
 )
+from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV
 from em_inf_support.servers import HOST, free_port
 from em_inf_support.servers import healthy as _healthy
 
@@ -94,6 +101,33 @@ def allocator_environment(allocator: str) -> dict[str, str | None]:
             raise SystemExit("no tcmalloc: apt-get install libtcmalloc-minimal4")
         env["LD_PRELOAD"] = path
     return env
+
+
+#: What each configuration's name after the allocator means: em-inf's processor
+#: or not, and em-inf serve's idle heap trim (em_inf/heap_trim.py) or not.
+VARIANTS = {
+    "proc": {"processor": True, "heap_trim_idle_s": "0"},
+    "noproc": {"processor": False, "heap_trim_idle_s": "0"},
+    "idletrim": {"processor": True, "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}"},
+}
+TRIM_LINE = re.compile(
+    r"heap trim \(pid (\d+)\): resident (\d+) -> (\d+) MiB in ([\d.]+) ms"
+)
+
+
+def heap_trims(log_path: Path, first_line: int = 0) -> dict[str, Any]:
+    """The idle trims the server logged from ``first_line`` of its log on: how
+    many, the MiB they returned (resident before minus after), the longest."""
+    lines = log_path.read_text(errors="replace").splitlines()[first_line:]
+    found = [m for m in map(TRIM_LINE.search, lines) if m]
+    returned = [int(m.group(2)) - int(m.group(3)) for m in found]
+    took = [float(m.group(4)) for m in found]
+    return {
+        "count": len(found),
+        "returned_mib": sum(returned),
+        "largest_returned_mib": max(returned, default=0),
+        "longest_ms": max(took, default=0.0),
+    }
 
 
 def kind_of(process: dict[str, Any], root: int) -> str:
@@ -259,8 +293,9 @@ def trim(pid: int) -> dict[str, Any]:
 
 def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     allocator, _, variant = name.partition("+")
-    processor = variant != "noproc"
+    processor = VARIANTS[variant]["processor"]
     env_changes = allocator_environment(allocator)
+    env_changes[IDLE_ENV] = VARIANTS[variant]["heap_trim_idle_s"]
     plan = make_plan(args.requests, args.seed)
     load_start = os.getloadavg()
     log_path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.server.log"
@@ -293,6 +328,9 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(SETTLE_S)
                 idle = sampler.sample(f"idle_after_{phase}")
                 phases.append((outcomes, wall, idle))
+                if phase == "warmup":
+                    log_lines = log_path.read_text(errors="replace").splitlines()
+                    measured_from = len(log_lines)
             trimmed = None
             if args.trim:
                 answers = trim(pid)
@@ -332,6 +370,10 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "growth_over_idle_after_warmup_mib": {
                 k: (trimmed["rss"][k] - idle0[k]) / 2**20 for k in keys
             },
+        },
+        "heap_trims": {
+            "whole_run": heap_trims(log_path),
+            "after_warmup_idle_reading": heap_trims(log_path, measured_from),
         },
         "tokens_per_s": summarize(outcomes, wall)["tokens_per_s"],
         "summary_measured": summarize(outcomes, wall),
@@ -408,10 +450,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    everything = [f"{a}+{v}" for v in ("proc", "noproc") for a in ALLOCATORS]
+    everything = [f"{a}+{v}" for v in VARIANTS for a in ALLOCATORS]
     parser.add_argument(
         "--configs", nargs="+", default=everything,
-        help=f"from {everything}; 'glibc' means 'glibc+proc'",
+        help=f"from {everything}; 'glibc' means 'glibc+proc'. proc: em-inf serve "
+        "with --em-inf-heap-trim 0; noproc: vLLM alone (heap trim 0 too); "
+        "idletrim: em-inf serve's defaults (the idle heap trim on)",
     )  # fmt: skip
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=200)

@@ -11,12 +11,14 @@ import os
 import sys
 
 from em_inf import __version__
+from em_inf.heap_trim import start_from_environment
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``em-inf`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
+        _show_em_inf_logs()
         # Before vLLM (and prometheus_client) is imported: the engine's processes
         # then write EM-INF's series where the API server's /metrics reads them.
         from em_inf.metrics import share_across_processes
@@ -39,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         parser.print_help()
         return 2
+    try:
+        _set_heap_trim(args)
+    except ValueError as error:
+        print(f"em-inf serve: error: {error}", file=sys.stderr)
+        return 2
     _restart_with_allocator(args)
+    # vLLM loaded its plugins in this process while building the parser, before
+    # the variable was set; the engine's processes load them after.
+    start_from_environment()
     return serve(args, serve_parser, argv[argv.index("serve") + 1 :])
 
 
@@ -57,6 +67,20 @@ def serve(args, serve_parser, serve_argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _set_heap_trim(args) -> None:
+    """Put ``--em-inf-heap-trim`` (else a valid ``$EM_INF_HEAP_TRIM_IDLE_S``, else
+    the default) in the environment, where every process of the server reads it
+    (:func:`em_inf.heap_trim.start_from_environment`); ``ValueError`` for an
+    invalid variable."""
+    from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV, idle_seconds
+
+    seconds = getattr(args, "em_inf_heap_trim", None)
+    if seconds is None:
+        given = os.environ.get(IDLE_ENV, "").strip()
+        seconds = idle_seconds() if given else DEFAULT_IDLE_S
+    os.environ[IDLE_ENV] = f"{seconds:g}"
 
 
 #: Set in the environment of an ``em-inf serve`` that started itself again with

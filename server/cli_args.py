@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from em_inf.config import FIELD_NAMES, MODES, PRESETS, REQUEST_KEY
+from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV, parse_seconds
 
 from . import vllm_compat
 
@@ -60,8 +61,16 @@ EM_INF_FLAGS: tuple[str, ...] = (
     "--em-inf-preset",
     "--em-inf-default",
     "--em-inf-allocator",
+    "--em-inf-heap-trim",
     *(flag_name(field) for field in FIELD_NAMES),
 )
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_seconds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -90,6 +99,17 @@ def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         "preloaded from a standard path (libtcmalloc-minimal4), as vLLM's CPU guide "
         "advises; 'arena': glibc with MALLOC_ARENA_MAX=2; 'auto': tcmalloc where "
         "found, else arena. Neither kept a soak's memory flat (bench/README.md).",
+    )
+    group.add_argument(
+        "--em-inf-heap-trim",
+        type=_seconds,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="Every server process returns the heap it has freed to the system "
+        "(glibc malloc_trim) once it has been idle this long (default: "
+        f"{DEFAULT_IDLE_S:g}; or ${IDLE_ENV}). 0 turns it off. Without it "
+        "resident memory keeps the high-water mark of every burst "
+        "(docs/memory-growth.md).",
     )
     for field in FIELD_NAMES:
         kind = _field_type(field)

@@ -7,6 +7,9 @@
   ``/proc/<pid>/maps`` and ``/proc/<pid>/environ``. vLLM renames its engine
   processes (setproctitle), which overwrites their ``/proc/<pid>/environ``: only
   the maps tell for those.
+* Freed heap returned at idle (em_inf/heap_trim.py, ``--em-inf-heap-trim``): by
+  default every process of the server (API server, engine core, worker) starts
+  one trimmer, and each trims once it has been idle after requests.
 * No first-request cliff, counted rather than timed: em-inf's CPU kernels are built
   or loaded (``em_inf.cpu_build.build``, which logs one line per call) exactly once
   in each engine process that runs the processor, before the server reports ready,
@@ -22,6 +25,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from em_inf.heap_trim import IDLE_ENV
 from em_inf.server import vllm_compat
 from em_inf.server.cpu_defaults import TCMALLOC_PATHS, allocator_environment
 from em_inf_support.tiny_model import tiny_model_dir
@@ -37,10 +41,13 @@ CLEAN_ENV = {
     "EM_INF_ALLOCATOR_APPLIED": None,
     "LD_PRELOAD": None,
     "MALLOC_ARENA_MAX": None,
+    IDLE_ENV: None,
 }
 BUILD_LINE = re.compile(r"em-inf: CPU kernels: build or load \(pid (\d+)\)")
 PROCESSOR_LINE = re.compile(r"\((\w+) pid=(\d+)\).*EM-INF \S+ on Model Runner")
 READY_LINE = "Application startup complete"
+TRIMMER_LINE = re.compile(r"heap trim on \(pid (\d+)\)")
+TRIM_LINE = re.compile(r"heap trim \(pid (\d+)\): resident")
 
 
 # ------------------------------------------------------------ the choice (no server)
@@ -140,10 +147,53 @@ def test_allocator_auto_is_in_every_server_process(tmp_path_factory):
         assert allocator_of(pids[0])[1] == expected.get("MALLOC_ARENA_MAX")
     log = log_path.read_text()
     assert log.count("CPU engine: memory allocator:") == 1
+    # The restarted API server started its heap trimmer once, after the exec.
+    trimmers = [int(pid) for pid in TRIMMER_LINE.findall(log)]
+    assert len(trimmers) == len(set(trimmers)) and pids[0] in trimmers, trimmers
     found = any(Path(p).exists() for p in TCMALLOC_PATHS)
     assert ("memory allocator: tcmalloc" in log) == found
     # vLLM's CPU worker stops asking for it.
     assert ("libtcmalloc is not found in LD_PRELOAD" in log) == (not found)
+
+
+def trimmed_pids(log_path: Path, first_line: int = 0, wait_for=(), wait_s=60.0):
+    """The pids that logged a heap trim from ``first_line`` of the log on, polled
+    until they include ``wait_for`` or ``wait_s`` have passed."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = log_path.read_text(errors="replace").splitlines()[first_line:]
+        found = {int(m.group(1)) for m in map(TRIM_LINE.search, lines) if m}
+        if found >= set(wait_for) or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+def test_every_server_process_trims_its_heap_when_idle(default_server):
+    base_url, log_path = default_server
+    pids = server_pids(base_url)
+    lines = log_path.read_text(errors="replace").splitlines()
+    trimmers = [int(m.group(1)) for m in map(TRIMMER_LINE.search, lines) if m]
+    # One each: the API server, the engine core, the worker (helper processes
+    # such as the resource tracker run no vLLM code).
+    assert len(trimmers) == len(set(trimmers)) >= 3, trimmers
+    assert set(trimmers) <= set(pids), (trimmers, pids)
+    assert pids[0] in trimmers  # the API server, started by em-inf serve itself
+    # Each has been busy starting, then idle: each trimmed.
+    trimmed = trimmed_pids(log_path, wait_for=trimmers)
+    assert trimmed >= set(trimmers), (trimmed, trimmers)
+
+    # Work that keeps the worker busy for seconds: it trims again once idle.
+    worker = int(next(m for m in map(PROCESSOR_LINE.search, lines) if m).group(2))
+    assert worker in trimmers
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    before = len(log_path.read_text(errors="replace").splitlines())
+    client.completions.create(
+        model=model, prompt="Hello", max_tokens=64, n=8, temperature=1.0
+    )
+    assert worker in trimmed_pids(log_path, before, wait_for=[worker]), worker
 
 
 def kernel_lines(log_path: Path) -> tuple[list[str], list[int], list[int], int]:
