@@ -11,7 +11,10 @@ reductions run in a fixed order over chunks fixed by ``V``.
 The library is compiled on first use (:func:`load`, about a second, then cached on
 disk; see :mod:`em_inf.cpu_build`); :func:`em_inf.backend.prepare_backend` does that
 while an engine starts. Where it cannot be built, :func:`available` is false and
-callers use :mod:`em_inf.torch_backend`, after one warning.
+callers use :mod:`em_inf.torch_backend`, after one warning. The same happens where
+it does not match this module: :data:`PROTOTYPES` declares its entry points once,
+and :func:`load` checks them against the prototypes the library exports (and its
+stats layout against :mod:`em_inf.counters`) before any call, never per call.
 
 Entry points take the arguments of :mod:`em_inf.torch_backend` (``[N, 1]`` or
 ``[N]`` parameter tensors) plus ``rows``: an optional int64 index of the rows of
@@ -29,8 +32,12 @@ writes); with ``stats=None`` nothing is counted and no entropy after is computed
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
+import re
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,26 +53,88 @@ _scratch = torch.empty(0, dtype=torch.uint8)
 #: The entropy bins' edges the kernels compare with (one source: counters.py).
 _EDGES = torch.tensor(counters.ENTROPY_EDGES, dtype=torch.float64)
 
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_F64 = ctypes.c_double
-_INT = ctypes.c_int
-_SIGNATURES = {
-    "em_inf_scratch_bytes": (_I64, [_I64, _INT]),
-    "em_inf_logits": (
-        None,
-        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _F64, _F64]
-        + [_P, _P, _P, _INT, _I64, _INT],
-    ),
-    "em_inf_temperature": (
-        None,
-        [_P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _F64, _P, _P, _P, _P, _INT, _INT],
-    ),
-    "em_inf_stats_layout": (None, [_INT, _P]),
-    "em_inf_exp_floor": (None, [_P, _I64, _I64, _P, _INT]),
-    "em_inf_exp": (None, [_P, _P, _I64]),
-    "em_inf_lanes": (_INT, []),
-}
+#: The kernels' entry points, declared once on this side, as ``cpu_kernels.c``
+#: defines them (with the same argument names). :func:`load` checks each against the
+#: text the library exports for it (:func:`check_interface`) and sets the function's
+#: ctypes types from it; the calls below pass their arguments in this order.
+PROTOTYPES = (
+    "int64_t em_inf_scratch_bytes(int64_t vocab, int threads)",
+    "void em_inf_logits(float *logits, const int64_t *index, int64_t rows, "
+    "int64_t vocab, int64_t stride, const float *threshold, const float *kl_weight, "
+    "const float *lr, const int64_t *steps, double beta1, double beta2, double eps, "
+    "void *scratch, int64_t *stats, const double *edges, int n_edges, "
+    "int64_t sample, int threads)",
+    "void em_inf_temperature(float *logits, const int64_t *index, int64_t rows, "
+    "int64_t vocab, int64_t stride, const float *threshold, const float *alpha, "
+    "const float *t_min, const float *t_max, double rtol, float *inv_t, "
+    "void *scratch, int64_t *stats, const double *edges, int n_edges, int threads)",
+    "void em_inf_stats_layout(int n_edges, int64_t *out)",
+    "void em_inf_exp_floor(const float *logits, int64_t rows, int64_t vocab, "
+    "double *sums, int threads)",
+    "void em_inf_exp(const float *x, float *out, int64_t n)",
+    "int em_inf_lanes(void)",
+)
+#: ctypes' type for each C type the prototypes use (any pointer: ``c_void_p``,
+#: given a tensor's ``data_ptr()`` or ``None``; return type ``void``: ``None``).
+_CTYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "double": ctypes.c_double}
+
+
+class InterfaceError(RuntimeError):
+    """The compiled kernels do not match what this module declares (their
+    prototypes, or their stats layout); the message names the difference."""
+
+
+@dataclass(frozen=True)
+class Prototype:
+    """One C function's prototype, normalised: types as tokens joined by spaces
+    (``"const float *"``), ``arguments`` one ``(type, name)`` pair each."""
+
+    returns: str
+    name: str
+    arguments: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Prototype:
+        """Read ``"ret name(type arg, ...)"`` (or ``name(void)``); whitespace is
+        free. Raises InterfaceError on anything else (arrays, function pointers,
+        unnamed arguments)."""
+        match = re.fullmatch(r"\s*([\w\s*]+)\(([\w\s*,]*)\)\s*", text)
+        head = _tokens(match.group(1)) if match else []
+        if len(head) < 2 or not head[-1].isidentifier():
+            raise InterfaceError(f"cannot read the C prototype {text!r}")
+        listed = match.group(2).strip()
+        pieces = [] if listed in ("", "void") else listed.split(",")
+        arguments = tuple(_argument(piece, text) for piece in pieces)
+        return cls(" ".join(head[:-1]), head[-1], arguments)
+
+    def bind(self, library: ctypes.CDLL) -> None:
+        """Set ctypes' return and argument types of this function in ``library``."""
+        function = getattr(library, self.name)
+        function.restype = None if self.returns == "void" else _ctype(self.returns)
+        function.argtypes = [_ctype(kind) for kind, _ in self.arguments]
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\w+|\*", text)
+
+
+def _argument(piece: str, prototype: str) -> tuple[str, str]:
+    """``"const float *x"`` -> ``("const float *", "x")``."""
+    tokens = _tokens(piece)
+    if len(tokens) < 2 or not tokens[-1].isidentifier():
+        raise InterfaceError(f"an unnamed argument {piece!r} in {prototype!r}")
+    return " ".join(tokens[:-1]), tokens[-1]
+
+
+def _ctype(kind: str) -> type[ctypes._SimpleCData]:
+    if kind.endswith("*"):
+        return ctypes.c_void_p
+    if kind not in _CTYPES:
+        raise InterfaceError(f"no ctypes type for the C type {kind!r}")
+    return _CTYPES[kind]
+
+
+_DECLARED = tuple(Prototype.parse(text) for text in PROTOTYPES)
 
 
 def load() -> ctypes.CDLL | None:
@@ -78,13 +147,8 @@ def load() -> ctypes.CDLL | None:
         if _library is None and _failure is None:
             try:
                 built = cpu_build.build()
-                library = ctypes.CDLL(str(built.path))
-                for name, (restype, argtypes) in _SIGNATURES.items():
-                    function = getattr(library, name)
-                    function.restype = restype
-                    function.argtypes = argtypes
-                _check_layout(library)
-            except (cpu_build.BuildError, OSError, AttributeError) as err:
+                library = _open(built.path)
+            except (cpu_build.BuildError, InterfaceError, OSError) as err:
                 _failure = str(err)
                 logger.warning(
                     "em-inf: compiled CPU kernels unavailable (%s); using the "
@@ -100,6 +164,68 @@ def load() -> ctypes.CDLL | None:
                     built.path,
                 )
     return _library
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """The library at ``path``, its interface checked and its ctypes types set."""
+    library = ctypes.CDLL(str(path))
+    check_interface(library, _DECLARED)
+    for prototype in _DECLARED:
+        prototype.bind(library)
+    _check_layout(library)
+    return library
+
+
+def check_interface(library: ctypes.CDLL, declared: tuple[Prototype, ...]) -> None:
+    """Raise InterfaceError unless ``library`` defines every ``declared`` entry point
+    (:func:`load` passes :data:`PROTOTYPES`, read) with the same prototype: return
+    type, then each argument's type and name in order (so a swapped pair of
+    same-typed arguments counts). The message names the function, the argument and
+    its type on each side."""
+    for ours in declared:
+        theirs = _exported(library, ours.name)
+        difference = _difference(ours, theirs)
+        if difference:
+            raise InterfaceError(
+                f"{ours.name} does not match its declaration in cpu_backend.py: "
+                f"{difference}"
+            )
+
+
+def _exported(library: ctypes.CDLL, name: str) -> Prototype:
+    """The prototype ``library`` exports for ``name`` (its ENTRY_POINT text)."""
+    try:
+        text = ctypes.c_char_p.in_dll(library, f"{name}_prototype").value
+    except ValueError:
+        raise InterfaceError(
+            f"cpu_kernels.c exports no prototype for {name} (not an ENTRY_POINT?)"
+        ) from None
+    return Prototype.parse(text.decode())
+
+
+def _difference(ours: Prototype, theirs: Prototype) -> str | None:
+    """The first difference between two prototypes, in words; None when equal."""
+    if ours.returns != theirs.returns:
+        return (
+            f"returns {theirs.returns} in cpu_kernels.c, {ours.returns} in "
+            "cpu_backend.py"
+        )
+    pairs = itertools.zip_longest(ours.arguments, theirs.arguments)
+    for position, (declared, defined) in enumerate(pairs, start=1):
+        if declared != defined:
+            return (
+                f"argument {position} is {_written(defined)} in cpu_kernels.c, "
+                f"{_written(declared)} in cpu_backend.py"
+            )
+    return None
+
+
+def _written(argument: tuple[str, str] | None) -> str:
+    """``("const float *", "x")`` -> ``'const float *x'`` (C's spelling)."""
+    if argument is None:
+        return "absent"
+    kind, name = argument
+    return repr(f"{kind}{'' if kind.endswith('*') else ' '}{name}")
 
 
 def available() -> bool:
@@ -330,7 +456,7 @@ def _check_layout(library: ctypes.CDLL) -> None:
         counters.FIXED_POINT,
     ]
     if layout[:10].tolist() != expected or _EDGES.numel() > layout[10]:
-        raise cpu_build.BuildError(
+        raise InterfaceError(
             f"the kernels' stats layout {layout.tolist()} is not counters.py's "
             f"{expected} (at most {int(layout[10])} edges)"
         )

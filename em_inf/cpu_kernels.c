@@ -53,6 +53,15 @@
  * (logits mode, 3 steps, V = 151,936: about 15% more time; bench/latency.py
  * --counting). Temperature mode: the solver's evaluation at the 1/T applied (no
  * extra work). Without stats nothing of this runs.
+ *
+ * Entry points
+ * ------------
+ * Each function em_inf/cpu_backend.py calls is defined through ENTRY_POINT, which
+ * also exports the text of its prototype as a string named after it:
+ * em_inf_lanes_prototype is "int em_inf_lanes(void)". The prototype is written once,
+ * here; cpu_backend.py declares the same prototypes, sets ctypes' argument types from
+ * them, and refuses to load a library whose text differs in any argument's name or
+ * type, or in a return type (a mismatch would otherwise pass the wrong bytes).
  */
 #include <float.h>
 #include <math.h>
@@ -87,6 +96,12 @@
 /* Temperature solver: most passes per row (bisection alone needs < 30 to reach
  * float32's resolution of 1/T from the widest bracket, [1e-4, 1e4]). */
 #define TEMPERATURE_MAX_PASSES 60
+
+/* Defines entry point `name` and exports its prototype's text as name##_prototype
+ * (whitespace runs become one space): `ENTRY_POINT(int, f, (int n)) { ... }`. */
+#define ENTRY_POINT(ret, name, params)                                          \
+    const char *const name##_prototype = #ret " " #name #params;               \
+    ret name params
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
@@ -1135,7 +1150,7 @@ static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
  * out[0..9] = BELOW, WORK, RESTORED, ROWS, SUM_BEFORE, SUM_AFTER, HIST_BEFORE,
  * HIST_AFTER, WIDTH (the columns for n_edges edges), FIXED_POINT; out[10] the most
  * edges a call may pass. */
-void em_inf_stats_layout(int n_edges, int64_t *out) {
+ENTRY_POINT(void, em_inf_stats_layout, (int n_edges, int64_t *out)) {
     const int64_t bins = n_edges + 1;
     const int64_t layout[11] = {STAT_BELOW,      STAT_WORK,       STAT_RESTORED,
                                 STAT_ROWS,       STAT_SUM_BEFORE, STAT_SUM_AFTER,
@@ -1146,7 +1161,7 @@ void em_inf_stats_layout(int n_edges, int64_t *out) {
 }
 
 /* Bytes of scratch em_inf_logits / em_inf_temperature need for `threads` threads. */
-int64_t em_inf_scratch_bytes(int64_t vocab, int threads) {
+ENTRY_POINT(int64_t, em_inf_scratch_bytes, (int64_t vocab, int threads)) {
     return (int64_t)slot_bytes(vocab) * (threads < 1 ? 1 : threads);
 }
 
@@ -1169,11 +1184,12 @@ int64_t em_inf_scratch_bytes(int64_t vocab, int threads) {
  * the rows whose llround(entropy before * 1e6) is a multiple of it (1: every row;
  * a row that runs all its steps pays one more exp per logit for it).
  * scratch: em_inf_scratch_bytes for `threads`. */
-void em_inf_logits(float *logits, const int64_t *index, int64_t rows, int64_t vocab,
-                   int64_t stride, const float *threshold, const float *kl_weight,
-                   const float *lr, const int64_t *steps, double beta1, double beta2,
-                   double eps, void *scratch, int64_t *stats, const double *edges,
-                   int n_edges, int64_t sample, int threads) {
+ENTRY_POINT(void, em_inf_logits,
+            (float *logits, const int64_t *index, int64_t rows, int64_t vocab,
+             int64_t stride, const float *threshold, const float *kl_weight,
+             const float *lr, const int64_t *steps, double beta1, double beta2,
+             double eps, void *scratch, int64_t *stats, const double *edges,
+             int n_edges, int64_t sample, int threads)) {
     Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
                .threshold = threshold, .kl_weight = kl_weight, .lr = lr,
                .steps = steps, .beta1 = beta1, .beta2 = beta2, .eps = eps,
@@ -1189,11 +1205,12 @@ void em_inf_logits(float *logits, const int64_t *index, int64_t rows, int64_t vo
  * evaluations (solver passes, the first at T = 1 included); the entropy after is
  * the solver's evaluation at the 1/T returned. inv_t (float32 [rows], may be NULL)
  * receives the factor 1/T each row got (1 for rows left as they were). */
-void em_inf_temperature(float *logits, const int64_t *index, int64_t rows,
-                        int64_t vocab, int64_t stride, const float *threshold,
-                        const float *alpha, const float *t_min, const float *t_max,
-                        double rtol, float *inv_t, void *scratch, int64_t *stats,
-                        const double *edges, int n_edges, int threads) {
+ENTRY_POINT(void, em_inf_temperature,
+            (float *logits, const int64_t *index, int64_t rows, int64_t vocab,
+             int64_t stride, const float *threshold, const float *alpha,
+             const float *t_min, const float *t_max, double rtol, float *inv_t,
+             void *scratch, int64_t *stats, const double *edges, int n_edges,
+             int threads)) {
     Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
                .threshold = threshold, .alpha = alpha, .t_min = t_min, .t_max = t_max,
                .rtol = rtol, .inv_t = inv_t, .count = stats != NULL, .edges = edges,
@@ -1204,8 +1221,9 @@ void em_inf_temperature(float *logits, const int64_t *index, int64_t rows,
 /* The machine's floor for a batch: one pass computing exp of every logit (shifted
  * by the row's first one plus 80, so that nothing overflows) and summing it per
  * row into sums; nothing written. */
-void em_inf_exp_floor(const float *logits, int64_t rows, int64_t vocab, double *sums,
-                      int threads) {
+ENTRY_POINT(void, em_inf_exp_floor,
+            (const float *logits, int64_t rows, int64_t vocab, double *sums,
+             int threads)) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
@@ -1227,9 +1245,9 @@ void em_inf_exp_floor(const float *logits, int64_t rows, int64_t vocab, double *
 }
 
 /* Floats per vector this build works in: 16 (AVX-512) or 8 (benchmarks record it). */
-int em_inf_lanes(void) { return LANES; }
+ENTRY_POINT(int, em_inf_lanes, (void)) { return LANES; }
 
 /* exp_nonpos over n values (tests compare it with libm). */
-void em_inf_exp(const float *x, float *out, int64_t n) {
+ENTRY_POINT(void, em_inf_exp, (const float *x, float *out, int64_t n)) {
     for (int64_t i = 0; i < n; i++) out[i] = exp_nonpos(splat(x[i]))[0];
 }
