@@ -32,6 +32,11 @@
      up to ``--reference-rows`` rows, scaled per row beyond: ``*``); ``floor``: one
      read + one write of the logits at the measured copy bandwidth.
 
+   * ``first_steps``: each of a fresh step runner's first 10 processor steps and
+     the next 100 (``mixed`` workload), without and then with the warm-up the
+     processor runs while the engine starts (``StepRunner.warm_up``): the first
+     request's cliff, and what the warm-up moves before ``/health``.
+
 3. Sync check: 200 steps of the ``mixed`` workload at B = 64 under
    ``torch.cuda.set_sync_debug_mode("error")``, statistics snapshots included,
    while a dispatch hook audits every host <-> device copy (pinned and
@@ -52,6 +57,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -597,6 +603,63 @@ def time_processor(device, rows: int, vocab: int, args) -> list[dict]:
     return out
 
 
+def first_steps(device, rows: int, vocab: int, n_first: int, n_next: int) -> list:
+    """Wall time of each of a fresh step runner's first ``n_first`` processor steps
+    and of the ``n_next`` after them (host-inclusive, synchronised per step), on
+    :func:`bench.gpu_steps.schedule`'s ``mixed`` workload: without the start-up
+    warm-up, then after ``StepRunner.warm_up`` as the processor runs it while the
+    engine starts (its own seconds reported). Kernels compiled earlier in this
+    process, or cached on disk by Triton, are not compiled again: the first row
+    then shows capture, not compilation."""
+    from em_inf.kernels.step import StepRunner
+
+    out = []
+    for warmed in (False, True):
+        schedule = gpu_steps.schedule("mixed", rows, 1 + n_first + n_next, seed=rows)
+        source = make_logits(rows, vocab, seed=rows, device=device)
+        runner = StepRunner(device, graphs=True, max_rows=rows, n_cols=vocab)
+        harness = gpu_steps.Harness(source, schedule, runner)
+        with kernel_backend(device):
+            started = time.perf_counter()
+            if warmed:
+                runner.warm_up(
+                    rows,
+                    vocab,
+                    gpu_steps.LOGITS.steps,
+                    harness.settings.tables(device),
+                    harness.stats.counters(device),
+                )
+                gpu_steps._synchronize(device)
+            warm_up_s = time.perf_counter() - started
+            seconds = []
+            for _ in range(n_first + n_next):
+                started = time.perf_counter()
+                harness.em_inf_step()
+                gpu_steps._synchronize(device)
+                seconds.append(time.perf_counter() - started)
+        first, later = seconds[:n_first], seconds[n_first:]
+        out.append(
+            {
+                "warm_up": warmed,
+                "B": rows,
+                "V": vocab,
+                "warm_up_s": warm_up_s,
+                f"first_{n_first}": {"p50_ms": 1e3 * statistics.median(first),
+                                     "max_ms": 1e3 * max(first)},
+                f"next_{n_next}": {"p50_ms": 1e3 * statistics.median(later),
+                                   "max_ms": 1e3 * max(later)},
+            }
+        )  # fmt: skip
+        print(
+            f"  first steps B={rows} warm_up={warmed}: warm-up {warm_up_s:.2f} s, "
+            f"first {n_first} p50 {out[-1][f'first_{n_first}']['p50_ms']:.2f} ms "
+            f"(max {out[-1][f'first_{n_first}']['max_ms']:.2f}), next {n_next} p50 "
+            f"{out[-1][f'next_{n_next}']['p50_ms']:.2f} ms",
+            flush=True,
+        )
+    return out
+
+
 # -- sync check ----------------------------------------------------------------------
 
 
@@ -852,6 +915,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--processor-steps", type=int, default=100)
+    parser.add_argument("--first-steps", type=int, default=10)
+    parser.add_argument("--next-steps", type=int, default=100)
     parser.add_argument("--sync-steps", type=int, default=200)
     parser.add_argument("--sync-batch", type=int, default=64)
     parser.add_argument(
@@ -886,6 +951,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batches, args.vocab, args.steps = [1, 4], 4_099, [3]
         args.reps, args.warmup, args.reference_rows, args.check_rows = 3, 1, 2, 4
         args.processor_steps, args.sync_steps, args.sync_batch = 2, 4, 4
+        args.first_steps, args.next_steps = 2, 3
     return args
 
 
@@ -911,10 +977,16 @@ def main(argv: list[str] | None = None) -> int:
     check_functional(checks, device, check_vocab, seed=4)
 
     kernels, processor, sync, lines, bandwidth, memory = [], [], None, [], None, []
+    first = []
     if checks.ok or args.time_anyway:
         bandwidth = copy_bandwidth(
             device, cuda, nbytes=(1 << 30) if not args.quick else (64 << 20), reps=20
         )
+        print(f"first steps ({args.first_steps} then {args.next_steps}):")
+        for rows in args.batches:
+            first += first_steps(
+                device, rows, args.vocab, args.first_steps, args.next_steps
+            )
         print("timing:")
         for rows in args.batches:
             kernels += time_kernels(device, cuda, rows, args.vocab, args, bandwidth)
@@ -943,6 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy_bandwidth_bytes_per_s": bandwidth,
         "timings": kernels,
         "processor": processor,
+        "first_steps": first,
         "sync_check": sync,
         "device_memory": memory,
         "targets": lines,

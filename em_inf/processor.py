@@ -143,7 +143,27 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
             n_cols,
             MAX_STEPS,
         )
+        if device.type == "cuda" and n_cols is not None:
+            self._warm_up(runner, device, max_rows, n_cols)
         return runner
+
+    def _warm_up(
+        self, runner: Any, device: torch.device, max_rows: int, n_cols: int
+    ) -> None:
+        """Compile the kernels and capture the CUDA graphs of the default settings'
+        steps at every row bucket now, before the server answers ``/health``, so
+        that the first requests do not pay for it (``StepRunner.warm_up``)."""
+        stats = None if self._stats is None else self._stats.counters(device)
+        shapes = runner.warm_up(
+            max_rows, n_cols, self._default.steps, self._slots.tables(device), stats
+        )
+        logger.info(
+            "EM-INF: kernels compiled and %d step shapes %s (%s rows) before the "
+            "first request",
+            len(shapes),
+            "captured" if runner.graphs else "run",
+            ", ".join(str(rows) for rows in sorted({s.rows for s in shapes})),
+        )
 
     # -- shared ----------------------------------------------------------------
     @classmethod

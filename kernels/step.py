@@ -305,6 +305,62 @@ class StepRunner:
         if self._cuda:
             replay.graph = self._capture(replay, tables, stats)
 
+    def warm_up(
+        self,
+        max_rows: int,
+        n_cols: int,
+        steps: int,
+        tables: Any,
+        stats: torch.Tensor | None,
+    ) -> list[StepShape]:
+        """Run now, on zero logits, the steps that requests of ``steps`` Adam steps
+        will take, so that the kernels' compilation and the graphs' capture happen
+        while the engine starts, not in the first requests: the logits mode alone,
+        with the temperature mode, and the temperature mode alone, at every row
+        count :meth:`warm_up_rows` lists. ``tables``, ``stats`` as in :meth:`run`
+        (the counters are restored afterwards: nothing is counted). Returns the
+        shapes run."""
+        sizes = self.warm_up_rows(max_rows, n_cols)
+        top = max(sizes)
+        logits = torch.zeros((top, n_cols), dtype=torch.float32, device=self.device)
+        row_slot = torch.zeros(top, dtype=torch.int64, device=self.device)
+        saved = None if stats is None else stats.clone()
+        shapes = []
+        for rows in sizes:
+            for max_steps, temperature in ((steps, False), (steps, True), (0, True)):
+                self.run(
+                    logits[:rows],
+                    row_slot[:rows],
+                    max_steps,
+                    temperature,
+                    tables,
+                    stats,
+                )
+                shapes.append(
+                    self._shape(rows, n_cols, max_steps, temperature, row_slot)
+                )
+        if stats is not None:
+            stats.copy_(saved)
+        return shapes
+
+    def warm_up_rows(self, max_rows: int, n_cols: int) -> list[int]:
+        """The row counts :meth:`warm_up` runs: every graph bucket up to
+        ``max_rows``; past the largest bucket, or without graphs, the smallest
+        row count of each block plan (:func:`plan_block`: the kernels' compiled
+        variants follow it) and ``max_rows`` itself."""
+        sizes: list[int] = []
+        if self.graphs:
+            top = bucket_rows(min(max_rows, GRAPH_MAX_ROWS))
+            sizes = [1 << power for power in range(top.bit_length())]
+        if not self.graphs or max_rows > GRAPH_MAX_ROWS:
+            low = GRAPH_MAX_ROWS + 1 if self.graphs else 1
+            blocks: dict[int, int] = {}
+            for rows in range(low, max_rows + 1):
+                block = plan_block(rows, n_cols, self.device, self.invariant)
+                blocks.setdefault(block, rows)
+            sizes += sorted({*blocks.values(), max_rows})
+        return sizes
+
     def scratch_elements(self, max_rows: int, n_cols: int) -> int:
         """float32 elements of scratch that every step of at most ``max_rows`` rows
         (graphed ones rounded up to their bucket) and ``n_cols`` logits needs, at

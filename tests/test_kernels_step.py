@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from em_inf import counters  # noqa: E402
 from em_inf.config import PRESETS  # noqa: E402
 from em_inf.kernels import step  # noqa: E402
+from em_inf.kernels._common import plan_block  # noqa: E402
 from em_inf.kernels.step import StepRunner, bucket_rows, graphs_wanted  # noqa: E402
 from tests.inputs import mask_randomly, random_logits  # noqa: E402
 from tests.oracle import assert_matches  # noqa: E402
@@ -178,3 +179,51 @@ def test_scratch_reserved_at_start_serves_every_step_without_allocating(
 
 def _refuse_allocation(*args, **kwargs):
     raise AssertionError("the step runner allocated during a step")
+
+
+WARM_CONFIGS = [PRESETS["default"], PRESETS["adaptive-temperature"], None]
+#: Slots per warmed shape (max_steps, temperature kernel): logits mode alone
+#: (default preset, 3 steps, and EM-INF off), both modes, temperature alone.
+WARM_SHAPES = {(3, False): [0, 2], (3, True): [0, 1, 2], (0, True): [1, 2]}
+
+
+def test_warm_up_leaves_nothing_to_compile_or_capture_for_the_default_steps():
+    """After ``warm_up(8 rows, V, 3 steps)``, steps of 1 to 8 rows in each of the
+    three shapes find their replay made (on CUDA: compiled and captured) and add
+    none; the counters are as they were before the warm-up; every step is exact."""
+    settings = slot_settings(WARM_CONFIGS)
+    tables = settings.tables(CPU)
+    runner = StepRunner(CPU, graphs=True, max_rows=8, n_cols=600)
+    stats = torch.zeros(2, counters.WIDTH, dtype=torch.int64)
+    stats[0, 0], stats[1, 3] = 5, 7  # counts from earlier steps survive
+    before = stats.clone()
+    shapes = runner.warm_up(8, 600, 3, tables, stats)
+    assert torch.equal(stats, before)
+    assert [s.rows for s in shapes] == [r for r in (1, 2, 4, 8) for _ in range(3)]
+    warmed = list(runner._replays)
+    assert len(warmed) == len(shapes)
+    for rows in range(1, 9):
+        for (max_steps, temperature), slots in WARM_SHAPES.items():
+            row_slot = torch.tensor(slots)[torch.randint(0, len(slots), (rows,))]
+            logits = random_logits(rows, 600)
+            out = logits.clone()
+            runner.run(out, row_slot, max_steps, temperature, tables, stats)
+            expected = oracle_rows(logits, row_slot.tolist(), WARM_CONFIGS)
+            assert_matches(out, expected)
+    assert list(runner._replays) == warmed
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_warm_up_rows_cover_every_block_plan_past_the_graphs(monkeypatch, graphs):
+    """Without graphs (or past the largest bucket) the kernels compile one variant
+    per block plan: the warm-up's row counts reach every plan that 1 to
+    ``max_rows`` rows take, and ``max_rows`` itself."""
+    monkeypatch.setattr(step, "GRAPH_MAX_ROWS", 4)
+    runner = StepRunner(CPU, graphs=graphs)
+    sizes = runner.warm_up_rows(40, 151_936)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == 40
+    if graphs:
+        assert sizes[:3] == [1, 2, 4]
+    plans = {plan_block(r, 151_936, CPU) for r in sizes}
+    low = 5 if graphs else 1
+    assert {plan_block(r, 151_936, CPU) for r in range(low, 41)} <= plans
