@@ -16,7 +16,10 @@ Settings, lowest precedence first: the package default preset; the class's own
 configuration (``EMInf(preset="math", threshold=0.2)`` returns a configured
 subclass); the engine's ``additional_config={"em_inf": {...}}``; each request's
 ``SamplingParams.extra_args`` (see :func:`em_inf.config.parse_request`).
-``"enabled": False`` (class or engine) makes EM-INF opt-in per request.
+``"enabled": False`` (class or engine) makes EM-INF opt-in per request. A request's
+settings are checked at admission against the engine's settings (class and
+``additional_config``) and resolved once in the engine, to exactly those settings
+(docs/vllm-integration.md, "One request's settings").
 """
 
 from __future__ import annotations
