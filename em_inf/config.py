@@ -211,20 +211,109 @@ def make_config(preset: str | None = None, **settings: Any) -> EMInfConfig:
     return base.replace(**settings)
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestSettings:
+    """What one request asks of EM-INF, parsed and checked on its own: every check
+    but the one that needs the engine's settings (``t_min <= t_max`` once they
+    apply, in :meth:`resolve`).
+
+    Attributes:
+        switch: ``True`` / ``False`` where the request turns EM-INF on or off
+            (giving settings turns it on), ``None`` where it does not say.
+        preset: the preset the request's settings start from; ``None``: the
+            engine's settings.
+        overrides: field name -> value, each in its field's range.
+
+    Raises:
+        ValueError: when EM-INF is turned off and settings are given too.
+    """
+
+    switch: bool | None = None
+    preset: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.switch is False and self.named():
+            raise _off_with_settings(self.named())
+        if self.switch is None and self.named():  # settings turn EM-INF on
+            object.__setattr__(self, "switch", True)
+
+    def named(self) -> list[str]:
+        """The settings the request gives (``preset`` included), sorted."""
+        preset = ["preset"] if self.preset is not None else []
+        return sorted([*preset, *self.overrides])
+
+    @classmethod
+    def parse(cls, extra_args: Mapping[str, Any] | None) -> RequestSettings:
+        """The EM-INF part of ``SamplingParams.extra_args``.
+
+        Recognised: ``{"em_inf": {...settings...}}``, ``{"em_inf": true | false |
+        "on" | "off" | 1 | 0}``, and flat keys ``em_inf_<field>`` / ``em_inf_preset``
+        (what the OpenAI server's ``vllm_xargs`` can carry; numeric strings are
+        converted). Other keys belong to vLLM and are ignored.
+
+        Raises:
+            ValueError: on any invalid setting, naming it.
+        """
+        if not extra_args:
+            return cls()
+        switch = extra_args.get(REQUEST_KEY)
+        settings: dict[str, Any] = {}
+        if isinstance(switch, Mapping):
+            settings.update(switch)
+            switch = True
+        elif switch is not None:
+            switch = _parse_switch(switch)
+        settings.update(_flat_settings(extra_args))
+        if switch is False and settings:  # said before any setting's own error
+            raise _off_with_settings(sorted(settings))
+        preset = None
+        if "preset" in settings:
+            preset = _check_preset_name(settings.pop("preset"))
+        _check_overrides(settings)
+        return cls(switch=switch, preset=preset, overrides=settings)
+
+    def resolve(
+        self, default: EMInfConfig, *, enabled: bool = True
+    ) -> EMInfConfig | None:
+        """The settings the request runs with on an engine whose settings are
+        ``default`` (``None``: EM-INF off for it); ``enabled``: whether a request
+        that says nothing gets EM-INF.
+
+        Raises:
+            ValueError: when the request's settings and ``default`` together are
+                invalid (a ``t_min`` above the ``t_max``).
+        """
+        if self.switch is False:
+            return None
+        if self.switch is None:  # says nothing
+            return default if enabled else None
+        base = default if self.preset is None else PRESETS[self.preset]
+        return base.replace(**self.overrides)
+
+    def as_extra_args(self) -> dict[str, Any]:
+        """The request's settings as flat ``extra_args`` keys (what ``vllm_xargs``
+        carries), which :meth:`parse` reads back to an equal value."""
+        if self.switch is False:
+            return {REQUEST_KEY: "off"}
+        flat = {FLAT_PREFIX + "preset": self.preset} if self.preset else {}
+        flat.update({FLAT_PREFIX + name: v for name, v in self.overrides.items()})
+        if self.switch and not flat:
+            flat[REQUEST_KEY] = "on"
+        return flat
+
+
 def parse_request(
     extra_args: Mapping[str, Any] | None,
     default: EMInfConfig,
     *,
     enabled: bool = True,
 ) -> EMInfConfig | None:
-    """The settings one request asks for, or ``None`` where EM-INF is off for it.
+    """The settings one request asks for, or ``None`` where EM-INF is off for it:
+    ``RequestSettings.parse(extra_args).resolve(default, enabled=enabled)``.
 
     Args:
-        extra_args: ``SamplingParams.extra_args``. Recognised:
-            ``{"em_inf": {...settings...}}``, ``{"em_inf": true | false | "on" |
-            "off" | 1 | 0}``, and flat keys ``em_inf_<field>`` / ``em_inf_preset``
-            (what the OpenAI server's ``vllm_xargs`` can carry). Other keys belong to
-            vLLM and are ignored.
+        extra_args: ``SamplingParams.extra_args`` (see :meth:`RequestSettings.parse`).
         default: the engine-wide settings; a request's own settings apply on top.
         enabled: whether a request that says nothing about EM-INF gets it;
             ``False`` makes EM-INF opt-in (``{"em_inf": true}`` or any setting).
@@ -232,34 +321,7 @@ def parse_request(
     Raises:
         ValueError: on any invalid setting, naming it.
     """
-    if not extra_args:
-        return default if enabled else None
-    switch = extra_args.get(REQUEST_KEY)
-    settings: dict[str, Any] = {}
-    if isinstance(switch, Mapping):
-        settings.update(switch)
-        switch = True
-    elif switch is not None:
-        switch = _parse_switch(switch)
-    for key, value in extra_args.items():
-        if key.startswith(FLAT_PREFIX):
-            name = key[len(FLAT_PREFIX) :]
-            if name not in ("preset", *FIELD_NAMES):
-                raise ValueError(
-                    f"em_inf: unknown setting {key!r}; allowed flat keys: "
-                    f"{[FLAT_PREFIX + n for n in ('preset', *FIELD_NAMES)]}"
-                )
-            settings[name] = _coerce_flat(name, value)
-    if switch is False:
-        if settings:
-            raise ValueError(
-                f"em_inf: EM-INF is turned off for this request but settings "
-                f"{sorted(settings)} were given"
-            )
-        return None
-    if switch is None and not settings:
-        return default if enabled else None
-    return default.updated(settings)
+    return RequestSettings.parse(extra_args).resolve(default, enabled=enabled)
 
 
 def engine_settings(
@@ -300,6 +362,39 @@ def _parse_switch(value: Any) -> bool:
         f"em_inf: 'em_inf' must be an object of settings, true/false, 'on'/'off' "
         f"or 1/0, got {value!r}"
     )
+
+
+def _flat_settings(extra_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings given as flat keys (``em_inf_lr``...), by field name."""
+    settings: dict[str, Any] = {}
+    for key, value in extra_args.items():
+        if key.startswith(FLAT_PREFIX):
+            name = key[len(FLAT_PREFIX) :]
+            if name not in ("preset", *FIELD_NAMES):
+                raise ValueError(
+                    f"em_inf: unknown setting {key!r}; allowed flat keys: "
+                    f"{[FLAT_PREFIX + n for n in ('preset', *FIELD_NAMES)]}"
+                )
+            settings[name] = _coerce_flat(name, value)
+    return settings
+
+
+def _off_with_settings(names: list[str]) -> ValueError:
+    return ValueError(
+        f"em_inf: EM-INF is turned off for this request but settings {names} were given"
+    )
+
+
+def _check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Each override names a field and holds a value in its range."""
+    unknown = sorted(map(str, set(overrides) - set(FIELD_NAMES)))
+    if unknown:
+        raise ValueError(
+            f"em_inf: unknown setting(s) {unknown}; allowed: {['preset', *FIELD_NAMES]}"
+        )
+    for name in FIELD_NAMES:
+        if name in overrides:
+            _check_field(name, overrides[name])
 
 
 def _coerce_flat(name: str, value: Any) -> Any:

@@ -16,7 +16,10 @@ Settings, lowest precedence first: the package default preset; the class's own
 configuration (``EMInf(preset="math", threshold=0.2)`` returns a configured
 subclass); the engine's ``additional_config={"em_inf": {...}}``; each request's
 ``SamplingParams.extra_args`` (see :func:`em_inf.config.parse_request`).
-``"enabled": False`` (class or engine) makes EM-INF opt-in per request.
+``"enabled": False`` (class or engine) makes EM-INF opt-in per request. A request's
+settings are checked at admission against the engine's settings (class and
+``additional_config``) and resolved once in the engine, to exactly those settings
+(docs/vllm-integration.md, "One request's settings").
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ from em_inf.config import (
 from em_inf.core import SlotSettings, apply_to_rows
 from em_inf.counters import MODES, WIDTH
 from em_inf.stats import EMInfStats
-from em_inf.vllm_interfaces import processor_bases, v1_interface
+from em_inf.vllm_interfaces import (
+    admitting_vllm_config,
+    processor_bases,
+    v1_interface,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -87,10 +94,7 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
         """``runner_args``: V1's ``(device, is_pin_memory)`` or V2's
         ``(req_states,)``: the device the logits will be on. On the kernel path the
         per-slot settings get device tables there, fed without host syncs."""
-        additional = (vllm_config.additional_config or {}).get(REQUEST_KEY)
-        self._default, self._enabled = engine_settings(
-            self.settings, self.enabled, additional
-        )
+        self._default, self._enabled = self.engine_defaults(vllm_config)
         device = _runner_device(runner_args)
         # The backend is chosen (and the CPU kernels compiled) now, not in a request.
         backend = prepare_backend(device or vllm_config.device_config.device_type)
@@ -167,19 +171,46 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
 
     # -- shared ----------------------------------------------------------------
     @classmethod
+    def engine_defaults(
+        cls, vllm_config: VllmConfig | None
+    ) -> tuple[EMInfConfig, bool]:
+        """``(settings, enabled)`` of this class in the engine ``vllm_config``
+        describes: the class's, updated by its ``additional_config["em_inf"]``
+        (the class's alone for ``None``).
+
+        Raises:
+            ValueError: naming the bad key of ``additional_config["em_inf"]``.
+        """
+        additional = None
+        if vllm_config is not None:
+            additional = (vllm_config.additional_config or {}).get(REQUEST_KEY)
+        return engine_settings(cls.settings, cls.enabled, additional)
+
+    @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        """Reject invalid per-request settings at admission (an HTTP 400)."""
-        parse_request(sampling_params.extra_args, cls.settings, enabled=cls.enabled)
+        """Reject invalid per-request settings at admission (an HTTP 400; offline a
+        ``VLLMValidationError``), checked against the admitting engine's settings
+        (:meth:`engine_defaults` of the front end's configuration,
+        :func:`em_inf.vllm_interfaces.admitting_vllm_config`), exactly as the
+        engine resolves them.
+
+        Raises:
+            ValueError: naming the bad setting.
+        """
+        default, enabled = cls.engine_defaults(admitting_vllm_config())
+        parse_request(sampling_params.extra_args, default, enabled=enabled)
 
     def _request_settings(self, params: SamplingParams | Any) -> EMInfConfig | None:
+        """The settings a request runs with (``None``: EM-INF off): those
+        :meth:`validate_params` checked at admission against these same engine
+        settings, so the parse does not fail for an admitted request.
+
+        Raises:
+            ValueError: for settings that skipped admission; the engine fails
+                rather than run a request without the settings it asked for.
+        """
         extra_args = getattr(params, "extra_args", None)
-        try:
-            return parse_request(extra_args, self._default, enabled=self._enabled)
-        except ValueError as err:
-            # Only reachable when a request is valid against the class settings
-            # (validate_params) but not against this engine's (e.g. t_min > t_max).
-            logger.error("EM-INF disabled for a request with bad settings: %s", err)
-            return None
+        return parse_request(extra_args, self._default, enabled=self._enabled)
 
     def apply(
         self, logits: torch.Tensor, ctx: LogitsContext | None = None

@@ -10,10 +10,10 @@ A client may ask for EM-INF settings in two spellings:
 
 vLLM drops unknown top-level fields, and ``vllm_xargs`` carries only strings and
 numbers, so the body field is rewritten into flat ``vllm_xargs`` keys, which reach
-the processor as ``SamplingParams.extra_args``. Everything is then validated with
-:func:`em_inf.config.parse_request` against the server's defaults, the same call the
-processor makes, so a bad value is refused here (HTTP 400) and never reaches the
-engine. Pure Python; no vLLM import.
+the processor as ``SamplingParams.extra_args``. Both spellings are parsed once into
+one :class:`~em_inf.config.RequestSettings` and resolved against the server's
+settings, which are the engine's, as the processor resolves them, so a bad value is
+refused here (HTTP 400) and never reaches the engine. Pure Python; no vLLM import.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from em_inf.config import FLAT_PREFIX, REQUEST_KEY, EMInfConfig
+from em_inf.config import FLAT_PREFIX, REQUEST_KEY, EMInfConfig, RequestSettings
 
 from .settings import ServerSettings
 
@@ -57,30 +57,55 @@ class EMInfRequestError(ValueError):
         self.param = param
 
 
-def _switch_to_xarg(value: bool | int | str) -> str | int:
-    """``vllm_xargs`` holds no booleans: ``True`` / ``False`` travel as ``"on"`` /
-    ``"off"``."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return value
+def _is_em_inf_key(key: str) -> bool:
+    return key == REQUEST_KEY or key.startswith(FLAT_PREFIX)
 
 
-def body_field_to_xargs(value: Any) -> dict[str, Any]:
-    """The flat ``vllm_xargs`` entries equivalent to a body's ``"em_inf"`` value.
+def _parse(extra_args: Mapping[str, Any], param: str) -> RequestSettings:
+    """``extra_args``' EM-INF settings; ``param``: the body field they came from.
 
-    ``{"preset": "math", "lr": 0.05}`` -> ``{"em_inf_preset": "math",
-    "em_inf_lr": 0.05}``; ``{}`` -> ``{"em_inf": "on"}``; ``false`` ->
-    ``{"em_inf": "off"}``. Values are passed on unchecked (see :func:`translate_body`).
+    Raises:
+        EMInfRequestError: invalid settings, naming the setting.
     """
-    if isinstance(value, Mapping):
-        if not value:
-            return {REQUEST_KEY: "on"}
-        return {FLAT_PREFIX + str(name): setting for name, setting in value.items()}
-    return {REQUEST_KEY: _switch_to_xarg(value)}
+    try:
+        return RequestSettings.parse(extra_args)
+    except ValueError as error:
+        raise EMInfRequestError(str(error), param) from None
 
 
-def _has_em_inf_keys(xargs: Mapping[str, Any]) -> bool:
-    return any(key == REQUEST_KEY or key.startswith(FLAT_PREFIX) for key in xargs)
+def _joined(field: RequestSettings, given: RequestSettings) -> RequestSettings:
+    """The body field's settings together with those ``vllm_xargs`` already holds.
+
+    Raises:
+        EMInfRequestError: a setting (or the switch alone) given both ways with
+            different values, or EM-INF turned off on one side with settings on
+            the other.
+    """
+    clashes = [
+        FLAT_PREFIX + name
+        for name, value in field.overrides.items()
+        if name in given.overrides and given.overrides[name] != value
+    ]
+    if None not in (field.preset, given.preset) and field.preset != given.preset:
+        clashes.append(FLAT_PREFIX + "preset")
+    switches = (field.switch, given.switch)
+    if None not in switches and len(set(switches)) == 2:
+        if not (field.named() or given.named()):  # else: "turned off", below
+            clashes.append(REQUEST_KEY)
+    if clashes:
+        raise EMInfRequestError(
+            f"em_inf: {sorted(clashes)} given both in 'em_inf' and in {XARGS_FIELD!r} "
+            "with different values; give each setting once",
+            REQUEST_KEY,
+        )
+    try:
+        return RequestSettings(
+            switch=False if False in switches else field.switch or given.switch,
+            preset=field.preset or given.preset,
+            overrides={**given.overrides, **field.overrides},
+        )
+    except ValueError as error:
+        raise EMInfRequestError(str(error), REQUEST_KEY) from None
 
 
 def translate_body(
@@ -88,10 +113,14 @@ def translate_body(
 ) -> tuple[dict[str, Any], EMInfConfig | None]:
     """Validate a request body's EM-INF settings and move them into ``vllm_xargs``.
 
+    The body field and ``vllm_xargs`` are each parsed once
+    (:class:`~em_inf.config.RequestSettings`); their union is resolved against the
+    server's settings, as the processor resolves it in the engine, and written back
+    as flat ``vllm_xargs`` keys.
+
     Args:
         body: the decoded JSON request body (not modified).
-        settings: the server's EM-INF settings, which requests resolve against
-            exactly as in the processor.
+        settings: the server's EM-INF settings (the engine's).
 
     Returns:
         ``(new_body, settings)``: the body without ``"em_inf"`` and with its settings
@@ -103,50 +132,42 @@ def translate_body(
     """
     xargs = body.get(XARGS_FIELD)
     if REQUEST_KEY not in body:
-        if not isinstance(xargs, Mapping) or not _has_em_inf_keys(xargs):
+        if not isinstance(xargs, Mapping) or not any(map(_is_em_inf_key, xargs)):
             return body, settings.resolve(None)
-        try:
-            return body, settings.resolve(xargs)
-        except ValueError as error:
-            raise EMInfRequestError(str(error), XARGS_FIELD) from None
-
-    value = body[REQUEST_KEY]
+        return body, _resolved(_parse(xargs, XARGS_FIELD), settings, XARGS_FIELD)
     if xargs is not None and not isinstance(xargs, Mapping):
         raise EMInfRequestError(
             f"{XARGS_FIELD!r} must be an object, got {type(xargs).__name__}",
             XARGS_FIELD,
         )
+    xargs = dict(xargs or {})
+    request = _parse(xargs, XARGS_FIELD)
+    if body[REQUEST_KEY] is not None:  # "em_inf": null says nothing
+        field = _parse({REQUEST_KEY: body[REQUEST_KEY]}, REQUEST_KEY)
+        request = _joined(field, request)
+    resolved = _resolved(request, settings, REQUEST_KEY)
     new_body = {key: item for key, item in body.items() if key != REQUEST_KEY}
-    if value is None:  # "em_inf": null says nothing
-        merged = dict(xargs or {})
-    else:
-        # Check the body field on its own first: errors then speak its language
-        # ("'threshold' must be ...") rather than the flat keys'.
-        try:
-            settings.resolve({REQUEST_KEY: value})
-        except ValueError as error:
-            raise EMInfRequestError(str(error), REQUEST_KEY) from None
-        flat = body_field_to_xargs(value)
-        merged = dict(xargs or {})
-        clashes = sorted(
-            key for key in flat if key in merged and merged[key] != flat[key]
-        )
-        if clashes:
-            raise EMInfRequestError(
-                f"em_inf: {clashes} given both in 'em_inf' and in {XARGS_FIELD!r} "
-                "with different values; give each setting once",
-                REQUEST_KEY,
-            )
-        merged.update(flat)
-    try:
-        resolved = settings.resolve(merged)
-    except ValueError as error:
-        raise EMInfRequestError(str(error), REQUEST_KEY) from None
+    merged = {key: item for key, item in xargs.items() if not _is_em_inf_key(key)}
+    merged.update(request.as_extra_args())
     if merged:
         new_body[XARGS_FIELD] = merged
     else:
         new_body.pop(XARGS_FIELD, None)
     return new_body, resolved
+
+
+def _resolved(
+    request: RequestSettings, settings: ServerSettings, param: str
+) -> EMInfConfig | None:
+    """``request`` resolved against the server's settings.
+
+    Raises:
+        EMInfRequestError: when the two together are invalid.
+    """
+    try:
+        return settings.apply(request)
+    except ValueError as error:
+        raise EMInfRequestError(str(error), param) from None
 
 
 def refuse_unsupported(path: str, body: dict[str, Any]) -> None:

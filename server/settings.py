@@ -21,8 +21,8 @@ from em_inf.config import (
     PRESETS,
     REQUEST_KEY,
     EMInfConfig,
+    RequestSettings,
     engine_settings,
-    parse_request,
 )
 
 #: Environment variable holding ``additional_config["em_inf"]`` as JSON.
@@ -95,7 +95,16 @@ class ServerSettings:
         Raises:
             ValueError: naming the bad setting.
         """
-        return parse_request(extra_args, self.config, enabled=self.enabled)
+        return self.apply(RequestSettings.parse(extra_args))
+
+    def apply(self, request: RequestSettings) -> EMInfConfig | None:
+        """The settings ``request`` runs with on this server (``None``: EM-INF off).
+
+        Raises:
+            ValueError: when the request's settings and the server's together are
+                invalid.
+        """
+        return request.resolve(self.config, enabled=self.enabled)
 
     def describe(self) -> dict[str, Any]:
         """The JSON document of ``GET /v1/em-inf``."""

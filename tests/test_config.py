@@ -11,6 +11,7 @@ from em_inf.config import (
     PRESET_SOURCES,
     PRESETS,
     EMInfConfig,
+    RequestSettings,
     make_config,
     parse_request,
 )
@@ -151,3 +152,38 @@ def test_parse_request_rejects_bad_input_with_a_clear_message(extra_args, words)
         parse_request(extra_args, PRESETS["default"])
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "extra_args",
+    [
+        None,
+        {"em_inf": False},
+        {"em_inf": "on"},
+        {"em_inf": {}},
+        {"em_inf": {"preset": "physics", "lr": 0.3}},
+        {"em_inf_steps": "4", "em_inf_mode": "temperature", "em_inf": 1},
+        {"em_inf": {"lr": 0.2}, "em_inf_steps": 1, "kv_transfer_params": {}},
+    ],
+)
+def test_request_settings_travel_as_flat_keys_unchanged(extra_args):
+    """What a request asks for, written as flat keys (``vllm_xargs``) and read back,
+    is the same value, and resolves to the same settings on every engine."""
+    request = RequestSettings.parse(extra_args)
+    travelled = RequestSettings.parse(request.as_extra_args())
+    assert travelled == request
+    for default, enabled in [(PRESETS["math"], True), (PRESETS["code"], False)]:
+        assert travelled.resolve(default, enabled=enabled) == parse_request(
+            extra_args, default, enabled=enabled
+        )
+
+
+def test_only_the_temperature_bounds_make_a_request_valid_for_one_engine_only():
+    """A request's own checks need no engine; with the engine's settings applied,
+    ``t_min <= t_max`` may still fail, naming both."""
+    request = RequestSettings.parse({"em_inf": {"t_max": 0.02}})
+    assert request.resolve(PRESETS["default"]) == PRESETS["default"].replace(t_max=0.02)
+    with pytest.raises(ValueError, match="'t_max' \\(0.02\\)"):
+        request.resolve(PRESETS["default"].replace(t_min=0.05))
+    with pytest.raises(ValueError, match="turned off"):
+        RequestSettings(switch=False, overrides={"lr": 0.1})

@@ -137,6 +137,31 @@ def test_invalid_settings_are_refused_naming_the_field(body, named):
     assert named in caught.value.message
 
 
+#: A server whose temperature bounds differ from the processor class's ([0.01, 1]).
+NARROW_BOUNDS = ServerSettings.from_engine_config({"t_min": 0.05, "t_max": 1.5})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"em_inf": {"t_max": 0.02}},
+        {"vllm_xargs": {"em_inf_t_max": "0.02"}},
+        {"em_inf": {"mode": "temperature"}, "vllm_xargs": {"em_inf_t_max": 0.02}},
+    ],
+)
+def test_settings_valid_for_the_class_but_not_the_server_are_refused(body):
+    with pytest.raises(EMInfRequestError, match="'t_max'"):
+        translate_body(body, NARROW_BOUNDS)
+
+
+def test_settings_valid_for_the_server_but_not_the_class_resolve_on_the_server():
+    body = {"em_inf": {"mode": "temperature"}, "vllm_xargs": {"em_inf_t_min": "1.2"}}
+    new_body, settings = translate_body(body, NARROW_BOUNDS)
+    assert settings == NARROW_BOUNDS.config.replace(mode="temperature", t_min=1.2)
+    assert new_body["vllm_xargs"] == {"em_inf_mode": "temperature", "em_inf_t_min": 1.2}
+    assert NARROW_BOUNDS.resolve(new_body["vllm_xargs"]) == settings
+
+
 @pytest.mark.parametrize(
     ("path", "instead"),
     [
@@ -239,6 +264,12 @@ def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
 
 # ------------------------------------------------------------- the tiny-model server
 
+#: The tiny server's temperature bounds differ from the processor class's ([0.01, 1]),
+#: so some requests are valid for one and not the other: admission must check the
+#: server's (the engine's).
+TINY_BOUNDS = {"t_min": 0.05, "t_max": 1.5}
+TINY_DEFAULT = SERVER_DEFAULT.replace(**TINY_BOUNDS)
+
 
 @pytest.fixture(scope="class")
 def tiny_server(tmp_path_factory):
@@ -246,6 +277,8 @@ def tiny_server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("tiny-server") / "server.log"
     args = [str(model_dir), *FULL_DISTRIBUTION_ARGS, "--max-model-len", "512"]
     args += ["--em-inf-threshold", str(SERVER_THRESHOLD)]
+    args += ["--em-inf-t-min", str(TINY_BOUNDS["t_min"])]
+    args += ["--em-inf-t-max", str(TINY_BOUNDS["t_max"])]
     # EM-INF's series reach /metrics once per interval: 1 s, not 10 s, for the tests.
     # Every row's entropy after (the CPU path measures a sample by default).
     interval = {"VLLM_LOG_STATS_INTERVAL": "1", SAMPLE_ENV: "1"}
@@ -280,7 +313,11 @@ class TestTinyServer:
         assert info["version"] == __version__
         assert info["enabled_by_default"] is True
         # The published values, written out by hand (not em_inf's PRESETS).
-        served_default = {**PUBLISHED["default"], "threshold": SERVER_THRESHOLD}
+        served_default = {
+            **PUBLISHED["default"],
+            "threshold": SERVER_THRESHOLD,
+            **TINY_BOUNDS,
+        }
         assert info["defaults"] == served_default
         assert set(info["presets"]) == set(PUBLISHED)
         for name, published in PUBLISHED.items():
@@ -302,7 +339,7 @@ class TestTinyServer:
         actual = first_token_row(client, model, endpoint, prompt, {})
         plain = plain_rows[(endpoint, prompt)]
         assert entropy(plain.double()) > SERVER_THRESHOLD, "test needs a real step"
-        assert_row(actual, expected_row(plain, SERVER_DEFAULT))
+        assert_row(actual, expected_row(plain, TINY_DEFAULT))
         assert (actual - plain).abs().max() > 1e-2, "EM-INF changed nothing"
 
     @pytest.mark.parametrize("spelling", ["body", "vllm_xargs"])
@@ -321,7 +358,7 @@ class TestTinyServer:
             else:
                 extra = {"vllm_xargs": {f"em_inf_{k}": v for k, v in settings.items()}}
             actual = first_token_row(client, model, endpoint, prompt, extra)
-            config = SERVER_DEFAULT.replace(**settings)
+            config = TINY_DEFAULT.replace(**settings)
             plain = plain_rows[(endpoint, prompt)]
             try:
                 assert_row(actual, expected_row(plain, config))
@@ -354,7 +391,7 @@ class TestTinyServer:
         settings = dict(extra.get("em_inf") or {})
         for key, value in (extra.get("vllm_xargs") or {}).items():
             settings[key.removeprefix("em_inf_")] = value
-        config = SERVER_DEFAULT.updated(settings)
+        config = TINY_DEFAULT.updated(settings)
         assert_row(actual, expected_row(plain_rows[("chat", prompt)], config))
 
     def test_off_switch_in_vllm_xargs_matches_em_inf_false(
@@ -495,6 +532,32 @@ class TestTinyServer:
         )
         assert after.choices[0].finish_reason == "length"
 
+    @pytest.mark.parametrize("spelling", ["body", "vllm_xargs"])
+    def test_admission_checks_the_servers_bounds_not_the_processor_classs(
+        self, tiny_server, plain_rows, spelling
+    ):
+        """``t_max`` 0.02 is valid under the class's ``t_min`` (0.01) and not under
+        the server's (0.05): refused with a 400 naming it. ``t_min`` 1.2 is the
+        reverse (the class's ``t_max`` is 1, the server's 1.5): served, with exactly
+        the server's settings and that bound."""
+        _, client, model, _ = tiny_server
+        refused, served = {"t_max": 0.02}, {"mode": "temperature", "t_min": 1.2}
+        if spelling == "body":
+            bad, good = {"em_inf": refused}, {"em_inf": served}
+        else:
+            bad, good = (
+                {"vllm_xargs": {f"em_inf_{k}": v for k, v in settings.items()}}
+                for settings in (refused, served)
+            )
+        with pytest.raises(openai.BadRequestError) as caught:
+            first_token_row(client, model, "chat", PROMPTS[3], bad)
+        assert "'t_max'" in caught.value.body["message"]
+        actual = first_token_row(client, model, "chat", PROMPTS[3], good)
+        plain = plain_rows[("chat", PROMPTS[3])]
+        config = TINY_DEFAULT.replace(**served)
+        assert_row(actual, expected_row(plain, config))
+        assert_acted(actual, plain, config)
+
     @pytest.mark.parametrize(
         ("path", "body"),
         [
@@ -615,7 +678,7 @@ class TestTinyServer:
             jobs, results, strict=True
         ):
             endpoint = "chat" if kind.startswith("chat") else "completion"
-            config = None if settings is None else SERVER_DEFAULT.updated(settings)
+            config = None if settings is None else TINY_DEFAULT.updated(settings)
             expected = expected_row(plain_rows[(endpoint, prompt)], config)
             try:
                 assert (tokens, finish) == (4, "length")
@@ -665,7 +728,7 @@ class TestTinyServer:
                 model=model, prompt=prompt, max_tokens=1, extra_body=extra
             )
             em_inf = extra.get("em_inf", {})
-            config = None if em_inf is False else SERVER_DEFAULT.updated(em_inf)
+            config = None if em_inf is False else TINY_DEFAULT.updated(em_inf)
             cases.append((plain_rows[("completion", prompt)], config))
         expected = metrics_helpers.expected_counts(cases)
 

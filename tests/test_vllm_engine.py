@@ -29,8 +29,10 @@ VOCAB = int(os.environ.get("EM_INF_TEST_VOCAB", TINY_VOCAB_SIZE))
 #: finish, into recycled slots.
 MAX_NUM_SEQS = 8
 
-ENGINE_SETTINGS = {"preset": "math", "lr": 0.05}
-ENGINE_DEFAULT = PRESETS["math"].replace(lr=0.05)
+#: The engine's temperature bounds differ from the class's ([0.01, 1]): a request
+#: may be valid for one and not the other, and admission must check the engine's.
+ENGINE_SETTINGS = {"preset": "math", "lr": 0.05, "t_min": 0.05, "t_max": 1.5}
+ENGINE_DEFAULT = PRESETS["math"].replace(lr=0.05, t_min=0.05, t_max=1.5)
 
 # (name, extra_args, the settings the request must get; None = EM-INF off)
 CASES = [
@@ -52,6 +54,12 @@ CASES = [
         "temperature",
         {"em_inf": {"preset": "adaptive-temperature", "alpha": 0.5}},
         PRESETS["adaptive-temperature"].replace(alpha=0.5),
+    ),
+    (
+        # Valid for the engine's bounds, not for the class's (t_min > 1).
+        "engine's bounds",
+        {"em_inf": {"mode": "temperature", "t_min": 1.2}},
+        ENGINE_DEFAULT.replace(mode="temperature", t_min=1.2),
     ),
 ]
 
@@ -246,6 +254,9 @@ def _config_of(extra: dict, default: EMInfConfig) -> EMInfConfig:
         ({"em_inf_threshold": "high"}, "em_inf_threshold"),
         ({"em_inf": {"mode": "logit"}}, "mode"),
         ({"em_inf": {"t_min": 2.0}}, "t_min"),
+        # Valid for the class's bounds, not for the engine's (t_min 0.05).
+        ({"em_inf": {"t_max": 0.02}}, "t_max"),
+        ({"em_inf_mode": "temperature", "em_inf_t_max": "0.03"}, "t_max"),
     ],
 )
 def test_bad_settings_fail_at_admission_and_the_engine_keeps_serving(
