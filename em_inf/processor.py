@@ -203,14 +203,21 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
     def _request_settings(self, params: SamplingParams | Any) -> EMInfConfig | None:
         """The settings a request runs with (``None``: EM-INF off): those
         :meth:`validate_params` checked at admission against these same engine
-        settings, so the parse does not fail for an admitted request.
-
-        Raises:
-            ValueError: for settings that skipped admission; the engine fails
-                rather than run a request without the settings it asked for.
+        settings, so the parse does not fail for an admitted request. One that
+        skipped admission (a vLLM front end em-inf does not know) and does not
+        resolve here runs without EM-INF, with an error logged: failing would stop
+        the engine and every other request in it.
         """
         extra_args = getattr(params, "extra_args", None)
-        return parse_request(extra_args, self._default, enabled=self._enabled)
+        try:
+            return parse_request(extra_args, self._default, enabled=self._enabled)
+        except ValueError as error:
+            logger.error(
+                "EM-INF off for a request that admission did not check against "
+                "this engine's settings: %s",
+                error,
+            )
+            return None
 
     def apply(
         self, logits: torch.Tensor, ctx: LogitsContext | None = None
