@@ -34,7 +34,7 @@ from triton.compiler.compiler import ASTSource  # noqa: E402
 
 from em_inf.config import ADAM_BETAS, ADAM_EPS  # noqa: E402
 from em_inf.kernels import logits_mode, temperature_mode  # noqa: E402
-from em_inf.kernels._common import warps_for  # noqa: E402
+from em_inf.kernels._common import warps_for_held_chunk  # noqa: E402
 
 QWEN_VOCAB = 151_936
 
@@ -98,7 +98,7 @@ def logits_variants():
             _signature(fn, types, constexprs),
             constexprs,
             attrs,
-            warps_for(block),
+            warps_for_held_chunk(block),
         )
 
 
@@ -129,7 +129,7 @@ def temperature_variants():
         )
         name = f"temperature block {block}{' indirect' if indirect else ''}"
         attrs = _aligned(fn, pointers, ["row_stride", "n_cols"])
-        warps = temperature_mode.warps_for(block)
+        warps = temperature_mode.warps_for_streamed_row(block)
         yield name, fn, _signature(fn, types, constexprs), constexprs, attrs, warps
 
 

