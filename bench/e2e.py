@@ -128,12 +128,10 @@ def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def bench_model(
-    model: str, label: str, args: argparse.Namespace, device: str
-) -> list[dict[str, Any]]:
-    """Start one engine for ``model`` and measure every batch size with it."""
+def start_engine(model: str, args: argparse.Namespace, device: str):
+    """``vllm.LLM`` for ``model`` with EM-INF's processor and the run's engine
+    arguments; returns it and the seconds it took to start."""
     import vllm
-    from vllm import SamplingParams
 
     from em_inf import EMInf
 
@@ -149,22 +147,29 @@ def bench_model(
     engine_args.update(json.loads(args.engine_args))
     started = time.time()
     llm = vllm.LLM(model=model, logits_processors=[EMInf], **engine_args)
-    load_s = time.time() - started
+    return llm, time.time() - started
+
+
+def bench_model(
+    model: str, label: str, args: argparse.Namespace, device: str
+) -> list[dict[str, Any]]:
+    """Start one engine for ``model`` and measure every batch size with it."""
+    from vllm import SamplingParams
+
+    llm, load_s = start_engine(model, args, device)
     tokenizer = llm.get_tokenizer()
     vocab = llm.llm_engine.model_config.get_vocab_size()
     em_inf_on = json.loads(args.em_inf)
 
-    def params(on: bool, max_tokens: int) -> SamplingParams:
-        return SamplingParams(
+    def generate(prompts: list, on: bool, max_tokens: int) -> dict[str, float]:
+        params = SamplingParams(
             temperature=args.temperature,
             max_tokens=max_tokens,
             ignore_eos=True,
             extra_args={"em_inf": em_inf_on if on else False},
         )
-
-    def generate(prompts: list, on: bool, max_tokens: int) -> dict[str, float]:
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params(on, max_tokens), use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
         lengths = {len(o.outputs[0].token_ids) for o in outputs}
         if lengths != {max_tokens}:
@@ -184,40 +189,54 @@ def bench_model(
             order = ("on", "off") if rep % 2 == 0 else ("off", "on")
             for which in order:
                 runs[which].append(generate(prompts, which == "on", args.max_tokens))
-        on, off = _median_of(runs["on"]), _median_of(runs["off"])
-        paired = [
-            a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-            for a, b in zip(runs["on"], runs["off"], strict=True)
-        ]
-        row = {
-            "floor_ms": floor_ms(batch, vocab),
-            "model": label,
-            "model_path": model,
-            "vocab": vocab,
-            "batch": batch,
-            "max_tokens": args.max_tokens,
-            "repeats": args.repeats,
-            "on": on,
-            "off": off,
-            "throughput_ratio_on_off": on["decode_tokens_per_s"]
-            / off["decode_tokens_per_s"],
-            "throughput_ratio_per_repeat": paired,
-            "latency_ratio_on_off": on["inter_token_latency_ms"]
-            / off["inter_token_latency_ms"],
-            "runs": runs,
-            "engine_load_s": load_s,
-        }
+        row = batch_row(runs, batch, vocab, label, model, args)
+        row["engine_load_s"] = load_s
         rows.append(row)
-        print(
-            f"{label:12s} B={batch:3d}  off {off['decode_tokens_per_s']:7.1f} tok/s "
-            f"{off['inter_token_latency_ms']:7.1f} ms/tok | on "
-            f"{on['decode_tokens_per_s']:7.1f} tok/s "
-            f"{on['inter_token_latency_ms']:7.1f} ms/tok | on/off throughput "
-            f"{100 * row['throughput_ratio_on_off']:.1f}%",
-            flush=True,
-        )
     llm.llm_engine.engine_core.shutdown()  # before the next model's engine starts
     return rows
+
+
+def batch_row(
+    runs: dict[str, list[dict[str, float]]],
+    batch: int,
+    vocab: int,
+    label: str,
+    model: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One batch size's figures from its repeated runs with EM-INF on and off
+    (medians, on/off ratios, each repeat's ratio); printed as one line."""
+    on, off = _median_of(runs["on"]), _median_of(runs["off"])
+    paired = [
+        a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+        for a, b in zip(runs["on"], runs["off"], strict=True)
+    ]
+    row = {
+        "floor_ms": floor_ms(batch, vocab),
+        "model": label,
+        "model_path": model,
+        "vocab": vocab,
+        "batch": batch,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "on": on,
+        "off": off,
+        "throughput_ratio_on_off": on["decode_tokens_per_s"]
+        / off["decode_tokens_per_s"],
+        "throughput_ratio_per_repeat": paired,
+        "latency_ratio_on_off": on["inter_token_latency_ms"]
+        / off["inter_token_latency_ms"],
+        "runs": runs,
+    }
+    print(
+        f"{label:12s} B={batch:3d}  off {off['decode_tokens_per_s']:7.1f} tok/s "
+        f"{off['inter_token_latency_ms']:7.1f} ms/tok | on "
+        f"{on['decode_tokens_per_s']:7.1f} tok/s "
+        f"{on['inter_token_latency_ms']:7.1f} ms/tok | on/off throughput "
+        f"{100 * row['throughput_ratio_on_off']:.1f}%",
+        flush=True,
+    )
+    return row
 
 
 def floor_ms(batch: int, vocab: int, repeats: int = 50) -> float | None:

@@ -143,14 +143,7 @@ async def send_round(base_url: str, model: str, kind: str, count: int, conc: int
         await asyncio.gather(*(worker() for _ in range(conc)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    import subprocess
-    import urllib.request
-
-    from bench.load import RESULTS
-    from em_inf_support.servers import HOST, free_port
-    from em_inf_support.servers import healthy as _healthy
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", default=str(Path.home() / ".cache/em-inf/SmolLM2-135M-Instruct")
@@ -161,88 +154,81 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", nargs="+", default=list(TYPES))
     parser.add_argument("--settle", type=float, default=5.0)
     parser.add_argument("--tag", default="vllm")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def probe(base_url: str, pid: int, settle_s: float) -> dict[str, Any]:
+    """After ``settle_s`` of quiet: the API server's traced heap (the middleware's
+    route) and every server process's RSS."""
+    import urllib.request
+
+    time.sleep(settle_s)
+    with urllib.request.urlopen(base_url + PROBE_PATH, timeout=600) as page:
+        heap = json.loads(page.read())
+    return {"heap": heap, "rss": rss_by_process(pid)}
+
+
+def round_row(kind: str, round_: int, requests: int, wall: float, previous, now):
+    """One round's figures: traced heap and RSS per process, each against the
+    reading before the round, and the heap's top lines and tracebacks."""
+    traced = now["heap"]["traced_bytes"] - previous["heap"]["traced_bytes"]
+    return {
+        "type": kind,
+        "round": round_,
+        "requests": requests,
+        "wall_s": wall,
+        "loadavg": os.getloadavg(),
+        "traced_diff_mib": traced / 2**20,
+        "rss_diff_mib": {
+            k: (v - previous["rss"].get(k, 0)) / 2**20 for k, v in now["rss"].items()
+        },
+        "top_lines": now["heap"]["by_line"][:8],
+        "top_tracebacks": now["heap"]["by_traceback"][:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.load import RESULTS
+    from em_inf_support.servers import http_server
+
+    args = parse_args(argv)
     repo = Path(__file__).resolve().parents[1]
-    port = free_port()
-    env = dict(
-        os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
-        HF_HUB_OFFLINE="1", PYTHONPATH=str(repo), PYTHONUNBUFFERED="1",
-    )  # fmt: skip
+    env = {
+        "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
+        "PYTHONPATH": str(repo),
+    }  # fmt: skip
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", args.model,
         "--served-model-name", "m", "--max-model-len", "4096",
         "--max-logprobs", "-1", "--no-enable-chunked-prefill",
         "--middleware", "bench.heap_probe.HeapProbe",
-        "--host", HOST, "--port", str(port),
     ]  # fmt: skip
     log_path = RESULTS / f"heap_probe_{args.tag}.server.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )  # fmt: skip
-    base_url = f"http://{HOST}:{port}"
+    out = RESULTS / f"heap_probe_{args.tag}.json"
     rows = []
-    try:
-        while not _healthy(base_url):
-            if server.poll() is not None:
-                raise SystemExit(log_path.read_text()[-3000:])
-            time.sleep(2)
-
-        def probe() -> dict[str, Any]:
-            time.sleep(args.settle)
-            with urllib.request.urlopen(base_url + PROBE_PATH, timeout=600) as page:
-                heap = json.loads(page.read())
-            return {"heap": heap, "rss": rss_by_process(server.pid)}
-
-        previous = probe()
+    with http_server(command, log_path, env_changes=env) as (base_url, pid):
+        previous = probe(base_url, pid, args.settle)
         print("start", previous["heap"]["traced_bytes"] >> 20, "MiB traced", flush=True)
         for kind in args.types:
-            for round_ in range(args.rounds):
+            for round_ in range(1, args.rounds + 1):
                 started = time.monotonic()
                 asyncio.run(
                     send_round(base_url, "m", kind, args.per_round, args.concurrency)
                 )
                 wall = time.monotonic() - started
-                now = probe()
-                row = {
-                    "type": kind,
-                    "round": round_ + 1,
-                    "requests": args.per_round,
-                    "wall_s": wall,
-                    "loadavg": os.getloadavg(),
-                    "traced_diff_mib": (
-                        now["heap"]["traced_bytes"] - previous["heap"]["traced_bytes"]
-                    )
-                    / 2**20,
-                    "rss_diff_mib": {
-                        k: (v - previous["rss"].get(k, 0)) / 2**20
-                        for k, v in now["rss"].items()
-                    },
-                    "top_lines": now["heap"]["by_line"][:8],
-                    "top_tracebacks": now["heap"]["by_traceback"][:3],
-                }
+                now = probe(base_url, pid, args.settle)
+                row = round_row(kind, round_, args.per_round, wall, previous, now)
                 rows.append(row)
                 previous = now
                 print(
-                    f"{kind} round {round_ + 1}: traced "
-                    f"{row['traced_diff_mib']:+.1f} MiB, rss "
+                    f"{kind} round {round_}: traced {row['traced_diff_mib']:+.1f} "
+                    "MiB, rss "
                     + ", ".join(f"{k} {v:+.0f}" for k, v in row["rss_diff_mib"].items())
                     + f" MiB ({wall:.0f} s, load {row['loadavg'][0]:.1f})",
                     flush=True,
                 )
-                out = RESULTS / f"heap_probe_{args.tag}.json"
                 out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    finally:
-        import signal
-
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
     return 0
 
 

@@ -46,7 +46,6 @@ import datetime as dt
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -63,8 +62,7 @@ from bench.load import (
     summarize,
 )
 from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV
-from em_inf_support.servers import HOST, free_port
-from em_inf_support.servers import healthy as _healthy
+from em_inf_support.servers import Server, em_inf_server, http_server
 
 TCMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -230,47 +228,16 @@ def slope_per_1000(points: list[tuple[float, float]]) -> float | None:
     return sxy / sxx * 1000 / 2**20
 
 
-@contextlib.contextmanager
-def server(processor: bool, env_changes: dict[str, str | None], log_path: Path):
-    """The server of one configuration on loopback; yields (base URL, pid)."""
-    port = free_port()
+def server(
+    processor: bool, env_changes: dict[str, str | None], log_path: Path
+) -> contextlib.AbstractContextManager[Server]:
+    """The server of one configuration on loopback: ``em-inf serve``, or vLLM's
+    without the processor (``bench/serve_without_processor.py``)."""
     args = ["--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1"]
-    args += ["--host", HOST, "--port", str(port)]
     if processor:
-        script = Path(sys.executable).with_name("em-inf")
-        command = [str(script), "serve", *args]
-    else:
-        command = [sys.executable, str(REPO / "bench/serve_without_processor.py")]
-        command += args
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    for name, value in env_changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-            start_new_session=True,
-        )  # fmt: skip
-    base_url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while not _healthy(base_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace").splitlines()[-30:]
-                raise RuntimeError("server did not come up:\n" + "\n".join(tail))
-            time.sleep(2)
-        yield base_url, process.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(60)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
+        return em_inf_server(args, log_path, env_changes=env_changes)
+    command = [sys.executable, str(REPO / "bench/serve_without_processor.py"), *args]
+    return http_server(command, log_path, env_changes=env_changes)
 
 
 def trim(pid: int) -> dict[str, Any]:
@@ -291,64 +258,46 @@ def trim(pid: int) -> dict[str, Any]:
     return answers
 
 
-def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    allocator, _, variant = name.partition("+")
-    processor = VARIANTS[variant]["processor"]
-    env_changes = allocator_environment(allocator)
-    env_changes[IDLE_ENV] = VARIANTS[variant]["heap_trim_idle_s"]
-    plan = make_plan(args.requests, args.seed)
-    load_start = os.getloadavg()
-    log_path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.server.log"
-    with server(processor, env_changes, log_path) as (base_url, pid):
-        seen = allocator_seen(pid)
-        with Sampler(pid, args.memory_interval) as sampler:
-            before = sampler.sample("before")
-            phases = []
-            done_before = 0
-            for phase, jobs in (
-                ("warmup", plan[: args.warmup]),
-                ("load", plan[args.warmup :]),
-            ):
-                sampler.phase = phase
+def run_phase(
+    sampler: Sampler,
+    base_url: str,
+    phase: str,
+    jobs: list,
+    done_before: int,
+    total: int,
+    name: str,
+    args: argparse.Namespace,
+) -> tuple[list, float, dict[str, int]]:
+    """Send ``jobs`` (the ``phase`` part of the plan), then let the server settle
+    :data:`SETTLE_S` seconds; returns the outcomes, the wall seconds and the idle
+    RSS reading after them."""
+    sampler.phase = phase
 
-                def progress(count: int, already: int = done_before) -> None:
-                    sampler.done = already + count
-                    if sampler.done % 100 == 0:
-                        print(f"  {name}: {sampler.done}/{len(plan)}", flush=True)
+    def progress(count: int) -> None:
+        sampler.done = done_before + count
+        if sampler.done % 100 == 0:
+            print(f"  {name}: {sampler.done}/{total}", flush=True)
 
-                outcomes, wall = asyncio.run(
-                    drive(
-                        base_url, jobs, concurrency=args.concurrency,
-                        time_limit_s=args.time_limit, request_timeout_s=300.0,
-                        progress=progress,
-                    )
-                )  # fmt: skip
-                done_before += len(outcomes)
-                sampler.phase = "settle"
-                time.sleep(SETTLE_S)
-                idle = sampler.sample(f"idle_after_{phase}")
-                phases.append((outcomes, wall, idle))
-                if phase == "warmup":
-                    log_lines = log_path.read_text(errors="replace").splitlines()
-                    measured_from = len(log_lines)
-            trimmed = None
-            if args.trim:
-                answers = trim(pid)
-                time.sleep(2)
-                trimmed = {"answers": answers, "rss": sampler.sample("after_trim")}
-    load_end = os.getloadavg()
-    (_, _, idle0), (outcomes, wall, idle1) = phases
-    under_load = [s for s in sampler.samples if s["phase"] == "load"]
+    outcomes, wall = asyncio.run(
+        drive(
+            base_url, jobs, concurrency=args.concurrency,
+            time_limit_s=args.time_limit, request_timeout_s=300.0, progress=progress,
+        )
+    )  # fmt: skip
+    sampler.phase = "settle"
+    time.sleep(SETTLE_S)
+    return outcomes, wall, sampler.sample(f"idle_after_{phase}")
+
+
+def memory_figures(
+    samples: list[dict], before: dict, idle0: dict, idle1: dict, trimmed: dict | None
+) -> dict[str, Any]:
+    """RSS figures per process kind (and total), in MiB: the slope under load
+    after the warm-up, the growth from the idle reading after the warm-up to the
+    one at the end, the readings themselves, and what ``--trim`` left."""
+    under_load = [s for s in samples if s["phase"] == "load"]
     keys = [*KINDS, "total"]
-    result = {
-        "config": name,
-        "allocator": allocator,
-        "processor": processor,
-        "environment": env_changes,
-        "allocator_seen": seen,
-        "requests": len(plan),
-        "warmup": args.warmup,
-        "concurrency": args.concurrency,
+    return {
         "slope_mib_per_1000": {
             k: slope_per_1000([(s["done"], s["rss"][k]) for s in under_load])
             for k in keys
@@ -371,6 +320,45 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 k: (trimmed["rss"][k] - idle0[k]) / 2**20 for k in keys
             },
         },
+    }
+
+
+def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    allocator, _, variant = name.partition("+")
+    processor = VARIANTS[variant]["processor"]
+    env_changes = allocator_environment(allocator)
+    env_changes[IDLE_ENV] = VARIANTS[variant]["heap_trim_idle_s"]
+    plan = make_plan(args.requests, args.seed)
+    load_start = os.getloadavg()
+    log_path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.server.log"
+    with server(processor, env_changes, log_path) as (base_url, pid):
+        seen = allocator_seen(pid)
+        with Sampler(pid, args.memory_interval) as sampler:
+            before = sampler.sample("before")
+            warm = run_phase(
+                sampler, base_url, "warmup", plan[: args.warmup], 0, len(plan),
+                name, args,
+            )  # fmt: skip
+            measured_from = len(log_path.read_text(errors="replace").splitlines())
+            outcomes, wall, idle1 = run_phase(
+                sampler, base_url, "load", plan[args.warmup :], len(warm[0]),
+                len(plan), name, args,
+            )  # fmt: skip
+            trimmed = None
+            if args.trim:
+                answers = trim(pid)
+                time.sleep(2)
+                trimmed = {"answers": answers, "rss": sampler.sample("after_trim")}
+    result = {
+        "config": name,
+        "allocator": allocator,
+        "processor": processor,
+        "environment": env_changes,
+        "allocator_seen": seen,
+        "requests": len(plan),
+        "warmup": args.warmup,
+        "concurrency": args.concurrency,
+        **memory_figures(sampler.samples, before, warm[2], idle1, trimmed),
         "heap_trims": {
             "whole_run": heap_trims(log_path),
             "after_warmup_idle_reading": heap_trims(log_path, measured_from),
@@ -378,7 +366,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": summarize(outcomes, wall)["tokens_per_s"],
         "summary_measured": summarize(outcomes, wall),
         "loadavg_start": load_start,
-        "loadavg_end": load_end,
+        "loadavg_end": os.getloadavg(),
         "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "samples": sampler.samples,
     }

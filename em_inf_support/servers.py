@@ -1,4 +1,5 @@
-"""A real ``em-inf serve`` as a child process on loopback, and its JSON routes.
+"""A real server (``em-inf serve``, or vLLM's own) as a child process on loopback,
+and its JSON routes.
 
 The server runs in its own session (so stopping it also stops vLLM's engine
 processes), with its output in a log file whose tail is shown when it fails to come
@@ -74,21 +75,38 @@ def log_tail(log_path: Path, lines: int = 60) -> str:
 
 
 class Server(NamedTuple):
-    """A running ``em-inf serve``: its base URL and the pid of its process."""
+    """A running server: its base URL and the pid of its process."""
 
     base_url: str
     pid: int
 
 
-@contextlib.contextmanager
 def em_inf_server(
     args: Sequence[str],
     log_path: Path,
     *,
     env_changes: Mapping[str, str | None] | None = None,
     start_timeout_s: float = START_TIMEOUT_S,
+) -> contextlib.AbstractContextManager[Server]:
+    """``em-inf serve <args>`` as :func:`http_server` runs it."""
+    return http_server(
+        [*em_inf_command(), "serve", *args],
+        log_path,
+        env_changes=env_changes,
+        start_timeout_s=start_timeout_s,
+    )
+
+
+@contextlib.contextmanager
+def http_server(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    env_changes: Mapping[str, str | None] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> Iterator[Server]:
-    """Run ``em-inf serve <args> --host 127.0.0.1 --port <free>``; yield it.
+    """Run ``<command> --host 127.0.0.1 --port <free>`` (an OpenAI-compatible
+    server: ``em-inf serve``, or vLLM's own), its output in ``log_path``; yield it.
 
     Waits for ``GET /health`` (at most ``start_timeout_s``), and fails with the
     log's tail if the process exits or the time runs out. A server that exits
@@ -96,7 +114,8 @@ def em_inf_server(
     started again on a fresh port, up to :data:`PORT_TRIES` times. On exit sends
     SIGINT (a graceful vLLM shutdown), then SIGKILL to the whole process group if
     needed. ``env_changes``: how the server's environment differs from this
-    process's (a string sets the variable, ``None`` removes it).
+    process's (a string sets the variable, ``None`` removes it), after
+    ``HF_HUB_OFFLINE=1`` and ``PYTHONUNBUFFERED=1``.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     for name, value in (env_changes or {}).items():
@@ -106,9 +125,7 @@ def em_inf_server(
             env[name] = value
     for attempt in range(1, PORT_TRIES + 1):
         port = free_port()
-        command = [*em_inf_command(), "serve", *args, "--host", HOST]
-        command += ["--port", str(port)]
-        process = _start(command, log_path, env)
+        process = _start([*command, "--host", HOST, "--port", str(port)], log_path, env)
         try:
             base_url = f"http://{HOST}:{port}"
             retry = attempt < PORT_TRIES
@@ -153,12 +170,12 @@ def _wait_healthy(
             if retry and any(sign in log for sign in PORT_TAKEN):
                 return False
             raise RuntimeError(
-                f"em-inf serve exited with {process.returncode} before it was "
+                f"the server exited with {process.returncode} before it was "
                 f"healthy:\n{log_tail(log_path)}"
             )
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"em-inf serve not healthy after {timeout_s:.0f} s:\n"
+                f"the server was not healthy after {timeout_s:.0f} s:\n"
                 f"{log_tail(log_path)}"
             )
         time.sleep(2)

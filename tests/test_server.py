@@ -301,6 +301,60 @@ def plain_rows(tiny_server):
     }
 
 
+async def first_token_logprobs(client, model: str, kind: str, prompt: str, settings):
+    """One greedy 4-token request of ``kind`` (``chat``, ``chat-stream``,
+    ``completion``, ``completion-stream``) with ``settings`` as its ``em_inf``
+    field (``None``: off): the first token's logprobs over the whole vocabulary as
+    ``(token, logprob)`` pairs, the number of tokens, and the finish reason."""
+    extra = {
+        "return_tokens_as_token_ids": True,
+        "ignore_eos": True,
+        "em_inf": False if settings is None else settings,
+    }
+    stream = kind.endswith("stream")
+    if kind.startswith("chat"):
+        response = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=4,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=-1,
+            extra_body=extra,
+            stream=stream,
+        )
+        tops, finish = await _tokens_and_finish(response, stream, chat=True)
+        return [(t.token, t.logprob) for t in tops[0].top_logprobs], len(tops), finish
+    response = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0.0,
+        logprobs=-1,
+        extra_body=extra,
+        stream=stream,
+    )
+    tops, finish = await _tokens_and_finish(response, stream, chat=False)
+    return list(tops[0].items()), len(tops), finish
+
+
+async def _tokens_and_finish(response, stream: bool, *, chat: bool):
+    """Per token, its logprobs entry (chat: ``ChatCompletionTokenLogprob``;
+    completions: a ``{token: logprob}`` dict), and the finish reason, from a
+    response or the chunks of a stream."""
+    if stream:
+        choices = [c.choices[0] async for c in response if c.choices]
+    else:
+        choices = [response.choices[0]]
+    tokens = [
+        t
+        for choice in choices
+        if choice.logprobs
+        for t in (choice.logprobs.content if chat else choice.logprobs.top_logprobs)
+    ]
+    return tokens, choices[-1].finish_reason
+
+
 class TestTinyServer:
     def test_models_and_health(self, tiny_server):
         base_url, client, model, model_dir = tiny_server
@@ -610,65 +664,14 @@ class TestTinyServer:
                 settings = random_logits_settings(rng)
             jobs.append((kinds[index % 4], PROMPTS[index % 8], settings))
 
-        async def run_one(client, kind, prompt, settings):
-            extra = {
-                "return_tokens_as_token_ids": True,
-                "ignore_eos": True,
-                "em_inf": False if settings is None else settings,
-            }
-            if kind.startswith("chat"):
-                response = await client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": prompt}],
-                    max_tokens=4,
-                    temperature=0.0,
-                    logprobs=True,
-                    top_logprobs=-1,
-                    extra_body=extra,
-                    stream=kind.endswith("stream"),
-                )
-                if kind.endswith("stream"):
-                    chunks = [c async for c in response if c.choices]
-                    tops = [
-                        t
-                        for c in chunks
-                        if c.choices[0].logprobs
-                        for t in c.choices[0].logprobs.content
-                    ]
-                    finish = chunks[-1].choices[0].finish_reason
-                else:
-                    tops = response.choices[0].logprobs.content
-                    finish = response.choices[0].finish_reason
-                first = [(t.token, t.logprob) for t in tops[0].top_logprobs]
-                return first, len(tops), finish
-            response = await client.completions.create(
-                model=model,
-                prompt=prompt,
-                max_tokens=4,
-                temperature=0.0,
-                logprobs=-1,
-                extra_body=extra,
-                stream=kind.endswith("stream"),
-            )
-            if kind.endswith("stream"):
-                chunks = [c async for c in response if c.choices]
-                tops = [
-                    t
-                    for c in chunks
-                    if c.choices[0].logprobs
-                    for t in c.choices[0].logprobs.top_logprobs
-                ]
-                finish = chunks[-1].choices[0].finish_reason
-            else:
-                tops = response.choices[0].logprobs.top_logprobs
-                finish = response.choices[0].finish_reason
-            return list(tops[0].items()), len(tops), finish
-
         async def run_all():
             client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused")
             try:
                 return await asyncio.wait_for(
-                    asyncio.gather(*(run_one(client, *job) for job in jobs)), 300
+                    asyncio.gather(
+                        *(first_token_logprobs(client, model, *job) for job in jobs)
+                    ),
+                    300,
                 )
             finally:
                 await client.close()
