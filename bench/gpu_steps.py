@@ -133,7 +133,7 @@ class Harness:
         mapping.send()
         self.logits.copy_(self.source)
         self.index += 1
-        return step, mapping.device
+        return step, mapping.device_tensor
 
     def em_inf_step(self) -> None:
         step, mapping = self.harness_step()

@@ -110,7 +110,7 @@ class SlotSettings:
         table[:, :size] = self._table
         self._table = table
         if self._staging is not None:  # new tables, new address
-            self.bind(self._staging.device.device)
+            self.bind(self._staging.device_tensor.device)
 
     @staticmethod
     def _empty_table(num_slots: int) -> np.ndarray:
@@ -173,7 +173,7 @@ class SlotSettings:
         self._staging = HostToDevice(
             (len(_TABLE_ROWS), self.num_slots), torch.float32, torch.device(device)
         )
-        table = self._staging.device
+        table = self._staging.device_tensor
         self._tables = SlotTables(
             *(
                 table[i].view(torch.int32) if i == _STEPS_ROW else table[i]
@@ -186,7 +186,8 @@ class SlotSettings:
         """Device memory of the bound tables (0 when none is bound)."""
         if self._staging is None:
             return 0
-        return self._staging.device.numel() * self._staging.device.element_size()
+        target = self._staging.device_tensor
+        return target.numel() * target.element_size()
 
     def flush(self) -> None:
         """Send staged changes to the device tables: one non-blocking copy from
@@ -200,7 +201,7 @@ class SlotSettings:
     def tables(self, device: torch.device) -> SlotTables:
         """The device tables on ``device``, up to date (bound and flushed here if
         the caller has not done so in a staging hook)."""
-        if self._tables is None or self._staging.device.device != device:
+        if self._tables is None or self._staging.device_tensor.device != device:
             self.bind(device)
         self.flush()
         return self._tables

@@ -32,17 +32,17 @@ class HostToDevice:
     """A device tensor fed from the host without synchronising.
 
     Usage, once per update: ``buf = staging.host()`` (a numpy view to fill in
-    full), then ``staging.send()``, which enqueues the copy into :attr:`device`.
+    full), then ``staging.send()``, which enqueues the copy into :attr:`device_tensor`.
 
     Attributes:
-        device: the ``shape`` / ``dtype`` tensor on the device (its address never
+        device_tensor: the ``shape`` / ``dtype`` tensor on the device (its address never
             changes: kernels and CUDA graphs may hold on to it).
     """
 
     def __init__(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.device = torch.zeros(shape, dtype=dtype, device=device)
+        self.device_tensor = torch.zeros(shape, dtype=dtype, device=device)
         self._cuda = device.type == "cuda"
         # (host tensor, its numpy view, the event recorded after its last copy)
         self._ring: list[tuple[torch.Tensor, np.ndarray, torch.cuda.Event | None]] = []
@@ -50,9 +50,8 @@ class HostToDevice:
         self._grow()  # the first buffer now, not in a step
 
     def _grow(self) -> None:
-        buffer = pinned_empty(
-            tuple(self.device.shape), self.device.dtype, self.device.device
-        )
+        target = self.device_tensor
+        buffer = pinned_empty(tuple(target.shape), target.dtype, target.device)
         event = torch.cuda.Event() if self._cuda else None
         self._ring.append((buffer, buffer.numpy(), event))
         self._next = len(self._ring) - 1
@@ -69,10 +68,10 @@ class HostToDevice:
         return self._ring[self._next][1]
 
     def send(self) -> None:
-        """Copy the buffer last handed out by :meth:`host` to :attr:`device`,
+        """Copy the buffer last handed out by :meth:`host` to :attr:`device_tensor`,
         without waiting (on the current stream)."""
         buffer, _, event = self._ring[self._next]
-        self.device.copy_(buffer, non_blocking=True)
+        self.device_tensor.copy_(buffer, non_blocking=True)
         if event is not None:
             event.record()
         self._next = (self._next + 1) % len(self._ring)

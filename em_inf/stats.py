@@ -89,7 +89,7 @@ class EMInfStats:
         self._log = log or logger.info
         self._clock = clock
         self._publish = publish
-        self._device: torch.Tensor | None = None  # int64 [2, WIDTH]
+        self._device_counters: torch.Tensor | None = None  # int64 [2, WIDTH]
         self._reported = np.zeros((len(MODES), WIDTH), dtype=np.int64)
         self._reported_at = self._ticked_at = clock()
         # A snapshot in flight: (counts, event or None, time taken).
@@ -103,26 +103,25 @@ class EMInfStats:
         """The int64 ``[2, WIDTH]`` counters on ``device`` (row 0 logits mode, row 1
         temperature mode; columns as in :mod:`em_inf.counters`). ``counters(d)[m]``
         is what a backend's ``stats`` argument takes."""
-        if self._device is None:
-            self._device = torch.zeros(
+        if self._device_counters is None:
+            self._device_counters = torch.zeros(
                 (len(MODES), WIDTH), dtype=torch.int64, device=device
             )
             self._snapshot = staging.pinned_empty(
                 (len(MODES), WIDTH), torch.int64, device
             )
             self._snapshot_np = self._snapshot.numpy()
-        elif self._device.device != device:
-            raise ValueError(
-                f"EM-INF stats are counted on {self._device.device}, not {device}"
-            )
-        return self._device
+        elif self._device_counters.device != device:
+            counted_on = self._device_counters.device
+            raise ValueError(f"EM-INF stats are counted on {counted_on}, not {device}")
+        return self._device_counters
 
     def totals(self) -> np.ndarray:
         """Everything counted so far, int64 ``[2, WIDTH]``; waits for the device
         (for explicit reads, never called in a step)."""
-        if self._device is None:
+        if self._device_counters is None:
             return np.zeros((len(MODES), WIDTH), dtype=np.int64)
-        return self._device.cpu().numpy().copy()
+        return self._device_counters.cpu().numpy().copy()
 
     def tick(self) -> None:
         """Once per step: report a snapshot that has landed, or take one when the
@@ -155,14 +154,14 @@ class EMInfStats:
 
     def _take_snapshot(self, now: float) -> None:
         event = None
-        if self._device is None:  # nothing counted yet
+        if self._device_counters is None:  # nothing counted yet
             counts = np.zeros((len(MODES), WIDTH), dtype=np.int64)
-        elif self._device.device.type == "cpu":
-            counts = self._device.numpy().copy()
+        elif self._device_counters.device.type == "cpu":
+            counts = self._device_counters.numpy().copy()
         else:
-            self._snapshot.copy_(self._device, non_blocking=True)
+            self._snapshot.copy_(self._device_counters, non_blocking=True)
             counts = self._snapshot_np  # valid once the copy has landed
-            if self._device.device.type == "cuda":
+            if self._device_counters.device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record()
         self._pending = (counts, event, now)
@@ -186,9 +185,10 @@ def _report_when_idle(stats_ref: weakref.ref, period: float) -> None:
         if stats is None:
             return
         idle = stats._clock() - stats._ticked_at >= period
-        if idle and stats._device is not None and stats._device.device.type == "cpu":
+        counters = stats._device_counters
+        if idle and counters is not None and counters.device.type == "cpu":
             stats.tick()
-        del stats
+        del stats, counters
 
 
 def format_line(delta: np.ndarray, elapsed: float) -> str:

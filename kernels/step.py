@@ -300,7 +300,12 @@ class StepRunner:
             shape = self._shape(bucket, n_cols, max_steps, temperature, row_slot)
             replay = self._remember(key, _Replay(shape, self._scratch))
         launch_step(
-            replay.shape, n_cols, self._launch.device, tables, stats, replay.partials
+            replay.shape,
+            n_cols,
+            self._launch.device_tensor,
+            tables,
+            stats,
+            replay.partials,
         )
         if self._cuda:
             replay.graph = self._capture(replay, tables, stats)
@@ -423,7 +428,7 @@ class StepRunner:
                     launch_step(
                         replay.shape,
                         replay.shape.n_cols,
-                        self._launch.device,
+                        self._launch.device_tensor,
                         tables,
                         stats,
                         replay.partials,

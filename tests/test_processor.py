@@ -252,7 +252,7 @@ def test_host_to_device_staging_reuses_its_buffer_when_copies_are_done():
     for step in range(3):
         staging.host()[:] = (step, step + 1, step + 2)
         staging.send()
-        assert staging.device.tolist() == [step, step + 1, step + 2]
+        assert staging.device_tensor.tolist() == [step, step + 1, step + 2]
     assert staging.buffers == 1
 
 
