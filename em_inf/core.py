@@ -53,39 +53,56 @@ class SlotTables(NamedTuple):
 #: (``steps`` is stored as int32 bits).
 _TABLE_ROWS = SlotTables._fields
 _STEPS_ROW = _TABLE_ROWS.index("steps")
+_TEMPERATURE_ROW = _TABLE_ROWS.index("temperature_threshold")
+#: The host table's rows after the device rows: one bool flag per slot, kept in the
+#: first byte of each 4-byte cell.
+_FLAG_ROWS = ("enabled", "temperature_mode")
+#: The host table's float32 rows that come from a request's settings as they are.
+_FLOAT_FIELDS = ("threshold", "kl_weight", "lr", "alpha", "t_min", "t_max")
 
 
 class SlotSettings:
     """EM-INF settings of the requests in an engine's batch, one entry per slot.
 
-    Attributes (all ``[num_slots]`` numpy arrays):
+    Everything lives once, in one host table, float32 ``[10, S]``: its first 8
+    rows are the device table exactly as the kernels read it (:class:`SlotTables`
+    order, ``steps`` as int32 bits and 0 outside the logits mode,
+    ``temperature_threshold`` +inf outside the temperature mode), the last two the
+    flags in :data:`_FLAG_ROWS`. A slot is one column, so moving or swapping
+    requests copies columns, and a slot without EM-INF is the column of an unused
+    slot (zeros, ``temperature_threshold`` +inf).
+
+    Attributes (read-only ``[num_slots]`` numpy views of the table, replaced when
+    the table grows):
         enabled: bool, whether the slot's request uses EM-INF.
-        temperature_mode: bool, ``mode == "temperature"``.
-        threshold, kl_weight, lr, alpha, t_min, t_max: float32.
-        steps: int64.
-        logits_steps: int64, ``steps`` where the slot uses the logits mode, else 0.
-        temperature_on: bool, whether the slot uses the temperature mode.
+        temperature_mode: bool, whether it uses the temperature mode.
+        steps: int32, its logits-mode steps (0 unless it uses the logits mode).
+        threshold, kl_weight, lr, alpha, t_min, t_max: float32, its settings (0
+            where EM-INF is off).
+        temperature_threshold: float32, ``threshold`` where the slot uses the
+            temperature mode, else +inf.
 
     On the kernel path, :meth:`bind` gives the settings a device; every change is
     then staged and reaches the device tables at the next :meth:`flush` (vLLM's
-    staging hook) as one non-blocking copy of the whole ``[8, S]`` table: 32 KiB at
+    staging hook) as one non-blocking copy of the table's device rows: 32 KiB at
     1,024 slots costs one ``cudaMemcpyAsync`` like a single slot would, while
     copying only the changed slots would need a scatter kernel.
     """
 
-    _FLOAT_FIELDS = ("threshold", "kl_weight", "lr", "alpha", "t_min", "t_max")
-    _ARRAYS = ("enabled", "temperature_mode", "steps", *_FLOAT_FIELDS)
-    _DERIVED = ("logits_steps", "temperature_on")
+    enabled: np.ndarray
+    temperature_mode: np.ndarray
+    steps: np.ndarray
+    threshold: np.ndarray
+    kl_weight: np.ndarray
+    lr: np.ndarray
+    alpha: np.ndarray
+    t_min: np.ndarray
+    t_max: np.ndarray
+    temperature_threshold: np.ndarray
 
     def __init__(self, num_slots: int, device: torch.device | None = None) -> None:
-        self.enabled = np.zeros(num_slots, dtype=bool)
-        self.temperature_mode = np.zeros(num_slots, dtype=bool)
-        self.steps = np.zeros(num_slots, dtype=np.int64)
-        for name in self._FLOAT_FIELDS:
-            setattr(self, name, np.zeros(num_slots, dtype=np.float32))
-        self.logits_steps = np.zeros(num_slots, dtype=np.int64)
-        self.temperature_on = np.zeros(num_slots, dtype=bool)
-        self._table = self._empty_table(num_slots)  # host copy of the device table
+        self._table = self._empty_table(num_slots)
+        self._make_views()
         self._staging: HostToDevice | None = None
         self._tables: SlotTables | None = None
         self._dirty = False
@@ -94,77 +111,68 @@ class SlotSettings:
 
     @property
     def num_slots(self) -> int:
-        return len(self.enabled)
+        return self._table.shape[1]
+
+    @staticmethod
+    def _empty_table(num_slots: int) -> np.ndarray:
+        """The float32 ``[10, num_slots]`` host table of unused slots."""
+        table = np.zeros((len(_TABLE_ROWS) + len(_FLAG_ROWS), num_slots), np.float32)
+        table[_TEMPERATURE_ROW] = np.inf
+        return table
+
+    def _make_views(self) -> None:
+        """Writable ``[S]`` views of the table's rows by name (``self._rows``) and
+        read-only ones as the attributes."""
+        table = self._table
+        rows = {name: table[_TABLE_ROWS.index(name)] for name in _FLOAT_FIELDS}
+        rows["steps"] = table[_STEPS_ROW].view(np.int32)
+        rows["temperature_threshold"] = table[_TEMPERATURE_ROW]
+        for index, name in enumerate(_FLAG_ROWS, start=len(_TABLE_ROWS)):
+            rows[name] = table[index].view(np.bool_)[::4]
+        self._rows = rows
+        for name, row in rows.items():
+            view = row.view()
+            view.flags.writeable = False
+            setattr(self, name, view)
 
     def _ensure(self, slot: int) -> None:
         size = self.num_slots
         if slot < size:
             return
-        grown = max(slot + 1, 2 * size)
-        for name in (*self._ARRAYS, *self._DERIVED):
-            old = getattr(self, name)
-            new = np.zeros(grown, dtype=old.dtype)
-            new[:size] = old
-            setattr(self, name, new)
-        table = self._empty_table(grown)
+        table = self._empty_table(max(slot + 1, 2 * size))
         table[:, :size] = self._table
         self._table = table
+        self._make_views()
         if self._staging is not None:  # new tables, new address
             self.bind(self._staging.device_tensor.device)
-
-    @staticmethod
-    def _empty_table(num_slots: int) -> np.ndarray:
-        """The ``[8, S]`` table of unused slots: steps 0, temperature threshold +inf."""
-        table = np.zeros((len(_TABLE_ROWS), num_slots), dtype=np.float32)
-        table[_TABLE_ROWS.index("temperature_threshold")] = np.inf
-        return table
-
-    def _changed(self, slots: list[int]) -> None:
-        """Refresh the derived arrays and the table columns of ``slots``, and stage
-        the device tables."""
-        for slot in slots:
-            on = bool(self.enabled[slot])
-            temperature = on and bool(self.temperature_mode[slot])
-            self.temperature_on[slot] = temperature
-            self.logits_steps[slot] = self.steps[slot] if on and not temperature else 0
-            self._table[:, slot] = (
-                self.threshold[slot],
-                self.kl_weight[slot],
-                self.lr[slot],
-                0.0,  # steps: int32 bits, written below
-                self.threshold[slot] if temperature else np.inf,
-                self.alpha[slot],
-                self.t_min[slot],
-                self.t_max[slot],
-            )
-            self._table[_STEPS_ROW].view(np.int32)[slot] = self.logits_steps[slot]
-        self._dirty = True
 
     def set(self, slot: int, config: EMInfConfig | None) -> None:
         """Give ``slot`` the settings ``config``; ``None`` turns EM-INF off there."""
         self._ensure(slot)
-        self.enabled[slot] = config is not None
+        self._table[:, slot] = 0
+        self._table[_TEMPERATURE_ROW, slot] = np.inf
         if config is not None:
-            self.temperature_mode[slot] = config.mode == "temperature"
-            self.steps[slot] = config.steps
-            for name in self._FLOAT_FIELDS:
-                getattr(self, name)[slot] = getattr(config, name)
-        self._changed([slot])
+            rows = self._rows
+            rows["enabled"][slot] = True
+            for name in _FLOAT_FIELDS:
+                rows[name][slot] = getattr(config, name)
+            if config.mode == "temperature":
+                rows["temperature_mode"][slot] = True
+                rows["temperature_threshold"][slot] = config.threshold
+            else:
+                rows["steps"][slot] = config.steps
+        self._dirty = True
 
     def move(self, src: int, dst: int) -> None:
         """Copy ``src``'s entry to ``dst`` (``src`` keeps a stale copy)."""
         self._ensure(max(src, dst))
-        for name in self._ARRAYS:
-            array = getattr(self, name)
-            array[dst] = array[src]
-        self._changed([dst])
+        self._table[:, dst] = self._table[:, src]
+        self._dirty = True
 
     def swap(self, a: int, b: int) -> None:
         self._ensure(max(a, b))
-        for name in self._ARRAYS:
-            array = getattr(self, name)
-            array[[a, b]] = array[[b, a]]
-        self._changed([a, b])
+        self._table[:, [a, b]] = self._table[:, [b, a]]
+        self._dirty = True
 
     # -- device tables (kernel path) ------------------------------------------------
     def bind(self, device: torch.device) -> None:
@@ -194,7 +202,7 @@ class SlotSettings:
         pinned memory, nothing when nothing changed or no device is bound."""
         if not self._dirty or self._staging is None:
             return
-        np.copyto(self._staging.host(), self._table)
+        np.copyto(self._staging.host(), self._table[: len(_TABLE_ROWS)])
         self._staging.send()
         self._dirty = False
 
@@ -316,8 +324,8 @@ def _apply_kernels(
     the host decides from ``request_slots`` how many logits-mode passes run and
     whether the temperature kernel does; the kernels read each row's settings
     through ``row_slots`` from the device tables and count rows themselves."""
-    max_steps = int(settings.logits_steps[request_slots].max())
-    temperature = bool(settings.temperature_on[request_slots].any())
+    max_steps = int(settings.steps[request_slots].max())
+    temperature = bool(settings.temperature_mode[request_slots].any())
     if max_steps == 0 and not temperature:
         return logits
     if runner is None:
