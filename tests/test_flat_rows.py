@@ -75,7 +75,7 @@ ENVELOPE_RUNS = 32
 STEP_ROUNDINGS = 4
 #: Item 7's settings, and how many seeded rows :func:`test_item_7_settings` draws.
 ITEM_7 = EMInfConfig(threshold=0.5, kl_weight=0.0, lr=5.0, steps=2)
-ITEM_7_ROWS = 40 if INTERPRETED else 200
+ITEM_7_ROWS = 200
 #: Offsets of the rows: around 0 (tiny ulps), 1, 3, 10 and 30 (the ulp of float16
 #: and bfloat16 logits there, up to 0.125), and a negative one.
 OFFSETS = (0.0, 1.0, 3.0, 10.0, 30.0, -7.0)
