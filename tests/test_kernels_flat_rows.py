@@ -4,7 +4,7 @@ kernels' own pytest process, like ``tests/test_kernels_properties.py``).
 The property test is expected to fail until kernels/logits_mode.py changes two
 things in its Adam replay (per-row scalars, and one subtraction reordered). Measured
 on a patched copy over 1,000 seeded near-flat rows: TV p99 4.6e-4 -> 7.7e-5, max
-0.16 -> 0.067, rows beyond the bound of tests/test_flat_rows.py 240 -> 0.
+0.16 -> 0.067, rows beyond the bound of tests/test_flat_rows.py 180 -> 0.
 
 1. Bias corrections: ``1 - beta2^t`` is formed in float32 from ``beta2^t``
    (0.998 at t = 2), losing ~1e-5 of itself; every logit's step then carries that
