@@ -418,9 +418,9 @@ typedef struct {
     float mean;         /* E_q[z - M] */
     float inv_sum0;     /* 1 / sum exp(z0 - M0), for p0 */
     float kl;           /* kl_weight */
-    float step;         /* lr / (1 - beta1^t) */
-    float inv_sqrt_bc2; /* 1 / sqrt(1 - beta2^t) */
-    float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+    float step;         /* lr (1 - beta1) / (1 - beta1^t): lr at t = 1 */
+    float sqrt_bc;      /* sqrt((1 - beta2) / (1 - beta2^t)): 1 at t = 1 */
+    float beta1, beta2, eps;
 } Step;
 
 /* The max of the new logits, and whether a result is non-finite where z was
@@ -511,7 +511,15 @@ static void online_finish(Online *o, Partial *out) {
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
  * read). LAST: m and v are not needed after the step (not written). ONLINE (the
  * last step, counted): the new logits' softmax statistics into o. A masked logit
- * has e = p0 = 0, hence g = m = v = 0 and moves by exactly 0. */
+ * has e = p0 = 0, hence g = m = v = 0 and moves by exactly 0.
+ *
+ * The moments are kept scaled, m = sum_j beta1^(t-j) g_j and v likewise (Adam's
+ * divided by 1 - beta1 and 1 - beta2), so that the constants go into the row
+ * scalars (s->step, s->sqrt_bc) and each element's update rounds as little as
+ * it can: at step 1 z - lr g / (|g| + eps) with no rounded 0.1 on the way (99% of
+ * near-flat rows' logits within 1 ulp (of the row's largest) of the exact z1,
+ * against 1.45 ulp with Adam's scaling; their second step divides by |g1| ~ 1e-4,
+ * magnifying every ulp of z1 ~1e4 times). */
 static inline void update_block(float *restrict z, const float *restrict e,
                                 const float *restrict p0, float *restrict m,
                                 float *restrict v, const Step *restrict s,
@@ -525,13 +533,13 @@ static inline void update_block(float *restrict z, const float *restrict e,
         vf q = load(e + at) * s->inv_sum;
         vf g = q * (s->mean - zs);
         if (with_kl) g += s->kl * (q - load(p0 + at) * s->inv_sum0);
-        vf gm = s->one_minus_beta1 * g, gv = s->one_minus_beta2 * (g * g);
+        vf gm = g, gv = g * g;
         if (!first) {
             gm += s->beta1 * load(m + at);
             gv += s->beta2 * load(v + at);
         }
-        /* At step 1, sqrt(v / (1 - beta2)) = |g|: no square root. */
-        vf den = (first ? vabs(g) : vsqrt(gv) * s->inv_sqrt_bc2) + s->eps;
+        /* At step 1, sqrt(v) = |g|: no square root. */
+        vf den = (first ? vabs(g) : vsqrt(gv) * s->sqrt_bc) + s->eps;
         vf y = x - s->step * (gm / den);
         if (!last) {
             store(m + at, gm);
@@ -879,8 +887,6 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     s.kl = b->kl_weight[r];
     s.beta1 = (float)b->beta1;
     s.beta2 = (float)b->beta2;
-    s.one_minus_beta1 = (float)(1.0 - b->beta1);
-    s.one_minus_beta2 = (float)(1.0 - b->beta2);
     s.eps = (float)b->eps;
     const int with_kl = s.kl != 0.0f;
     const double lr = b->lr[r];
@@ -892,8 +898,10 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         s.shift = shift;
         s.inv_sum = (float)(1.0 / sum);
         s.mean = (float)mean;
-        s.step = (float)(lr / (1.0 - pow(b->beta1, (double)t)));
-        s.inv_sqrt_bc2 = (float)(1.0 / sqrt(1.0 - pow(b->beta2, (double)t)));
+        s.step = t == 1 ? (float)lr
+                        : (float)(lr * (1.0 - b->beta1) / (1.0 - pow(b->beta1, (double)t)));
+        s.sqrt_bc = t == 1 ? 1.0f
+                           : (float)sqrt((1.0 - b->beta2) / (1.0 - pow(b->beta2, (double)t)));
         const float *e = t == 1 ? slot->p0 : slot->e;
         online = t == steps && b->count && sampled(b, before);
         FOR_CHUNKS(split, c, nc,
