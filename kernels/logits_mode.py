@@ -202,19 +202,24 @@ def _replay_adam_steps(
     scaled, m' = m / (1 - b1) and v' = v / (1 - b2), so each update is one FMA;
     the bias-corrected step is
       z -= lr a_t m' / (c_t sqrt(v') + eps),
-      a_t = (1 - b1) / (1 - b1^t),  c_t = sqrt((1 - b2) / (1 - b2^t)),
+      a_t = (1 - b1) / (1 - b1^t),  c_t = sqrt((1 - b2) / (1 - b2^t))
+    (each from its geometric sum, 1 + b + ... + b^(t-1) = (1 - b^t) / (1 - b)),
     with 1 / x as rsqrt(x * x) (one MUFU op, no IEEE division fix-ups).
     """
     # Step 1: q = p0 and lam (q - p0) = 0; m' = g, v' = g^2, a_1 = c_1 = 1:
-    # z1 = z0 - lr g / (|g| + eps).
-    b_p0 = tl.exp2((b_z - (shift0 + log_s0)) * LOG2E)
-    b_g = tl.where(b_p0 > 0.0, b_p0 * ((shift0 + mean_y0) - b_z), 0.0)
+    # z1 = z0 - lr g / (|g| + eps). E_q[z] - z is taken on shifted logits
+    # y = z - M (exact near the row's top), not as a difference of two large z.
+    b_y = b_z - shift0
+    b_p0 = tl.exp2((b_y - log_s0) * LOG2E)
+    b_g = tl.where(b_p0 > 0.0, b_p0 * (mean_y0 - b_y), 0.0)
     b_m = b_g
     b_v = b_g * b_g
     b_den = tl.abs(b_g) + EPS
     b_z = b_z - lr * b_g * tl.math.rsqrt(b_den * b_den)
-    beta1_pow = tl.full([], BETA1, tl.float32)  # beta^t
-    beta2_pow = tl.full([], BETA2, tl.float32)
+    # (1 - beta^t) / (1 - beta) as the sum 1 + beta + ... + beta^(t-1): float32
+    # loses most of 1 - 0.999^t to cancellation, the sum keeps it.
+    geo1 = tl.full([], 1.0, tl.float32)
+    geo2 = tl.full([], 1.0, tl.float32)
     active = tl.full([], 1, tl.int1)
     taken = tl.full([], 1, tl.int64)  # steps this row takes
     h_stop = h0  # HAS_STATS: H(z_j) of the pass that stopped the row
@@ -226,13 +231,13 @@ def _replay_adam_steps(
             h_stop = tl.where(active & ok_j & (h_j < threshold), h_j, h_stop)
         active = active & ok_j & (h_j >= threshold)
         taken += active.to(tl.int64)
-        beta1_pow = beta1_pow * BETA1
-        beta2_pow = beta2_pow * BETA2
-        step_scale = lr * (1.0 - BETA1) / (1.0 - beta1_pow)  # lr a_t
-        c_t = tl.sqrt((1.0 - BETA2) / (1.0 - beta2_pow))
-        mean_j = shift_j + mean_y_j  # E_q[z_j]
-        b_q = tl.exp2((b_z - (shift_j + log_s_j)) * LOG2E)
-        b_g = tl.where(b_q > 0.0, b_q * (mean_j - b_z), 0.0) + lam * (b_q - b_p0)
+        geo1 = geo1 * BETA1 + 1.0
+        geo2 = geo2 * BETA2 + 1.0
+        step_scale = lr / geo1  # lr a_t
+        c_t = 1.0 / tl.sqrt(geo2)
+        b_y = b_z - shift_j
+        b_q = tl.exp2((b_y - log_s_j) * LOG2E)
+        b_g = tl.where(b_q > 0.0, b_q * (mean_y_j - b_y), 0.0) + lam * (b_q - b_p0)
         b_m = b_m * BETA1 + b_g
         b_v = b_v * BETA2 + b_g * b_g
         b_den = tl.sqrt(b_v) * c_t + EPS
