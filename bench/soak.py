@@ -109,22 +109,29 @@ VARIANTS = {
     "idletrim": {"processor": True, "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}"},
 }
 TRIM_LINE = re.compile(
+    r"\((\w+) pid=\d+\).* (\d\d:\d\d:\d\d) \[heap_trim\.py:\d+\] "
     r"heap trim \(pid (\d+)\): resident (\d+) -> (\d+) MiB in ([\d.]+) ms"
 )
 
 
 def heap_trims(log_path: Path, first_line: int = 0) -> dict[str, Any]:
     """The idle trims the server logged from ``first_line`` of its log on: how
-    many, the MiB they returned (resident before minus after), the longest."""
+    many, the MiB they returned (resident before minus after), the longest, and
+    each process's resident MiB right after each trim (``floors``: what it holds
+    once its freed heap is returned, against the time of day)."""
     lines = log_path.read_text(errors="replace").splitlines()[first_line:]
     found = [m for m in map(TRIM_LINE.search, lines) if m]
-    returned = [int(m.group(2)) - int(m.group(3)) for m in found]
-    took = [float(m.group(4)) for m in found]
+    returned = [int(m.group(4)) - int(m.group(5)) for m in found]
+    took = [float(m.group(6)) for m in found]
+    floors: dict[str, list[tuple[str, int]]] = {}
+    for m in found:
+        floors.setdefault(m.group(1), []).append((m.group(2), int(m.group(5))))
     return {
         "count": len(found),
         "returned_mib": sum(returned),
         "largest_returned_mib": max(returned, default=0),
         "longest_ms": max(took, default=0.0),
+        "floors": floors,
     }
 
 

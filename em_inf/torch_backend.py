@@ -34,6 +34,7 @@ softmax of the row).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -278,7 +279,43 @@ def _adaptive_temperature_row_(
         counts.row(h0, h0, below=True)
         return 1.0
     target = max(threshold, alpha * h0)
-    lo, hi = sorted((-math.log(t_max), -math.log(t_min)))  # u = log b
+    best_u, best_ent, passes = _solve_log_inverse_temperature(
+        entropy_and_slope, h0, slope, target, t_min, t_max
+    )
+    inv_t = torch.tensor(math.exp(best_u), dtype=torch.float32, device=z.device)
+    # At an end of [t_min, t_max], divide by that temperature: z / T rounds
+    # correctly, z times float32(1 / T) can be off by most of an ulp.
+    end = {-math.log(t_min): t_min, -math.log(t_max): t_max}.get(best_u)
+    if end is None:
+        scaled = torch.where(unmasked, z * inv_t, z)
+    else:
+        divisor = torch.tensor(end, dtype=torch.float32, device=z.device)
+        scaled = torch.where(unmasked, z / divisor, z)
+    if _broken(scaled, z):
+        counts.row(h0, h0)
+        counts.restored()  # its passes are not counted
+        return 1.0
+    counts.work(passes)
+    z.copy_(scaled)
+    counts.row(h0, best_ent)  # the solver's evaluation at the 1/T applied
+    return float(inv_t)
+
+
+def _solve_log_inverse_temperature(
+    entropy_and_slope: Callable[[float], tuple[float, float]],
+    h0: float,
+    slope: float,
+    target: float,
+    t_min: float,
+    t_max: float,
+) -> tuple[float, float, int]:
+    """Safeguarded Newton on ``u = log(1 / T)`` over ``[t_min, t_max]`` until the
+    entropy is within half of ``TEMPERATURE_RTOL`` of ``target`` (or
+    :data:`_TEMPERATURE_MAX_PASSES` passes). ``entropy_and_slope(b)``: the row's
+    entropy at ``1 / T = b`` and its derivative in ``u``; ``h0, slope``: those at
+    ``b = 1``. Returns the best ``u`` seen, its entropy, and the passes over the
+    row (the one at ``b = 1`` included)."""
+    lo, hi = sorted((-math.log(t_max), -math.log(t_min)))
     lo_seen = hi_seen = False  # whether lo / hi are evaluated points
     u, ent, passes = 0.0, h0, 1
     if not lo <= u <= hi:  # start at T = 1, or the nearer end
@@ -313,20 +350,4 @@ def _adaptive_temperature_row_(
             u = (lo + hi) / 2
         ent, slope = entropy_and_slope(math.exp(u))
         passes += 1
-    inv_t = torch.tensor(math.exp(best_u), dtype=torch.float32, device=z.device)
-    # At an end of [t_min, t_max], divide by that temperature: z / T rounds
-    # correctly, z times float32(1 / T) can be off by most of an ulp.
-    end = {-math.log(t_min): t_min, -math.log(t_max): t_max}.get(best_u)
-    if end is None:
-        scaled = torch.where(unmasked, z * inv_t, z)
-    else:
-        divisor = torch.tensor(end, dtype=torch.float32, device=z.device)
-        scaled = torch.where(unmasked, z / divisor, z)
-    if _broken(scaled, z):
-        counts.row(h0, h0)
-        counts.restored()  # its passes are not counted
-        return 1.0
-    counts.work(passes)
-    z.copy_(scaled)
-    counts.row(h0, best_ent)  # the solver's evaluation at the 1/T applied
-    return float(inv_t)
+    return best_u, best_ent, passes
