@@ -214,12 +214,25 @@ def test_an_engine_preset_replaces_the_configured_class_fields(llm, raw):
 # ------------------------------------------------------- nothing without the processor
 
 
-def test_installing_em_inf_registers_nothing_with_vllm():
+#: em-inf's entry points: its console script, and the general plugin vLLM runs in
+#: each of its processes (em_inf/heap_trim.py: idle unless its variable is set).
+ENTRY_POINTS = {
+    ("console_scripts", "em-inf"),
+    ("vllm.general_plugins", "em_inf_heap_trim"),
+}
+
+
+def test_installing_em_inf_registers_nothing_with_vllm(monkeypatch):
     """README: installing em-inf changes nothing for anyone who does not register
     the processor. The distribution declares no entry point but its console script
-    (vLLM loads plugins and logits processors from entry points), and vLLM's own
-    loader of installed logits processors finds none of em-inf's."""
+    and the heap-trim plugin (vLLM loads plugins and logits processors from entry
+    points), the plugin starts nothing without ``EM_INF_HEAP_TRIM_IDLE_S``, and
+    vLLM's own loader of installed logits processors finds none of em-inf's."""
+    import threading
+
     from vllm.v1.sample.logits_processor import _load_logitsprocs_plugins
+
+    from em_inf import heap_trim
 
     # Every copy of em-inf's metadata on the path (the installed dist-info, and an
     # egg-info in a source tree on sys.path), and every distribution's entry points
@@ -232,16 +245,25 @@ def test_installing_em_inf_registers_nothing_with_vllm():
     assert ours, "em-inf's metadata not found"
     for distribution in ours:
         groups = {(e.group, e.name) for e in distribution.entry_points}
-        assert groups == {("console_scripts", "em-inf")}, (distribution._path, groups)
+        assert groups == ENTRY_POINTS, (distribution._path, groups)
     into_em_inf = {
         (e.group, e.name)
         for d in importlib.metadata.distributions()
         for e in d.entry_points
         if e.value.split(":")[0].split(".")[0] == "em_inf"
     }
-    assert into_em_inf == {("console_scripts", "em-inf")}, into_em_inf
+    assert into_em_inf == ENTRY_POINTS, into_em_inf
     loaded = _load_logitsprocs_plugins()
     assert not [c for c in loaded if c.__module__.startswith("em_inf")], loaded
+    monkeypatch.setenv(heap_trim.IDLE_ENV, "")  # as if never set (restored after)
+    monkeypatch.delenv(heap_trim.IDLE_ENV)
+    (plugin,) = [
+        e.load()
+        for e in importlib.metadata.entry_points(group="vllm.general_plugins")
+        if e.name == "em_inf_heap_trim"
+    ]
+    threads = threading.active_count()
+    assert plugin() is None and threading.active_count() == threads
 
 
 # ---------------------------------------------------------- transformers' beam search
