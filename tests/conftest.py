@@ -151,3 +151,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             f"The Triton kernels' tests (tests/{KERNEL_TESTS}) run in a process of "
             f"their own, not this one: {KERNEL_COMMAND}"
         )
+
+
+@pytest.fixture
+def compiled_cpu_kernels() -> None:
+    """The compiled CPU kernels, which a machine with a C compiler (CI's) must
+    build: where they do not, the test fails with the compiler's reason instead of
+    being skipped."""
+    from em_inf import cpu_backend
+
+    if not cpu_backend.available():
+        pytest.fail(
+            f"compiled CPU kernels did not build: {cpu_backend.unavailable_reason()}",
+            pytrace=False,
+        )

@@ -47,13 +47,7 @@ def every_row_measured():
         yield
 
 
-@pytest.fixture(autouse=True)
-def compiled_kernels() -> None:
-    if not cpu_backend.available():
-        pytest.fail(
-            f"compiled CPU kernels did not build: {cpu_backend.unavailable_reason()}",
-            pytrace=False,
-        )
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 @pytest.fixture

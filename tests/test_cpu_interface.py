@@ -15,15 +15,7 @@ import pytest
 from em_inf import cpu_backend, cpu_build
 from em_inf.cpu_backend import InterfaceError, Prototype
 
-
-@pytest.fixture(autouse=True)
-def compiled_kernels() -> None:
-    """A machine with a C compiler must build the kernels (as test_cpu_backend)."""
-    if not cpu_backend.available():
-        pytest.fail(
-            f"compiled CPU kernels did not build: {cpu_backend.unavailable_reason()}",
-            pytrace=False,
-        )
+pytestmark = pytest.mark.usefixtures("compiled_cpu_kernels")
 
 
 def test_a_prototype_is_read_into_types_and_names():
