@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from em_inf import cpu_backend, torch_backend
 from em_inf.backend import backend_for
-from em_inf.config import EMInfConfig
+from em_inf.config import MODES, EMInfConfig
+from em_inf.modes import LEFT_ALONE, PARAMS, in_place, rows_by_mode
 from em_inf.staging import HostToDevice
 
 if TYPE_CHECKING:
@@ -271,44 +271,26 @@ def _apply_torch(
     kernels (``backend == "cpu"``) process them where they lie, the eager PyTorch
     path on the whole batch or on a gathered copy scattered back. ``counters``:
     the int64 ``[2, WIDTH]`` counters (:mod:`em_inf.counters`) or ``None``."""
-    temperature_mode = settings.temperature_mode[row_slots]
-    for mode, use_temperature in enumerate((False, True)):
-        rows = np.flatnonzero(enabled & (temperature_mode == use_temperature))
-        if rows.size == 0:
-            continue
+    mode_codes = np.where(
+        enabled, settings.temperature_mode[row_slots].astype(np.int8), LEFT_ALONE
+    )
+    for mode, rows in rows_by_mode(mode_codes):
         slots = row_slots[rows]
-        whole_batch = rows.size == logits.shape[0]
-        index = None if whole_batch else torch.from_numpy(rows).to(logits.device)
-        stats = None if counters is None else counters[mode]
-
-        def per_row(array: np.ndarray, slots: np.ndarray = slots) -> torch.Tensor:
-            """``[rows, 1]`` tensor of the rows' settings."""
-            return torch.from_numpy(array[slots]).to(logits.device).unsqueeze(1)
-
-        fields = (
-            ("alpha", "t_min", "t_max")
-            if use_temperature
-            else ("kl_weight", "lr", "steps")
-        )
-        params = [per_row(settings.threshold)]
-        params += [per_row(getattr(settings, name)) for name in fields]
-        if backend == "cpu":
-            process_ = (
-                cpu_backend.adaptive_temperature_
-                if use_temperature
-                else cpu_backend.em_inf_
-            )
-            process_(logits, *params, rows=index, stats=stats)
+        params = [
+            torch.from_numpy(getattr(settings, name)[slots]).to(logits.device)
+            for name in PARAMS[mode]
+        ]
+        stats = None if counters is None else counters[MODES.index(mode)]
+        if rows.size == logits.shape[0]:
+            in_place(backend, mode)(logits, *params, stats=stats)
             continue
-        process_ = (
-            torch_backend.adaptive_temperature_
-            if use_temperature
-            else torch_backend.em_inf_
-        )
-        sub = logits if whole_batch else logits.index_select(0, index)
-        process_(sub, *params, stats=stats)
-        if not whole_batch:
-            logits.index_copy_(0, index, sub)
+        index = torch.from_numpy(rows).to(logits.device)
+        if backend == "cpu":  # the compiled kernels process rows where they lie
+            in_place(backend, mode)(logits, *params, rows=index, stats=stats)
+            continue
+        sub = logits.index_select(0, index)
+        in_place(backend, mode)(sub, *params, stats=stats)
+        logits.index_copy_(0, index, sub)
     return logits
 
 

@@ -50,7 +50,6 @@ HIST_AFTER = HIST_BEFORE + N_BINS
 WIDTH = HIST_AFTER + N_BINS
 #: Units of ``SUM_BEFORE`` / ``SUM_AFTER`` per nat.
 FIXED_POINT = 1_000_000
-MODES = ("logits", "temperature")
 #: How many logits-mode rows the compiled CPU kernels measure the entropy after
 #: EM-INF of, one in N (``1``: all of them).
 SAMPLE_ENV = "EM_INF_ENTROPY_SAMPLE"

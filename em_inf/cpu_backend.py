@@ -41,11 +41,12 @@ from pathlib import Path
 
 import torch
 
-from em_inf import counters, cpu_build
+from em_inf import checks, counters, cpu_build
 from em_inf.config import ADAM_BETAS, ADAM_EPS, TEMPERATURE_RTOL
 
 logger = logging.getLogger(__name__)
 
+CPU = torch.device("cpu")
 _lock = threading.Lock()  # one call at a time: they share the scratch buffer
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -266,8 +267,16 @@ def em_inf_(
             more exponential per logit, +17% of the logits mode's time.
     """
     count, index = _rows(logits, rows)
-    params = [_per_row(p, count, torch.float32) for p in (threshold, kl_weight, lr)]
-    steps = _per_row(steps, count, torch.int64)
+    params = [
+        checks.per_row(name, value, count, CPU, torch.float32)
+        for name, value in (
+            ("threshold", threshold),
+            ("kl_weight", kl_weight),
+            ("lr", lr),
+        )
+    ]
+    steps = checks.per_row("steps", steps, count, CPU, torch.int64)
+    checks.stats(stats, logits)
     library = _library_or_raise()
     threads = torch.get_num_threads()
     with _lock:
@@ -284,7 +293,7 @@ def em_inf_(
             ADAM_BETAS[1],
             ADAM_EPS,
             scratch,
-            _stats_pointer(stats),
+            _pointer(stats),
             _EDGES.data_ptr(),
             _EDGES.numel(),
             counters.logits_after_sample(),
@@ -313,8 +322,17 @@ def adaptive_temperature_(
     that receives each row's ``1 / T`` (1 where the row was left as it was)."""
     count, index = _rows(logits, rows)
     params = [
-        _per_row(p, count, torch.float32) for p in (threshold, alpha, t_min, t_max)
+        checks.per_row(name, value, count, CPU, torch.float32)
+        for name, value in (
+            ("threshold", threshold),
+            ("alpha", alpha),
+            ("t_min", t_min),
+            ("t_max", t_max),
+        )
     ]
+    checks.stats(stats, logits)
+    if inv_temperature is not None:
+        checks.row_output("inv_temperature", inv_temperature, count, logits)
     library = _library_or_raise()
     threads = torch.get_num_threads()
     with _lock:
@@ -327,9 +345,9 @@ def adaptive_temperature_(
             logits.stride(0),
             *(p.data_ptr() for p in params),
             TEMPERATURE_RTOL,
-            _inv_temperature_pointer(inv_temperature, count),
+            _pointer(inv_temperature),
             scratch,
-            _stats_pointer(stats),
+            _pointer(stats),
             _EDGES.data_ptr(),
             _EDGES.numel(),
             threads,
@@ -340,7 +358,8 @@ def adaptive_temperature_(
 def exp_floor(logits: torch.Tensor) -> torch.Tensor:
     """The machine's floor for a batch, for benchmarks: one compiled pass that
     takes ``exp`` of every logit and sums it per row. Returns float64 ``[N]``."""
-    logits = _check_logits(logits).contiguous()
+    checks.in_place_logits(logits, "cpu")
+    logits = logits.contiguous()
     sums = torch.empty(logits.shape[0], dtype=torch.float64)
     _library_or_raise().em_inf_exp_floor(
         logits.data_ptr(),
@@ -377,27 +396,12 @@ def _library_or_raise() -> ctypes.CDLL:
     return library
 
 
-def _check_logits(logits: torch.Tensor) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(
-            f"logits must be a [N, V] tensor, got "
-            f"{getattr(logits, 'shape', type(logits).__name__)}"
-        )
-    if logits.dtype != torch.float32 or logits.device.type != "cpu":
-        raise ValueError(
-            f"logits must be float32 on the CPU, got {logits.dtype} on {logits.device}"
-        )
-    return logits
-
-
 def _rows(
     logits: torch.Tensor, rows: torch.Tensor | None
 ) -> tuple[int, torch.Tensor | None]:
     """(number of rows to process, int64 index or None), after checking that the
     kernels can address ``logits``: rows may be strided, logits within a row not."""
-    _check_logits(logits)
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        raise ValueError("logits must be contiguous along the vocabulary")
+    checks.in_place_logits(logits, "cpu")
     if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
         raise ValueError("logits rows must not overlap")
     if rows is None:
@@ -410,33 +414,8 @@ def _rows(
     return index.numel(), index
 
 
-def _per_row(value: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
-    flat = value.to(device="cpu", dtype=dtype).reshape(-1).contiguous()
-    if flat.numel() != count:
-        raise ValueError(
-            f"expected one parameter per row ({count}), got {flat.numel()}"
-        )
-    return flat
-
-
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
-
-
-def _inv_temperature_pointer(out: torch.Tensor | None, count: int) -> int | None:
-    if out is None:
-        return None
-    if (
-        out.dtype != torch.float32
-        or out.shape != (count,)
-        or not out.is_contiguous()
-        or out.device.type != "cpu"
-    ):
-        raise ValueError(
-            f"inv_temperature must be a contiguous float32 [{count}] CPU tensor, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    return out.data_ptr()
 
 
 def _check_layout(library: ctypes.CDLL) -> None:
@@ -460,24 +439,6 @@ def _check_layout(library: ctypes.CDLL) -> None:
             f"the kernels' stats layout {layout.tolist()} is not counters.py's "
             f"{expected} (at most {int(layout[10])} edges)"
         )
-
-
-def _stats_pointer(stats: torch.Tensor | None) -> int | None:
-    if stats is None:
-        return None
-    width = counters.WIDTH
-    if (
-        stats.dtype != torch.int64
-        or stats.shape != (width,)
-        or not stats.is_contiguous()
-    ):
-        raise ValueError(
-            f"stats must be a contiguous int64 [{width}] tensor (em_inf.counters), "
-            f"got {stats.dtype} {tuple(stats.shape)}"
-        )
-    if stats.device.type != "cpu":
-        raise ValueError(f"stats must be on the CPU, got {stats.device}")
-    return stats.data_ptr()
 
 
 def _scratch_for(library: ctypes.CDLL, vocab: int, threads: int) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from em_inf import cpu_backend, torch_backend
+from em_inf import checks, modes
 from em_inf.backend import backend_for
 
 Param = float | int | torch.Tensor
@@ -54,19 +54,8 @@ def em_inf(
     Returns:
         A new float32 ``[B, V]`` tensor on ``logits``' device.
     """
-    out = _float32_copy(logits)
-    rows = out.shape[0]
-    backend = backend_for(out.device)
-    if backend == "triton":
-        return _em_inf_triton(out, threshold, kl_weight, lr, steps, stats)
-    return _eager_or_compiled(backend).em_inf_(
-        out,
-        _per_row("threshold", threshold, rows, out.device, torch.float32),
-        _per_row("kl_weight", kl_weight, rows, out.device, torch.float32),
-        _per_row("lr", lr, rows, out.device, torch.float32),
-        _per_row("steps", steps, rows, out.device, torch.int64),
-        stats=stats,
-    )
+    params = dict(threshold=threshold, kl_weight=kl_weight, lr=lr, steps=steps)
+    return run_mode("logits", logits, params, stats=stats)
 
 
 def adaptive_temperature(
@@ -91,107 +80,55 @@ def adaptive_temperature(
     Returns:
         A new float32 ``[B, V]`` tensor on ``logits``' device.
     """
-    out = _float32_copy(logits)
-    rows = out.shape[0]
-    backend = backend_for(out.device)
+    params = dict(threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max)
+    return run_mode("temperature", logits, params, stats=stats)
+
+
+def run_mode(
+    mode: str,
+    logits: torch.Tensor,
+    params: dict[str, Param],
+    *,
+    stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`em_inf` (``mode == "logits"``) or :func:`adaptive_temperature`
+    (``"temperature"``) with the parameters named in ``modes.PARAMS[mode]``."""
+    checks.logits_batch(logits)
+    out = logits.to(torch.float32, copy=True).contiguous()
+    rows, device = out.shape[0], out.device
+    backend = backend_for(device)
     if backend == "triton":
-        return _adaptive_temperature_triton(out, threshold, alpha, t_min, t_max, stats)
-    return _eager_or_compiled(backend).adaptive_temperature_(
-        out,
-        _per_row("threshold", threshold, rows, out.device, torch.float32),
-        _per_row("alpha", alpha, rows, out.device, torch.float32),
-        _per_row("t_min", t_min, rows, out.device, torch.float32),
-        _per_row("t_max", t_max, rows, out.device, torch.float32),
-        stats=stats,
-    )
+        return _run_triton(mode, out, params, stats)
+    per_row = [
+        checks.per_row(name, params[name], rows, device, modes.param_dtype(name))
+        for name in modes.PARAMS[mode]
+    ]
+    return modes.in_place(backend, mode)(out, *per_row, stats=stats)
 
 
-def _eager_or_compiled(backend: str):
-    """The module of the ``cpu`` or ``torch`` backend (same entry points)."""
-    return cpu_backend if backend == "cpu" else torch_backend
+def _run_triton(
+    mode: str,
+    out: torch.Tensor,
+    params: dict[str, Param],
+    stats: torch.Tensor | None,
+) -> torch.Tensor:
+    """The Triton kernels on ``out`` in place, slot = row."""
+    from em_inf.kernels import adaptive_temperature_rows_, em_inf_rows_
 
-
-def _float32_copy(logits: torch.Tensor) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(
-            f"logits must be a [B, V] tensor, got "
-            f"{getattr(logits, 'shape', type(logits).__name__)}"
+    rows, device = out.shape[0], out.device
+    row_slot = torch.arange(rows, dtype=torch.int32, device=device)
+    per_slot = {
+        name: checks.per_row(
+            name,
+            params[name],
+            rows,
+            device,
+            torch.int32 if name == "steps" else torch.float32,
         )
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    return logits.to(torch.float32, copy=True).contiguous()
-
-
-def _per_row(
-    name: str, value: Param, rows: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """A number or ``[B]`` parameter as a ``[B, 1]`` ``dtype`` tensor on ``device``."""
-    if isinstance(value, torch.Tensor):
-        if value.shape not in ((rows,), ()):
-            raise ValueError(
-                f"{name} must be a number or a [B] = [{rows}] tensor, "
-                f"got shape {tuple(value.shape)}"
-            )
-        return value.to(device=device, dtype=dtype).expand(rows).reshape(rows, 1)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number or a tensor, got {value!r}")
-    return torch.full((rows, 1), value, device=device, dtype=dtype)
-
-
-def _per_slot(
-    name: str, value: Param, rows: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """A scalar or ``[B]`` parameter as a contiguous ``[B]`` tensor (slot = row)."""
-    return _per_row(name, value, rows, device, dtype).reshape(rows).contiguous()
-
-
-def _max_steps(steps: Param, steps_per_row: torch.Tensor) -> int:
-    if isinstance(steps, torch.Tensor):
-        return int(steps_per_row.max()) if steps_per_row.numel() else 0
-    return int(steps)
-
-
-def _em_inf_triton(
-    out: torch.Tensor,
-    threshold: Param,
-    kl_weight: Param,
-    lr: Param,
-    steps: Param,
-    stats: torch.Tensor | None,
-) -> torch.Tensor:
-    from em_inf.kernels import em_inf_rows_
-
-    rows, device = out.shape[0], out.device
-    steps_per_row = _per_slot("steps", steps, rows, device, torch.int32)
-    return em_inf_rows_(
-        out,
-        torch.arange(rows, dtype=torch.int32, device=device),
-        _per_slot("threshold", threshold, rows, device, torch.float32),
-        _per_slot("kl_weight", kl_weight, rows, device, torch.float32),
-        _per_slot("lr", lr, rows, device, torch.float32),
-        steps_per_row,
-        max_steps=_max_steps(steps, steps_per_row),
-        stats=stats,
-    )
-
-
-def _adaptive_temperature_triton(
-    out: torch.Tensor,
-    threshold: Param,
-    alpha: Param,
-    t_min: Param,
-    t_max: Param,
-    stats: torch.Tensor | None,
-) -> torch.Tensor:
-    from em_inf.kernels import adaptive_temperature_rows_
-
-    rows, device = out.shape[0], out.device
-    return adaptive_temperature_rows_(
-        out,
-        torch.arange(rows, dtype=torch.int32, device=device),
-        _per_slot("threshold", threshold, rows, device, torch.float32),
-        _per_slot("alpha", alpha, rows, device, torch.float32),
-        _per_slot("t_min", t_min, rows, device, torch.float32),
-        _per_slot("t_max", t_max, rows, device, torch.float32),
-        stats=stats,
-    )
+        for name in modes.PARAMS[mode]
+    }
+    if mode == "temperature":
+        return adaptive_temperature_rows_(out, row_slot, **per_slot, stats=stats)
+    steps = params["steps"]  # a number: the most steps known without a sync
+    max_steps = None if isinstance(steps, torch.Tensor) else int(steps)
+    return em_inf_rows_(out, row_slot, **per_slot, max_steps=max_steps, stats=stats)

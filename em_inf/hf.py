@@ -39,11 +39,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from em_inf import functional, metrics
-from em_inf.config import REQUEST_KEY, EMInfConfig, make_config, parse_request
-from em_inf.counters import MODES, WIDTH
+from em_inf import functional, metrics, modes
+from em_inf.config import MODES, REQUEST_KEY, EMInfConfig, make_config, parse_request
+from em_inf.counters import WIDTH
 
 try:
     from transformers.generation.logits_process import LogitsProcessor
@@ -183,7 +184,8 @@ class EMInfLogitsProcessor(LogitsProcessor):
 
 class _ModeBatch:
     """One functional call: the rows of one mode (``rows`` = ``None``: all of them)
-    and their parameters, numbers or ``[len(rows)]`` tensors."""
+    and their parameters (``modes.PARAMS[mode]``), numbers or ``[len(rows)]``
+    tensors."""
 
     def __init__(
         self,
@@ -197,35 +199,32 @@ class _ModeBatch:
 
     @classmethod
     def whole(cls, config: EMInfConfig) -> _ModeBatch:
-        return cls(
-            config.mode, None, {k: getattr(config, k) for k in _PARAMS[config.mode]}
-        )
+        params = {name: getattr(config, name) for name in modes.PARAMS[config.mode]}
+        return cls(config.mode, None, params)
 
     @classmethod
     def split(
         cls, configs: list[EMInfConfig | None], device: torch.device
     ) -> list[_ModeBatch]:
         """One call per mode present among ``configs`` (``None`` rows are left out)."""
-        plan = []
-        for mode, names in _PARAMS.items():
-            rows = [
-                i
-                for i, config in enumerate(configs)
-                if config is not None and config.mode == mode
+        mode_codes = np.array(
+            [
+                modes.LEFT_ALONE if config is None else MODES.index(config.mode)
+                for config in configs
             ]
-            if not rows:
-                continue
-            chosen = [configs[i] for i in rows]
+        )
+        plan = []
+        for mode, rows in modes.rows_by_mode(mode_codes):
             params = {
                 name: torch.tensor(
-                    [getattr(config, name) for config in chosen],
-                    dtype=torch.int64 if name == "steps" else torch.float32,
+                    [getattr(configs[i], name) for i in rows],
+                    dtype=modes.param_dtype(name),
                     device=device,
                 )
-                for name in names
+                for name in modes.PARAMS[mode]
             }
             whole = len(rows) == len(configs)
-            index = None if whole else torch.tensor(rows, device=device)
+            index = None if whole else torch.from_numpy(rows).to(device)
             plan.append(cls(mode, index, params))
         return plan
 
@@ -233,15 +232,7 @@ class _ModeBatch:
         """EM-INF on ``logits``' rows; this mode's counts go to ``counters``
         (int64 ``[2, WIDTH]``)."""
         stats = counters[MODES.index(self.mode)]
-        if self.mode == "temperature":
-            return functional.adaptive_temperature(logits, **self.params, stats=stats)
-        return functional.em_inf(logits, **self.params, stats=stats)
-
-
-_PARAMS: dict[str, tuple[str, ...]] = {
-    "logits": ("threshold", "kl_weight", "lr", "steps"),
-    "temperature": ("threshold", "alpha", "t_min", "t_max"),
-}
+        return functional.run_mode(self.mode, logits, self.params, stats=stats)
 
 
 def _row_settings(

@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from em_inf.config import MODES
 from em_inf.counters import (
     BELOW,
     ENTROPY_EDGES,
     FIXED_POINT,
     HIST_AFTER,
     HIST_BEFORE,
-    MODES,
     N_BINS,
     RESTORED,
     ROWS,
@@ -104,7 +104,7 @@ def _make_series() -> dict[str, Any]:
 
 def publish(delta: np.ndarray) -> None:
     """Add counter differences ``delta`` (int64 ``[2, WIDTH]``, rows as
-    :data:`em_inf.counters.MODES`) to the series."""
+    :data:`em_inf.config.MODES`) to the series."""
     global _series
     if _series is None:
         _series = _make_series()

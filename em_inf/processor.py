@@ -37,6 +37,7 @@ from em_inf import __version__, metrics
 from em_inf.backend import prepare_backend
 from em_inf.config import (
     MAX_STEPS,
+    MODES,
     PRESETS,
     REQUEST_KEY,
     EMInfConfig,
@@ -45,7 +46,7 @@ from em_inf.config import (
     parse_request,
 )
 from em_inf.core import SlotSettings, apply_to_rows
-from em_inf.counters import MODES, WIDTH
+from em_inf.counters import WIDTH
 from em_inf.stats import EMInfStats
 from em_inf.vllm_interfaces import (
     admitting_vllm_config,

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from em_inf import staging
+from em_inf.config import MODES
 from em_inf.counters import (
     BELOW,
     FIXED_POINT,
     HIST_BEFORE,
-    MODES,
     N_BINS,
     RESTORED,
     ROWS,

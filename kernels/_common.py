@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the EM-INF kernels: argument checks and launch plans.
+"""Host-side helpers shared by the EM-INF kernels: launch plans (argument checks:
+:mod:`em_inf.checks`).
 
 Nothing here touches a device at import time; the device's SM count is read (and
 cached) the first time a CUDA launch is planned.
@@ -9,8 +10,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
-from em_inf import counters
 
 #: Programs we aim to launch per pass: about four per SM, so that even batch 1
 #: spreads one row over the whole card (see :func:`plan_block`).
@@ -91,83 +90,3 @@ def check_block(block: int) -> int:
     ):
         raise ValueError(f"block must be a power of two in [128, 8192], got {block!r}")
     return block
-
-
-def check_logits(logits: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(
-            f"logits must be a [N, V] tensor, got "
-            f"{getattr(logits, 'shape', type(logits).__name__)}"
-        )
-    if logits.dtype != torch.float32:
-        raise ValueError(
-            f"logits must be float32 (modified in place), got {logits.dtype}"
-        )
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        raise ValueError(
-            f"logits must be contiguous along the vocabulary, got strides "
-            f"{tuple(logits.stride())}"
-        )
-
-
-def check_row_slot(row_slot: torch.Tensor, logits: torch.Tensor) -> None:
-    if not isinstance(row_slot, torch.Tensor) or row_slot.shape != (logits.shape[0],):
-        raise ValueError(
-            f"row_slot must be a [N] = [{logits.shape[0]}] tensor, got "
-            f"{getattr(row_slot, 'shape', type(row_slot).__name__)}"
-        )
-    if row_slot.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"row_slot must be int32 or int64, got {row_slot.dtype}")
-    if row_slot.numel() > 1 and row_slot.stride(0) != 1:
-        raise ValueError(
-            f"row_slot must be contiguous, got stride {row_slot.stride(0)}"
-        )
-    _check_device("row_slot", row_slot, logits)
-
-
-def check_slot_param(
-    name: str,
-    value: torch.Tensor,
-    logits: torch.Tensor,
-    dtypes: tuple[torch.dtype, ...],
-) -> None:
-    if not isinstance(value, torch.Tensor) or value.dim() != 1:
-        raise ValueError(
-            f"{name} must be a per-slot [S] tensor, got "
-            f"{getattr(value, 'shape', type(value).__name__)}"
-        )
-    if value.dtype not in dtypes:
-        raise ValueError(
-            f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}"
-        )
-    if value.stride(0) != 1 and value.numel() > 1:
-        raise ValueError(f"{name} must be contiguous, got stride {value.stride(0)}")
-    _check_device(name, value, logits)
-
-
-def check_stats(stats: torch.Tensor | None, logits: torch.Tensor) -> None:
-    """``stats``: ``None`` or one mode's counters, a contiguous int64
-    ``[counters.WIDTH]`` tensor on the logits' device (layout:
-    :mod:`em_inf.counters`)."""
-    if stats is None:
-        return
-    if (
-        not isinstance(stats, torch.Tensor)
-        or stats.shape != (counters.WIDTH,)
-        or stats.dtype != torch.int64
-    ):
-        raise ValueError(
-            f"stats must be an int64 [{counters.WIDTH}] tensor (em_inf.counters), "
-            f"got {getattr(stats, 'dtype', type(stats).__name__)} "
-            f"{tuple(getattr(stats, 'shape', ()))}"
-        )
-    if stats.stride(0) != 1:
-        raise ValueError(f"stats must be contiguous, got stride {stats.stride(0)}")
-    _check_device("stats", stats, logits)
-
-
-def _check_device(name: str, value: torch.Tensor, logits: torch.Tensor) -> None:
-    if value.device != logits.device:
-        raise ValueError(
-            f"{name} is on {value.device} but logits are on {logits.device}"
-        )

@@ -84,15 +84,12 @@ import torch
 import triton
 import triton.language as tl
 
+from em_inf import checks
 from em_inf.backend import batch_invariant
 from em_inf.config import ADAM_BETAS, ADAM_EPS
 from em_inf.kernels import _counting
 from em_inf.kernels._common import (
     check_block,
-    check_logits,
-    check_row_slot,
-    check_slot_param,
-    check_stats,
     next_power_of_2,
     plan_block,
     warps_for_held_chunk,
@@ -555,12 +552,12 @@ def em_inf_rows_with_plan_(
             stay in L2 between passes; ``None``: the whole batch at once. It
             trades DRAM re-reads for launches.
     """
-    check_logits(logits)
-    check_row_slot(row_slot, logits)
+    checks.in_place_logits(logits)
+    checks.row_slot(row_slot, logits)
     for name, value in (("threshold", threshold), ("kl_weight", kl_weight), ("lr", lr)):
-        check_slot_param(name, value, logits, (torch.float32,))
-    check_slot_param("steps", steps, logits, (torch.int32, torch.int64))
-    check_stats(stats, logits)
+        checks.slot_param(name, value, logits, (torch.float32,))
+    checks.slot_param("steps", steps, logits, (torch.int32, torch.int64))
+    checks.stats(stats, logits)
     if max_steps is None:
         max_steps = int(steps.max()) if steps.numel() else 0
     n_rows, n_cols = logits.shape

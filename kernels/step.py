@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from em_inf import counters
+from em_inf import checks
 from em_inf.backend import batch_invariant
 from em_inf.config import MAX_STEPS
 from em_inf.kernels import logits_mode, temperature_mode
@@ -267,15 +267,7 @@ class StepRunner:
         the int64 ``[2, counters.WIDTH]`` counters on the logits' device (row 0
         logits mode, row 1 temperature mode; :mod:`em_inf.counters`) that the
         kernels add this step's rows to, or ``None``."""
-        if stats is not None and (
-            stats.shape != (2, counters.WIDTH)
-            or stats.dtype != torch.int64
-            or stats.stride(1) != 1
-        ):
-            raise ValueError(
-                f"stats must be int64 [2, {counters.WIDTH}] with contiguous rows "
-                f"(em_inf.counters), got {stats.dtype} {tuple(stats.shape)}"
-            )
+        checks.stats(stats, logits, both_modes=True)
         n_rows, n_cols = logits.shape
         bucket = bucket_rows(n_rows) if self.graphs else None
         if bucket is None or n_rows == 0 or logits.stride(0) != n_cols:

@@ -51,14 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from em_inf import checks
 from em_inf.kernels import _counting
-from em_inf.kernels._common import (
-    check_logits,
-    check_row_slot,
-    check_slot_param,
-    check_stats,
-    next_power_of_2,
-)
+from em_inf.kernels._common import next_power_of_2
 
 #: Solver stop: a Newton step (or bracket) in ``u = log b`` below this changes
 #: every logit by a relative 1e-7; and the most passes a row may take.
@@ -402,16 +397,16 @@ def adaptive_temperature_rows_(
         as a float32 ``T`` resolves it, or the nearer end of ``[t_min, t_max]`` when
         out of reach); other rows bit-identical.
     """
-    check_logits(logits)
-    check_row_slot(row_slot, logits)
+    checks.in_place_logits(logits)
+    checks.row_slot(row_slot, logits)
     for name, value in (
         ("threshold", threshold),
         ("alpha", alpha),
         ("t_min", t_min),
         ("t_max", t_max),
     ):
-        check_slot_param(name, value, logits, (torch.float32,))
-    check_stats(stats, logits)
+        checks.slot_param(name, value, logits, (torch.float32,))
+    checks.stats(stats, logits)
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0:
         return logits

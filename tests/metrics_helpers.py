@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from em_inf import functional, metrics
-from em_inf.config import EMInfConfig
-from em_inf.counters import ENTROPY_EDGES, MODES, WIDTH, WORK
+from em_inf.config import MODES, EMInfConfig
+from em_inf.counters import ENTROPY_EDGES, WIDTH, WORK
 from em_inf.reference import em_inf_oracle, entropy, settings_oracle
 from tests.server_helpers import settled
 
