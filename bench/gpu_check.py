@@ -6,11 +6,12 @@ machine run ``python -m pytest -m gpu tests/test_gpu.py`` and then this script.
 1. Timing, B in {1, 8, 64, 256, 1024}:
 
    * ``processor``: host-inclusive wall time per decoding step of the processor's
-     core on vLLM-like batches (:mod:`bench.gpu_steps`): the ``logits`` workload
-     (preset ``default``, 3 steps) with CUDA graphs and with eager launches, and the
-     ``mixed`` workload (half the rows off, both modes, speculative rows), every
-     step with admissions and removals; each minus the same loop without EM-INF
-     (fresh logits and the mapping upload, what vLLM does anyway);
+     core on vLLM-like batches (:mod:`em_inf_support.gpu_steps`): the ``logits``
+     workload (preset ``default``, 3 steps) with CUDA graphs and with eager
+     launches, and the ``mixed`` workload (half the rows off, both modes,
+     speculative rows), every step with admissions and removals; each minus the
+     same loop without EM-INF (fresh logits and the mapping upload, what vLLM
+     does anyway);
    * ``triton``: the logits kernel alone (3 and 5 steps, the fast plan and the
      batch-invariant one, each block size, row groups kept in L2) and the
      temperature kernel, GPU time by CUDA events, the logits' refresh copy
@@ -53,7 +54,6 @@ import numpy
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench import gpu_steps
 from bench.common import (
     environment,
     make_logits,
@@ -61,6 +61,7 @@ from bench.common import (
 )
 from em_inf import backend, counters, functional, reference
 from em_inf.config import PRESETS
+from em_inf_support import gpu_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,7 +279,8 @@ def _time_temperature_kernel(timer: _KernelTimer):
 
 
 def time_processor(device, rows: int, vocab: int, args) -> list[dict]:
-    """Host-inclusive wall time per step of both workloads (see bench.gpu_steps)."""
+    """Host-inclusive wall time per step of both workloads
+    (:mod:`em_inf_support.gpu_steps`)."""
     from em_inf.kernels.step import StepRunner
 
     out = []
@@ -312,7 +314,7 @@ def time_processor(device, rows: int, vocab: int, args) -> list[dict]:
 def first_steps(device, rows: int, vocab: int, n_first: int, n_next: int) -> list:
     """Wall time of each of a fresh step runner's first ``n_first`` processor steps
     and of the ``n_next`` after them (host-inclusive, synchronised per step), on
-    :func:`bench.gpu_steps.schedule`'s ``mixed`` workload: without the start-up
+    :func:`em_inf_support.gpu_steps.schedule`'s ``mixed`` workload: without the start-up
     warm-up, then after ``StepRunner.warm_up`` as the processor runs it while the
     engine starts (its own seconds reported). Kernels compiled earlier in this
     process, or cached on disk by Triton, are not compiled again: the first row

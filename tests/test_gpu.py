@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import gpu_steps
 from em_inf import backend, counters, functional
+from em_inf_support import gpu_steps
 from tests.inputs import mask_randomly, random_logits
 from tests.kernel_helpers import (
     assert_temperature_tolerance,
@@ -219,7 +219,7 @@ def test_logits_kernel_at_the_accepted_maxima_on_hostile_rows(device, generator)
 
 def _processor_steps(device, source, schedule, graphs: bool) -> list:
     """Each step of ``schedule`` through the processor's core
-    (:class:`bench.gpu_steps.Harness`, a fresh ``StepRunner``): the float32
+    (:class:`em_inf_support.gpu_steps.Harness`, a fresh ``StepRunner``): the float32
     ``[12, V]`` logits after it and its rows' settings."""
     from em_inf.kernels.step import StepRunner
 

@@ -1,4 +1,5 @@
-"""vLLM-like decoding steps through the processor's core, for ``bench/gpu_check.py``.
+"""vLLM-like decoding steps through the processor's core, for ``bench/gpu_check.py``
+(timing) and ``tests/test_gpu.py`` (correctness).
 
 A step does what Model Runner V2 and the ``EMInf`` processor do, without vLLM:
 
