@@ -579,26 +579,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / (
         "latency_gpu.json" if cuda else "latency_cpu.json"
     )
-    cases = []
-    for mode in args.modes:
-        for vocab in args.vocab:
-            for batch in args.batch:
-                for steps in args.steps if mode == "logits" else [None]:
-                    cases.append(Case(mode, batch, vocab, steps))
     started = time.time()
     loadavg_start = list(os.getloadavg())
-    cpu = cpu_environment()
-    print(
-        f"CPU {cpu['cpu_model']} ({', '.join(cpu['cpu_vector_extensions'])}), "
-        f"{cpu['torch_threads']} threads; kernels -march={cpu['cpu_kernels_march']}, "
-        f"{cpu['cpu_kernels_lanes']} lanes; load average {loadavg_start}",
-        flush=True,
-    )
+    _print_machine(loadavg_start)
     # Warm-up, discarded: the process's first seconds of torch work run slow (thread
     # pools, allocator, page faults), which would land on the first cell alone.
     measure(Case("logits", 8, 49_152, 3), 1, cuda, False, min_seconds=args.warmup)
     rows = measure_grid(
-        cases,
+        _cases(args),
         repeats=args.repeats,
         cuda=cuda,
         no_reference_above=args.no_reference_above,
@@ -614,11 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
         "seconds": round(time.time() - started, 1),
-        "environment": {
-            **environment(cuda),
-            "loadavg_start": loadavg_start,
-            "loadavg_end": list(os.getloadavg()),
-        },
+        "environment": {**environment(cuda), "loadavg_start": loadavg_start},
         "params": {
             "logits": _logits_params(0) | {"steps": args.steps},
             "temperature": _temperature_params(),
@@ -627,34 +611,72 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     if args.counting:
-        result["counting_overhead"] = counting_overhead(rows)
-        for row in result["counting_overhead"]:
-            print(
-                f"counting: {row['mode']:11s} steps {row['steps']!s:4s} "
-                f"B={row['batch']:<3d} V={row['vocab']}: "
-                f"{row['plain_ms']:.3f} -> {row['counting_ms']:.3f} ms "
-                f"({row['overhead_pct']:+.2f}%)"
-            )
+        result["counting_overhead"] = _counting_overhead(rows)
     if args.breakdown and cpu_backend.available():
-        result["breakdown"] = breakdown(8, max(args.vocab))
-        for name, value in result["breakdown"]["parts_ms"].items():
-            floors = result["breakdown"]["parts_in_floors"][name]
-            print(f"breakdown: {name:48s} {value:7.3f} ms  {floors:5.2f} floors")
+        result["breakdown"] = _breakdown(8, max(args.vocab))
     result["environment"]["loadavg_end"] = list(os.getloadavg())
+    _write(result, out, plot=not args.no_plot)
+    return 0
+
+
+def _cases(args: argparse.Namespace) -> list[Case]:
+    """The grid's cells: every mode x vocabulary x batch (x steps, logits mode)."""
+    return [
+        Case(mode, batch, vocab, steps)
+        for mode in args.modes
+        for vocab in args.vocab
+        for batch in args.batch
+        for steps in (args.steps if mode == "logits" else [None])
+    ]
+
+
+def _print_machine(loadavg: list[float]) -> None:
+    cpu = cpu_environment()
+    print(
+        f"CPU {cpu['cpu_model']} ({', '.join(cpu['cpu_vector_extensions'])}), "
+        f"{cpu['torch_threads']} threads; kernels -march={cpu['cpu_kernels_march']}, "
+        f"{cpu['cpu_kernels_lanes']} lanes; load average {loadavg}",
+        flush=True,
+    )
+
+
+def _counting_overhead(rows: list[dict]) -> list[dict]:
+    """:func:`counting_overhead` of the grid, printed."""
+    overhead = counting_overhead(rows)
+    for row in overhead:
+        print(
+            f"counting: {row['mode']:11s} steps {row['steps']!s:4s} "
+            f"B={row['batch']:<3d} V={row['vocab']}: "
+            f"{row['plain_ms']:.3f} -> {row['counting_ms']:.3f} ms "
+            f"({row['overhead_pct']:+.2f}%)"
+        )
+    return overhead
+
+
+def _breakdown(batch: int, vocab: int) -> dict:
+    """:func:`breakdown` at ``[batch, vocab]``, printed."""
+    parts = breakdown(batch, vocab)
+    for name, value in parts["parts_ms"].items():
+        floors = parts["parts_in_floors"][name]
+        print(f"breakdown: {name:48s} {value:7.3f} ms  {floors:5.2f} floors")
+    return parts
+
+
+def _write(result: dict, out: Path, plot: bool) -> None:
+    """``result`` as JSON at ``out``, and its plot next to it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    if not args.no_plot:
-        try:
-            from bench.plots import plot_latency
-        except ImportError as error:  # e.g. no matplotlib on a bare GPU box
-            print(f"no plot ({error}); redraw with: python -m bench.plots {out}")
-        else:
-            png = out.with_suffix(".png")
-            plot_latency(result, png)
-            print(f"wrote {png}")
-    return 0
-
+    if not plot:
+        return
+    try:
+        from bench.plots import plot_latency
+    except ImportError as error:  # e.g. no matplotlib on a bare GPU box
+        print(f"no plot ({error}); redraw with: python -m bench.plots {out}")
+        return
+    png = out.with_suffix(".png")
+    plot_latency(result, png)
+    print(f"wrote {png}")
 
 if __name__ == "__main__":
     sys.exit(main())

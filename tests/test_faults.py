@@ -251,6 +251,50 @@ def varied_settings(rng: random.Random, count: int) -> list[dict]:
     return choices
 
 
+async def drop_stream(client, model: str, prompt: str, extra: dict) -> bool:
+    """Read two chunks of a long stream, then close it; whether it was dropped
+    before it finished (vLLM merges tokens into fewer chunks when a client reads
+    slowly, so two chunks may hold all)."""
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=MAX_MODEL_LEN - 16,
+        temperature=0.0,
+        stream=True,
+        extra_body={**extra, "ignore_eos": True},
+    )
+    received, finished = 0, False
+    async for chunk in stream:
+        received += 1
+        finished = finished or any(c.finish_reason for c in chunk.choices)
+        if received == 2:
+            break
+    await stream.close()
+    return not finished
+
+
+async def drop_streams(
+    client, model: str, rng: random.Random, extras: list[dict], wanted: int, most: int
+) -> int:
+    """Drop streams mid-way in concurrent waves, the request bodies taking
+    ``extras`` in turn, until ``wanted`` were cut before their end or ``most``
+    were opened; returns how many were cut."""
+    dropped = attempts = 0
+    while dropped < wanted and attempts < most:
+        wave = wanted - dropped
+        attempts += wave
+        midway = await asyncio.gather(
+            *(
+                drop_stream(
+                    client, model, random_prompt(rng, 12), extras[i % len(extras)]
+                )
+                for i in range(wave)
+            )
+        )
+        dropped += sum(midway)
+    return dropped
+
+
 # ----------------------------------------------------------------------- tests
 
 
@@ -271,43 +315,13 @@ def test_dropped_streams_leave_no_slot_with_stale_settings(fault_server, seed):
     aborted_before = aborted_requests(log_path)
     dropped_settings = {"threshold": 0.0, "kl_weight": 0.0, "lr": 0.7, "steps": 6}
 
-    async def drop(client, prompt, extra) -> bool:
-        """Whether the stream was dropped before it finished (vLLM merges tokens
-        into fewer chunks when a client reads slowly, so two chunks may hold all)."""
-        stream = await client.completions.create(
-            model=model,
-            prompt=prompt,
-            max_tokens=MAX_MODEL_LEN - 16,
-            temperature=0.0,
-            stream=True,
-            extra_body={**extra, "ignore_eos": True},
-        )
-        received, finished = 0, False
-        async for chunk in stream:
-            received += 1
-            finished = finished or any(c.finish_reason for c in chunk.choices)
-            if received == 2:
-                break
-        await stream.close()
-        return not finished
-
     async def scenario():
         client = openai.AsyncOpenAI(
             base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=300
         )
         try:
-            dropped = attempts = 0
-            while dropped < 100 and attempts < 200:
-                wave = 100 - dropped
-                attempts += wave
-                midway = await asyncio.gather(
-                    *(
-                        drop(client, random_prompt(rng, 12), extra)
-                        for extra in [{}, {"em_inf": dropped_settings}] * (wave // 2)
-                        + [{}] * (wave % 2)
-                    )
-                )
-                dropped += sum(midway)
+            bodies = [{}, {"em_inf": dropped_settings}]
+            dropped = await drop_streams(client, model, rng, bodies, 100, 200)
             extras = varied_settings(rng, 30)
             prompts = [random_prompt(rng, rng.randint(4, 20)) for _ in extras]
             generated = await asyncio.gather(
