@@ -35,8 +35,8 @@
  *
  * Temperature mode, per row: Halley's method on u = log(1/T), safeguarded by a
  * bracket; one read of the row per solver pass for sum exp(b zs) zs^j, j = 0..3
- * (zs = z - max z, b = 1/T as float32, sums in double), then one pass writing
- * z * b.
+ * (zs = z - max z, b = 1/T as float32; the entropy's sums, j = 0, 1, in double,
+ * the slope's and curvature's in float), then one pass writing z * b.
  *
  * Masked logits are those <= MASKED_AT (-inf, finfo(float32).min, ...): their
  * probability is exactly 0 and they keep their input value.
@@ -644,9 +644,18 @@ static double online_entropy(const Partial *parts, int64_t n, float new_max) {
  * and e zs^3 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
  * counted in `ties` instead of summed, so that the float32 block sums err
  * relative to the mass of the other logits: a confident row's entropy is that
- * mass times a few nats, and must be resolved to 1e-6 of itself. */
+ * mass times a few nats, and must be resolved to 1e-6 of itself.
+ *
+ * Only the entropy's sums (e, e zs) are accumulated in double. The other two
+ * give the slope and curvature, which only steer the solver's step (whether it
+ * has converged is decided by the entropy): they add up per lane in float over a
+ * chunk (128 block sums of terms of one sign, relative error ~1e-6 at most).
+ * Converting them to double every block cost 11% of a pass (four double sums do
+ * not all fit in registers beside the exp's constants); the passes per row
+ * stayed the same on bench/latency.py's rows. */
 typedef struct {
-    Acc e, ez, ez2, ez3;
+    Acc e, ez;
+    vf ez2, ez3;
     vi ties;
 } Moments;
 
@@ -664,13 +673,13 @@ static inline void temperature_block(const float *restrict z, float m, float b,
     }
     acc_add(&a->e, block_sum(e));
     acc_add(&a->ez, block_sum(ez));
-    acc_add(&a->ez2, block_sum(ez2));
-    acc_add(&a->ez3, block_sum(ez3));
+    a->ez2 += block_sum(ez2);
+    a->ez3 += block_sum(ez3);
 }
 
 static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, float b,
                               Partial *out) {
-    Moments a = {{{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {{0}, {0}}, {0}};
+    Moments a = {{{0}, {0}}, {{0}, {0}}, {0}, {0}, {0}};
     int64_t i = lo;
     for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, &a);
     if (i < hi) {
@@ -680,8 +689,8 @@ static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, f
     partial_init(out);
     out->sum_e = acc_sum(a.e);
     out->sum_ez = acc_sum(a.ez);
-    out->sum_ez2 = acc_sum(a.ez2);
-    out->sum_ez3 = acc_sum(a.ez3);
+    for (int j = 0; j < LANES; j++) out->sum_ez2 += a.ez2[j];
+    for (int j = 0; j < LANES; j++) out->sum_ez3 += a.ez3[j];
     for (int j = 0; j < LANES; j++) out->count += a.ties[j];
 }
 
