@@ -641,18 +641,18 @@ static double online_entropy(const Partial *parts, int64_t n, float new_max) {
 }
 
 /* Temperature mode at inverse temperature b: sums of e = exp(b zs), e zs, e zs^2
- * and e zs^3 (zs = z - m). Logits equal to the max (e = 1 exactly, e zs = 0) are
- * counted in `ties` instead of summed, so that the float32 block sums err
- * relative to the mass of the other logits: a confident row's entropy is that
- * mass times a few nats, and must be resolved to 1e-6 of itself.
+ * and, with THIRD, e zs^3 (zs = z - m). Logits equal to the max (e = 1 exactly,
+ * e zs = 0) are counted in `ties` instead of summed, so that the float32 block
+ * sums err relative to the mass of the other logits: a confident row's entropy
+ * is that mass times a few nats, and must be resolved to 1e-6 of itself.
  *
  * Only the entropy's sums (e, e zs) are accumulated in double. The other two
  * give the slope and curvature, which only steer the solver's step (whether it
  * has converged is decided by the entropy): they add up per lane in float over a
  * chunk (128 block sums of terms of one sign, relative error ~1e-6 at most).
- * Converting them to double every block cost 11% of a pass (four double sums do
- * not all fit in registers beside the exp's constants); the passes per row
- * stayed the same on bench/latency.py's rows. */
+ * Converting them to double every block (two conversions and two double
+ * additions per sum) cost 11% of a pass; the passes per row stayed the same on
+ * bench/latency.py's rows. */
 typedef struct {
     Acc e, ez;
     vf ez2, ez3;
@@ -660,7 +660,7 @@ typedef struct {
 } Moments;
 
 static inline void temperature_block(const float *restrict z, float m, float b,
-                                     Moments *a) {
+                                     const int third, Moments *a) {
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS], ez3[BLOCK_VECTORS];
     EACH_VECTOR {
         vf zs = shifted(load(z + k * LANES), m);
@@ -674,17 +674,19 @@ static inline void temperature_block(const float *restrict z, float m, float b,
     acc_add(&a->e, block_sum(e));
     acc_add(&a->ez, block_sum(ez));
     a->ez2 += block_sum(ez2);
-    a->ez3 += block_sum(ez3);
+    if (third) a->ez3 += block_sum(ez3);
 }
 
-static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, float b,
-                              Partial *out) {
+/* Inlined into each case of temperature_chunk, so that THIRD is a constant there. */
+static inline __attribute__((always_inline)) void temperature_body(
+    const float *z, int64_t lo, int64_t hi, float m, float b, const int third,
+    Partial *out) {
     Moments a = {{{0}, {0}}, {{0}, {0}}, {0}, {0}, {0}};
     int64_t i = lo;
-    for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, &a);
+    for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, third, &a);
     if (i < hi) {
         Tail tz;
-        temperature_block(tail_in(&tz, z + i, hi - i, -INFINITY), m, b, &a);
+        temperature_block(tail_in(&tz, z + i, hi - i, -INFINITY), m, b, third, &a);
     }
     partial_init(out);
     out->sum_e = acc_sum(a.e);
@@ -692,6 +694,14 @@ static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, f
     for (int j = 0; j < LANES; j++) out->sum_ez2 += a.ez2[j];
     for (int j = 0; j < LANES; j++) out->sum_ez3 += a.ez3[j];
     for (int j = 0; j < LANES; j++) out->count += a.ties[j];
+}
+
+static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, float b,
+                              int third, Partial *out) {
+    if (third)
+        temperature_body(z, lo, hi, m, b, 1, out);
+    else
+        temperature_body(z, lo, hi, m, b, 0, out);
 }
 
 /* z[lo, hi) *= b for unmasked logits, or /= t when t > 0 (a temperature given
@@ -979,16 +989,17 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
 
 /* Entropy, its slope and its curvature in u = log b at inverse temperature b:
  * dH/du = -b^2 Var_q(z), d2H/du2 = -2 b^2 Var_q(z) - b^3 k3 (k3: q's third central
- * moment of z, the derivative of the variance in b). */
+ * moment of z, the derivative of the variance in b; NAN where the pass did not sum
+ * e zs^3). */
 typedef struct {
     double entropy, slope, curvature;
 } Entropy;
 
 static Entropy temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
-                                float shift, float b) {
+                                float shift, float b, int third) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, vocab,
-               temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b,
+               temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b, third,
                                  &slot->parts[set][c]));
     Partial total = combine(slot->parts[set], nc); /* count: logits at the max */
     const double sum = (double)total.count + total.sum_e;
@@ -998,7 +1009,26 @@ static Entropy temperature_eval(float *z, int64_t vocab, Slot *slot, int split, 
     var = var > 0.0 ? var : 0.0;
     const double k3 = total.sum_ez3 / sum - 3.0 * mean * ez2 + 2.0 * mean * mean * mean;
     const double bb = (double)b * (double)b;
-    Entropy h = {log(sum) - (double)b * mean, -bb * var, -2.0 * bb * var - bb * b * k3};
+    Entropy h = {log(sum) - (double)b * mean, -bb * var,
+                 third ? -2.0 * bb * var - bb * b * k3 : NAN};
+    return h;
+}
+
+/* A solver pass at u = log b, after one at prev_u (the last point evaluated).
+ * After a step longer than SECANT_STEP the pass sums e zs^3 for the curvature.
+ * After a shorter one (ordinarily from the third pass on, the one that finds the
+ * entropy within tolerance, whose curvature is then not used) it does not (the
+ * pass is about 12% faster), and the curvature is the slopes' secant over the
+ * step, on so short a step as good a guide for Halley's step: the passes per row
+ * stayed the same on bench/latency.py's rows, where the secant over the first,
+ * long step cost 0.4 passes per row more. */
+#define SECANT_STEP 1e-2
+static Entropy temperature_next(float *z, int64_t vocab, Slot *slot, int split, int set,
+                                float shift, float b, double u, Entropy prev,
+                                double prev_u) {
+    const int third = !(fabs(u - prev_u) <= SECANT_STEP);
+    Entropy h = temperature_eval(z, vocab, slot, split, set, shift, b, third);
+    if (!third) h.curvature = (h.slope - prev.slope) / (u - prev_u);
     return h;
 }
 
@@ -1032,7 +1062,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     }
     const float shift = total.max, lowest = total.min;
     int set = 1;
-    Entropy h = temperature_eval(z, vocab, slot, split, set, shift, 1.0f);
+    Entropy h = temperature_eval(z, vocab, slot, split, set, shift, 1.0f, 1);
     set ^= 1;
     const double before = h.entropy;
     if (h.entropy <= threshold) {
@@ -1058,7 +1088,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     if (u < lo || u > hi) {
         u = u < lo ? lo : hi;
         inv_t = (float)exp(u);
-        h = temperature_eval(z, vocab, slot, split, set, shift, inv_t);
+        h = temperature_next(z, vocab, slot, split, set, shift, inv_t, u, h, 0.0);
         set ^= 1;
         passes++;
     }
@@ -1093,9 +1123,9 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
         }
         float next_inv_t = (float)exp(next);
         if (next_inv_t == inv_t) break; /* the same float32 b again */
+        h = temperature_next(z, vocab, slot, split, set, shift, next_inv_t, next, h, u);
         u = next;
         inv_t = next_inv_t;
-        h = temperature_eval(z, vocab, slot, split, set, shift, inv_t);
         set ^= 1;
         passes++;
     }
