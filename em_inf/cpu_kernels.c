@@ -411,6 +411,27 @@ static void stats_keep_chunk(const float *z, float *e_out, float *keep, int64_t 
     stats_body(z, e_out, keep, lo, hi, m, out);
 }
 
+/* Lanes where a result y is non-finite though its logit x was finite (x is
+ * never NaN or +inf: such rows are not processed), as a lane mask. With AVX-512DQ
+ * a compare and a classification masked by it, kept in a mask register: the
+ * generic two subtractions and two compares, their result widened to a vector,
+ * were 5 of the update's ~30 instructions per vector. */
+#if defined(__AVX512DQ__) && LANES == 16
+typedef __mmask16 Lanes;
+static inline Lanes broke(vf x, vf y) {
+    const __mmask16 finite =
+        _mm512_cmp_ps_mask((__m512)x, (__m512)splat(-INFINITY), _CMP_NEQ_UQ);
+    return _mm512_mask_fpclass_ps_mask(finite, (__m512)y, 0x99); /* NaN, +-inf */
+}
+
+static inline int lanes_any(Lanes m) { return m != 0; }
+#else
+typedef vi Lanes;
+static inline Lanes broke(vf x, vf y) { return ((y - y) != 0.0f) & ((x - x) == 0.0f); }
+
+static inline int lanes_any(Lanes m) { return hany(m); }
+#endif
+
 /* Row scalars of one Adam step. */
 typedef struct {
     float shift;        /* M: the max the previous statistics pass used */
@@ -423,11 +444,13 @@ typedef struct {
     float beta1, beta2, eps;
 } Step;
 
-/* The max of the new logits, and whether a result is non-finite where z was
- * finite. */
+/* The max of the new logits (one accumulator, given each block's max, which the
+ * online statistics use too) and the lanes where a result is non-finite where z
+ * was finite. With one max per vector of the block and the non-finite lanes in a
+ * vector, the logits mode took 1.5-2% longer. */
 typedef struct {
-    vf max[BLOCK_VECTORS];
-    vi bad;
+    vf max;
+    Lanes bad;
 } Moved;
 
 /* The softmax statistics of the new logits y, accumulated while the last step
@@ -472,8 +495,8 @@ static inline int any_above(vf a, vf b) {
 static inline int any_above(vf a, vf b) { return hany(a > b); }
 #endif
 
-static inline void online_block(Online *o, const vf y[BLOCK_VECTORS]) {
-    const vf top = vmax(vmax(y[0], y[1]), vmax(y[2], y[3]));
+/* top: the block's largest y. */
+static inline void online_block(Online *o, const vf y[BLOCK_VECTORS], vf top) {
     if (__builtin_expect(any_above(top, o->shift), 0)) online_raise(o, top);
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS];
     EACH_VECTOR {
@@ -546,11 +569,12 @@ static inline void update_block(float *restrict z, const float *restrict e,
             store(v + at, gv);
         }
         store(z + at, y);
-        a->max[k] = vmax(a->max[k], y);
-        a->bad |= ((y - y) != 0.0f) & ((x - x) == 0.0f);
+        a->bad |= broke(x, y);
         ys[k] = y;
     }
-    if (online) online_block(o, ys);
+    const vf top = vmax(vmax(ys[0], ys[1]), vmax(ys[2], ys[3]));
+    a->max = vmax(a->max, top);
+    if (online) online_block(o, ys, top);
 }
 
 /* Inlined into each case of update_chunk, so that every flag is a constant there. */
@@ -559,8 +583,8 @@ static inline __attribute__((always_inline)) void update_body(
     int64_t hi, const Step *s, const int first, const int with_kl, const int last,
     const int online, Partial *out) {
     Moved a;
-    EACH_VECTOR a.max[k] = splat(-INFINITY);
-    a.bad = (vi){0};
+    a.max = splat(-INFINITY);
+    a.bad = (Lanes){0};
     Online o = {splat(s->shift), {{0}, {0}}, {{0}, {0}}};
     int64_t i = lo;
     for (; i + BLOCK <= hi; i += BLOCK)
@@ -581,11 +605,8 @@ static inline __attribute__((always_inline)) void update_body(
         }
     }
     partial_init(out);
-    EACH_VECTOR {
-        float mx = hmax(a.max[k]);
-        out->max = mx > out->max ? mx : out->max;
-    }
-    out->bad = hany(a.bad);
+    out->max = hmax(a.max);
+    out->bad = lanes_any(a.bad);
     if (online) online_finish(&o, out);
 }
 
