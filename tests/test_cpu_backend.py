@@ -473,6 +473,28 @@ def test_a_rows_bits_do_not_depend_on_its_batch(generator, threads, path, mode, 
         )
 
 
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_rows_split_among_threads_keep_one_threads_bits(generator, threads, mode):
+    """Rows of a real vocabulary's width, 19 chunks with a short last one, so that
+    the threads' chunk ranges of a split row are balanced in logits, not in
+    chunks: a row shared by 2 or 3 threads (alone, or left over after one row per
+    thread) comes back with the bits one thread gives it."""
+    rows, vocab = 4, 151_936
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    logits[1] = mask(generator, logits[1:2], 0.3, -torch.inf)[0]
+    draw = logits_params if mode == "logits" else temperature_params
+    params = draw(generator, rows)
+    if mode == "logits":
+        params["steps"] = torch.full((rows,), 3)
+    torch.set_num_threads(1)
+    alone = run("cpu", mode, logits, params)
+    for thread_count, size in [(2, 1), (3, 1), (2, 3), (3, 4)]:
+        torch.set_num_threads(thread_count)
+        part = {k: v[:size] for k, v in params.items()}
+        out = run("cpu", mode, logits[:size], part)
+        assert torch.equal(out, alone[:size]), (thread_count, size)
+
+
 @pytest.mark.parametrize("path", ["cpu", "torch"])
 def test_mixed_modes_through_the_processor_core_are_batch_invariant(
     generator, monkeypatch, path
