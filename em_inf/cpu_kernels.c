@@ -214,10 +214,12 @@ static inline int hany(vi x) {
 #if defined(__AVX512F__) && LANES == 16
 /* With AVX-512 the scaling by 2^k (vscalefps) and the zeroing of the lanes below
  * EXP_FLOOR (a mask register) take one instruction, where the generic code below
- * needs six; the same k, r and polynomial, so the same results. */
-static inline vf exp_nonpos(vf x) {
+ * needs six; the same k, r and polynomial, so the same results. exp_in: 0 also in
+ * the lanes not in `lanes`, for free. */
+static inline vf exp_in(vf x, __mmask16 lanes) {
     const __m512 v = (__m512)x;
-    const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ);
+    const __mmask16 keep =
+        _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ);
     const vf kf = (vf)_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f),
                                       _mm512_set1_ps(EXP_SHIFT)) -
                   EXP_SHIFT;
@@ -225,6 +227,8 @@ static inline vf exp_nonpos(vf x) {
     r = r - kf * 1.428606765330187e-06f;
     return (vf)_mm512_maskz_scalef_ps(keep, (__m512)EXP_POLY(r), (__m512)kf);
 }
+
+static inline vf exp_nonpos(vf x) { return exp_in(x, 0xFFFF); }
 #else
 static inline vf exp_nonpos(vf x) {
     vi keep = x > EXP_FLOOR;
@@ -680,14 +684,31 @@ typedef struct {
     vi ties;
 } Moments;
 
+/* exp(b zs), but 0 where zs = 0 (a logit at the max), those lanes counted in
+ * ties. With AVX-512 the exp's zeroing leaves them out and a masked subtraction
+ * counts them: two instructions per vector fewer than the select and the count
+ * from a widened compare (the temperature mode 5-6% faster). */
+#if defined(__AVX512F__) && LANES == 16
+static inline vf exp_below_top(vf zs, float b, vi *ties) {
+    const __mmask16 top = _mm512_cmp_ps_mask((__m512)zs, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    *ties = (vi)_mm512_mask_sub_epi32((__m512i)*ties, top, (__m512i)*ties,
+                                      _mm512_set1_epi32(-1));
+    return exp_in(b * zs, (__mmask16)~top);
+}
+#else
+static inline vf exp_below_top(vf zs, float b, vi *ties) {
+    const vi top = zs == 0.0f;
+    *ties -= top;
+    return vselect(top, splat(0.0f), exp_nonpos(b * zs));
+}
+#endif
+
 static inline void temperature_block(const float *restrict z, float m, float b,
                                      const int third, Moments *a) {
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS], ez3[BLOCK_VECTORS];
     EACH_VECTOR {
         vf zs = shifted(load(z + k * LANES), m);
-        vi top = zs == 0.0f;
-        a->ties -= top;
-        e[k] = vselect(top, splat(0.0f), exp_nonpos(b * zs));
+        e[k] = exp_below_top(zs, b, &a->ties);
         ez[k] = e[k] * zs;
         ez2[k] = ez[k] * zs;
         ez3[k] = ez2[k] * zs;
