@@ -678,5 +678,6 @@ def _write(result: dict, out: Path, plot: bool) -> None:
     plot_latency(result, png)
     print(f"wrote {png}")
 
+
 if __name__ == "__main__":
     sys.exit(main())
