@@ -218,21 +218,31 @@ def test_temperature_meets_the_stated_tolerance(generator, path):
     assert torch.equal(out, logits * inv_t[:, None])
 
 
+def _bench_like_temperature_rows(
+    generator: torch.Generator, rows: int, alpha: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gaussian rows of a real vocabulary's width, each with its own scale in
+    [2, 5], and the temperature mode's parameters with a tiny threshold (the
+    target is ``alpha * H0``)."""
+    logits = torch.randn(rows, 151_936, generator=generator) * (
+        2 + 3 * torch.rand(rows, 1, generator=generator)
+    )
+    params = dict(
+        threshold=torch.full((rows,), 1e-5),
+        alpha=torch.full((rows,), alpha),
+        t_min=torch.full((rows,), 0.01),
+        t_max=torch.full((rows,), 1.0),
+    )
+    return logits, params
+
+
 def test_the_temperature_solver_needs_about_three_passes_on_ordinary_rows(generator):
     """Halley's step (the pass gives the entropy's curvature too) gets rows of a
     real vocabulary's width from T = 1 to 1e-6 of the paper's default target
     (alpha = 0.85) in about three passes, the first at T = 1 included (Newton's
     steps: about four)."""
     rows = 16
-    logits = torch.randn(rows, 151_936, generator=generator) * (
-        2 + 3 * torch.rand(rows, 1, generator=generator)
-    )
-    params = dict(
-        threshold=torch.full((rows,), 1e-5),
-        alpha=torch.full((rows,), 0.85),
-        t_min=torch.full((rows,), 0.01),
-        t_max=torch.full((rows,), 1.0),
-    )
+    logits, params = _bench_like_temperature_rows(generator, rows, alpha=0.85)
     stats = new_stats("cpu")
     run("cpu", "temperature", logits, params, stats=stats)
     below, passes, restored = stats[:3].tolist()
@@ -246,15 +256,7 @@ def test_far_temperature_targets_are_met_in_few_passes(generator):
     row within TEMPERATURE_RTOL of its target, in as few passes as with the
     curvature summed on every pass (5.2 per row on these rows either way)."""
     rows = 16
-    logits = torch.randn(rows, 151_936, generator=generator) * (
-        2 + 3 * torch.rand(rows, 1, generator=generator)
-    )
-    params = dict(
-        threshold=torch.full((rows,), 1e-5),
-        alpha=torch.full((rows,), 0.2),
-        t_min=torch.full((rows,), 0.01),
-        t_max=torch.full((rows,), 1.0),
-    )
+    logits, params = _bench_like_temperature_rows(generator, rows, alpha=0.2)
     stats = new_stats("cpu")
     inv_t = torch.full((rows,), torch.nan)
     run("cpu", "temperature", logits, params, stats=stats, inv_temperature=inv_t)
