@@ -267,14 +267,7 @@ def em_inf_(
             more exponential per logit, +17% of the logits mode's time.
     """
     count, index = _rows(logits, rows)
-    params = [
-        checks.per_row(name, value, count, CPU, torch.float32)
-        for name, value in (
-            ("threshold", threshold),
-            ("kl_weight", kl_weight),
-            ("lr", lr),
-        )
-    ]
+    params = _float_rows(count, threshold=threshold, kl_weight=kl_weight, lr=lr)
     steps = checks.per_row("steps", steps, count, CPU, torch.int64)
     checks.stats(stats, logits)
     library = _library_or_raise()
@@ -321,15 +314,9 @@ def adaptive_temperature_(
     at the ``1 / T`` applied. ``inv_temperature``: a float32 ``[n]`` CPU tensor
     that receives each row's ``1 / T`` (1 where the row was left as it was)."""
     count, index = _rows(logits, rows)
-    params = [
-        checks.per_row(name, value, count, CPU, torch.float32)
-        for name, value in (
-            ("threshold", threshold),
-            ("alpha", alpha),
-            ("t_min", t_min),
-            ("t_max", t_max),
-        )
-    ]
+    params = _float_rows(
+        count, threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max
+    )
     checks.stats(stats, logits)
     if inv_temperature is not None:
         checks.row_output("inv_temperature", inv_temperature, count, logits)
@@ -412,6 +399,15 @@ def _rows(
     ):
         raise ValueError(f"rows must index [0, {logits.shape[0]}), got {rows}")
     return index.numel(), index
+
+
+def _float_rows(count: int, **params: torch.Tensor) -> list[torch.Tensor]:
+    """Each parameter, checked, as a float32 ``[count]`` CPU tensor, in the order
+    given."""
+    return [
+        checks.per_row(name, value, count, CPU, torch.float32)
+        for name, value in params.items()
+    ]
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
