@@ -6,9 +6,11 @@ glibc with ``MALLOC_ARENA_MAX=2``, tcmalloc preloaded (``LD_PRELOAD``, as vLLM's
 CPU installation guide says), and glibc with a fixed mmap threshold
 (``MALLOC_MMAP_THRESHOLD_=131072``: large buffers always mmapped, so returned when
 freed), each with em-inf's processor and without it
-(``bench/serve_without_processor.py``), and em-inf serve as it ships (``idletrim``:
-every process returns its freed heap after 5 s idle, em_inf/heap_trim.py). The
-variables are set in the environment
+(``bench/serve_without_processor.py``), both with oneDNN's own primitive cache
+(1,024), and em-inf serve as it ships (``idletrim``: every process returns its
+freed heap after 5 s idle, em_inf/heap_trim.py, and oneDNN keeps em-inf serve's
+bounded number of primitives, server/cpu_defaults.py), or as it ships but with
+oneDNN's own cache (``onednn1024``). The variables are set in the environment
 the server starts with, so the API server and every engine process it spawns
 inherit them; each process's ``/proc/<pid>/environ`` and ``/proc/<pid>/maps`` are
 read back to record what was in effect (``allocator_seen`` in the JSON).
@@ -32,9 +34,11 @@ Usage::
     python -m bench.soak --requests 1000 --warmup 200 --concurrency 64
     python -m bench.soak --configs glibc tcmalloc --requests 1500 --tag quick
     python -m bench.soak --configs glibc+idletrim --requests 10000 --warmup 1000
+    python -m bench.soak --configs glibc+idletrim glibc+onednn1024 --tag onednn
 
-Writes ``bench/results/soak_<config>.json`` as each configuration finishes, then
-``bench/results/soak_<tag>.json`` (all of them) and its ``.png``.
+Writes ``bench/results/soak_<tag>.<config>.json`` (with every RSS sample) and the
+server's log as each configuration finishes, then ``bench/results/soak_<tag>.json``
+(all of them) and its ``.png``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from bench.load import (
     summarize,
 )
 from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV
+from em_inf.server.cpu_defaults import ONEDNN_CACHE_ENV
 from em_inf_support.servers import Server, em_inf_server, http_server
 
 TCMALLOC_PATHS = (
@@ -103,10 +108,22 @@ def allocator_environment(allocator: str) -> dict[str, str | None]:
 
 #: What each configuration's name after the allocator means: em-inf's processor
 #: or not, and em-inf serve's idle heap trim (em_inf/heap_trim.py) or not.
+#: ``onednn_cache``: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` in the server's
+#: environment (``None``: unset, em-inf serve's own default; ``"1024"``: oneDNN's
+#: own, as vLLM's server runs).
 VARIANTS = {
-    "proc": {"processor": True, "heap_trim_idle_s": "0"},
-    "noproc": {"processor": False, "heap_trim_idle_s": "0"},
-    "idletrim": {"processor": True, "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}"},
+    "proc": {"processor": True, "heap_trim_idle_s": "0", "onednn_cache": "1024"},
+    "noproc": {"processor": False, "heap_trim_idle_s": "0", "onednn_cache": "1024"},
+    "idletrim": {
+        "processor": True,
+        "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}",
+        "onednn_cache": None,
+    },
+    "onednn1024": {
+        "processor": True,
+        "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}",
+        "onednn_cache": "1024",
+    },
 }
 TRIM_LINE = re.compile(
     r"\((\w+) pid=\d+\).* (\d\d:\d\d:\d\d) \[heap_trim\.py:\d+\] "
@@ -330,14 +347,21 @@ def memory_figures(
     }
 
 
+def config_path(args: argparse.Namespace, name: str, ending: str) -> Path:
+    """One configuration's file of the run tagged ``args.tag``:
+    ``bench/results/soak_<tag>.<config>[+trim]<ending>``."""
+    return RESULTS / f"soak_{args.tag}.{name}{'+trim' if args.trim else ''}{ending}"
+
+
 def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     allocator, _, variant = name.partition("+")
     processor = VARIANTS[variant]["processor"]
     env_changes = allocator_environment(allocator)
     env_changes[IDLE_ENV] = VARIANTS[variant]["heap_trim_idle_s"]
+    env_changes[ONEDNN_CACHE_ENV] = VARIANTS[variant]["onednn_cache"]
     plan = make_plan(args.requests, args.seed)
     load_start = os.getloadavg()
-    log_path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.server.log"
+    log_path = config_path(args, name, ".server.log")
     with server(processor, env_changes, log_path) as (base_url, pid):
         seen = allocator_seen(pid)
         with Sampler(pid, args.memory_interval) as sampler:
@@ -377,8 +401,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "samples": sampler.samples,
     }
-    suffix = "+trim" if args.trim else ""
-    (RESULTS / f"soak_{name}{suffix}.json").write_text(json.dumps(result, indent=1))
+    config_path(args, name, ".json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -449,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs", nargs="+", default=everything,
         help=f"from {everything}; 'glibc' means 'glibc+proc'. proc: em-inf serve "
-        "with --em-inf-heap-trim 0; noproc: vLLM alone (heap trim 0 too); "
-        "idletrim: em-inf serve's defaults (the idle heap trim on)",
+        "with --em-inf-heap-trim 0; noproc: vLLM alone (heap trim 0 too), both "
+        "with oneDNN's own primitive cache; idletrim: em-inf serve's defaults (the "
+        "idle heap trim on, oneDNN's cache bounded); onednn1024: those defaults "
+        "but oneDNN's own cache",
     )  # fmt: skip
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=200)
@@ -472,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [c if "+" in c else c + "+proc" for c in args.configs]
     results = []
     for name in names:
-        path = RESULTS / f"soak_{name}{'+trim' if args.trim else ''}.json"
+        path = config_path(args, name, ".json")
         if args.combine:
             if path.exists():
                 results.append(json.loads(path.read_text()))

@@ -11,6 +11,7 @@ from em_inf.config import FIELD_NAMES, MODES, PRESETS, REQUEST_KEY
 from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV, parse_seconds
 
 from . import vllm_compat
+from .cpu_defaults import ONEDNN_CACHE_DEFAULT, ONEDNN_CACHE_ENV
 
 GROUP_TITLE = "EM-INF"
 GROUP_DESCRIPTION = (
@@ -62,6 +63,7 @@ EM_INF_FLAGS: tuple[str, ...] = (
     "--em-inf-default",
     "--em-inf-allocator",
     "--em-inf-heap-trim",
+    "--em-inf-onednn-cache",
     *(flag_name(field) for field in FIELD_NAMES),
 )
 
@@ -71,6 +73,16 @@ def _seconds(text: str) -> float:
         return parse_seconds(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -110,6 +122,17 @@ def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         f"{DEFAULT_IDLE_S:g}; or ${IDLE_ENV}). 0 turns it off. Without it "
         "resident memory keeps the high-water mark of every burst "
         "(docs/memory-growth.md).",
+    )
+    group.add_argument(
+        "--em-inf-onednn-cache",
+        type=_count,
+        default=argparse.SUPPRESS,
+        metavar="PRIMITIVES",
+        help="CPU engine: oneDNN primitives each process keeps (sets "
+        f"${ONEDNN_CACHE_ENV}; default: {ONEDNN_CACHE_DEFAULT}, or that variable "
+        "where set). The linear layers keep primitives for every step size they "
+        "meet, so with oneDNN's own 1,024 a worker's memory climbs for thousands "
+        "of requests (docs/memory-growth.md). 0 keeps oneDNN's own.",
     )
     for field in FIELD_NAMES:
         kind = _field_type(field)

@@ -17,7 +17,13 @@ Each default applies only where the user left the setting alone:
   the system's malloc by default. Neither tcmalloc nor ``MALLOC_ARENA_MAX=2`` kept
   a soak's memory flat (bench/soak.py, bench/README.md), so neither is imposed;
   ``auto`` / ``tcmalloc`` / ``arena`` ask for one. They act when a process starts,
-  so ``em-inf serve`` then starts itself again with them (em_inf/cli.py).
+  so ``em-inf serve`` then starts itself again with them (em_inf/cli.py);
+* oneDNN's primitive cache (:func:`onednn_cache_environment`,
+  ``--em-inf-onednn-cache``): vLLM's CPU linear layers keep oneDNN primitives for
+  every step size (tokens in a step) they meet, about 1.45 MiB each for
+  SmolLM2-135M, up to oneDNN's 1,024 primitives: a worker's memory climbs for
+  thousands of requests before it levels off (docs/memory-growth.md). em-inf
+  serve keeps :data:`ONEDNN_CACHE_DEFAULT` of them, which fills during a warm-up.
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ _SYS_CPUS = Path("/sys/devices/system/cpu")
 #: ``--em-inf-allocator``'s values, and the variable that sets it too.
 ALLOCATORS = ("auto", "tcmalloc", "arena", "system")
 ALLOCATOR_ENV = "EM_INF_ALLOCATOR"
+#: oneDNN's primitive-cache capacity, read once by each process that runs oneDNN.
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+#: ``em-inf serve``'s capacity where neither ``--em-inf-onednn-cache`` nor
+#: :data:`ONEDNN_CACHE_ENV` says otherwise (oneDNN's own: 1,024).
+ONEDNN_CACHE_DEFAULT = 256
 #: Where Debian/Ubuntu (libtcmalloc-minimal4, libgoogle-perftools4) and Fedora
 #: (gperftools-libs) put tcmalloc.
 TCMALLOC_PATHS = tuple(
@@ -102,6 +113,9 @@ def cpu_defaults(
             KV_CACHE_SPACE_ENV,
             os.environ[KV_CACHE_SPACE_ENV],
         )
+    changes, line = onednn_cache_environment(getattr(args, "em_inf_onednn_cache", None))
+    environment.update(changes)
+    logger.info("CPU engine: %s", line)
     binding = default_threads_bind(local_workers(args))
     if binding is not None:
         environment[THREADS_BIND_ENV] = binding
@@ -112,6 +126,30 @@ def cpu_defaults(
             binding,
         )
     return flags, environment
+
+
+def onednn_cache_environment(
+    requested: int | None, environ: dict[str, str] | None = None
+) -> tuple[dict[str, str], str]:
+    """The oneDNN primitive-cache capacity for the engine processes, and a line
+    saying what was chosen.
+
+    ``requested`` is ``--em-inf-onednn-cache``: a number of primitives, 0 to leave
+    oneDNN's own capacity (or :data:`ONEDNN_CACHE_ENV` where set), ``None`` (not
+    given): :data:`ONEDNN_CACHE_ENV` where the user set it, else
+    :data:`ONEDNN_CACHE_DEFAULT`.
+    """
+    environ = os.environ if environ is None else environ
+    given = environ.get(ONEDNN_CACHE_ENV)
+    off = "--em-inf-onednn-cache 0 keeps oneDNN's own 1,024"
+    if requested == 0 or (requested is None and given):
+        where = f"{ONEDNN_CACHE_ENV}={given}" if given else "oneDNN's own, 1,024"
+        return {}, f"oneDNN primitive cache: left as it is ({where})"
+    capacity = requested or ONEDNN_CACHE_DEFAULT
+    return {ONEDNN_CACHE_ENV: str(capacity)}, (
+        f"oneDNN primitive cache: {capacity} primitives per process "
+        f"({ONEDNN_CACHE_ENV}; bounds the worker's memory); {off}"
+    )
 
 
 def check_memory(kv_cache_bytes: int | None, memory_fraction: float) -> None:

@@ -14,6 +14,8 @@
   or loaded (``em_inf.cpu_build.build``, which logs one line per call) exactly once
   in each engine process that runs the processor, before the server reports ready,
   and never again after requests of both modes.
+* oneDNN's primitive cache (``--em-inf-onednn-cache``): bounded by default, the
+  flag and the user's own variable win, 0 leaves oneDNN's own.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import pytest
 
 from em_inf.heap_trim import IDLE_ENV
 from em_inf.server import vllm_compat
-from em_inf.server.cpu_defaults import TCMALLOC_PATHS, allocator_environment
+from em_inf.server.cpu_defaults import (
+    ONEDNN_CACHE_DEFAULT,
+    ONEDNN_CACHE_ENV,
+    TCMALLOC_PATHS,
+    allocator_environment,
+    onednn_cache_environment,
+)
 from em_inf_support.tiny_model import tiny_model_dir
 from tests.server_helpers import TINY_VOCAB, running_server
 
@@ -42,6 +50,7 @@ CLEAN_ENV = {
     "LD_PRELOAD": None,
     "MALLOC_ARENA_MAX": None,
     IDLE_ENV: None,
+    ONEDNN_CACHE_ENV: None,
 }
 BUILD_LINE = re.compile(r"em-inf: CPU kernels: build or load \(pid (\d+)\)")
 PROCESSOR_LINE = re.compile(r"\((\w+) pid=(\d+)\).*EM-INF \S+ on Model Runner")
@@ -79,6 +88,30 @@ def test_auto_preloads_tcmalloc_where_found_else_limits_arenas(monkeypatch, tmp_
 def test_auto_keeps_the_users_own_allocator_settings(environ):
     assert allocator_environment("auto", environ)[0] == {}
     assert allocator_environment("system", {})[0] == {}
+
+
+@pytest.mark.parametrize(
+    ("requested", "environ", "expected"),
+    [
+        (None, {}, str(ONEDNN_CACHE_DEFAULT)),
+        (64, {}, "64"),
+        (64, {ONEDNN_CACHE_ENV: "512"}, "64"),  # the flag wins over the variable
+        (None, {ONEDNN_CACHE_ENV: "512"}, None),  # the user's variable is kept
+        (0, {}, None),  # oneDNN's own
+        (0, {ONEDNN_CACHE_ENV: "512"}, None),
+    ],
+)
+def test_onednn_cache_is_bounded_unless_the_user_says_otherwise(
+    requested, environ, expected
+):
+    changes, line = onednn_cache_environment(requested, environ)
+    assert changes == ({} if expected is None else {ONEDNN_CACHE_ENV: expected})
+    if expected is None:
+        kept = environ.get(ONEDNN_CACHE_ENV, "oneDNN's own, 1,024")
+        assert "left as it is" in line and kept in line, line
+    else:
+        assert f"{expected} primitives per process" in line, line
+        assert "--em-inf-onednn-cache 0" in line, line
 
 
 # ---------------------------------------------------------------- real servers
@@ -121,13 +154,15 @@ def default_server(tmp_path_factory):
         yield base_url, log_path
 
 
-def test_default_leaves_malloc_alone(default_server):
+def test_default_leaves_malloc_alone_and_bounds_onednns_cache(default_server):
     base_url, log_path = default_server
     for pid in server_pids(base_url):
         assert allocator_of(pid) in ((False, None), (False, "?")), pid
     log = log_path.read_text()
     assert log.count("CPU engine: memory allocator:") == 1
     assert "memory allocator: the system's" in log
+    chosen = f"CPU engine: oneDNN primitive cache: {ONEDNN_CACHE_DEFAULT} primitives"
+    assert log.count(chosen) == 1, log[-2000:]
 
 
 def test_allocator_auto_is_in_every_server_process(tmp_path_factory):

@@ -251,6 +251,17 @@ def test_cpu_engine_turns_chunked_prefill_off_unless_asked(
     assert args.enable_chunked_prefill is expected
 
 
+def test_onednn_cache_flag_reaches_the_engine_environment(serve_parser, monkeypatch):
+    from em_inf.server.cpu_defaults import ONEDNN_CACHE_ENV, cpu_defaults
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    args = serve_parser.parse_args(["some/model", "--em-inf-onednn-cache", "64"])
+    assert cpu_defaults(args, serve_parser)[1][ONEDNN_CACHE_ENV] == "64"
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(SystemExit):
+            serve_parser.parse_args(["some/model", "--em-inf-onednn-cache", bad])
+
+
 def test_serve_help_shows_the_em_inf_flags_and_vllm_groups(serve_parser):
     text = serve_parser.format_help()
     for expected in (
