@@ -458,8 +458,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         axis.set_title(f"{kind} RSS vs requests done (dotted: end of warm-up)")
         axis.legend(fontsize=8)
     fig.suptitle(
-        f"em-inf serve, SmolLM2-135M, {results[0]['concurrency']} concurrent: "
-        "allocators with and without the processor"
+        f"SmolLM2-135M, {results[0]['concurrency']} concurrent clients, "
+        f"{results[0]['requests']} requests: " + ", ".join(names)
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
