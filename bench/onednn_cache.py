@@ -22,7 +22,6 @@ Output: ``bench/results/onednn_cache.json``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -30,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from em_inf.heap_trim import malloc_trim, resident_bytes
 from em_inf.models import prepare_default_model
+from em_inf.server.cpu_defaults import ONEDNN_CACHE_ENV
 
-CAPACITY_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 FIRST_M = 18  # the token count repeated first; the distinct ones follow it
 SAMPLE_EVERY = 20
 
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_capacity(model: str, capacity: str, args: argparse.Namespace) -> dict:
     """:func:`probe` in a child process with the cache ``capacity`` (``default``:
     the variable unset)."""
-    env = {k: v for k, v in os.environ.items() if k != CAPACITY_ENV}
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_ENV}
     if capacity != "default":
-        env[CAPACITY_ENV] = capacity
+        env[ONEDNN_CACHE_ENV] = capacity
     command = [sys.executable, "-m", "bench.onednn_cache", "--one", "--model", model]
     command += ["--distinct", str(args.distinct), "--repeats", str(args.repeats)]
     child = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -116,9 +116,11 @@ def probe(model: str, distinct: int, repeats: int) -> dict:
 
 def _trimmed_rss_mib() -> float:
     """This process's resident size after giving freed heap back (MiB)."""
-    ctypes.CDLL(None).malloc_trim(0)
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    trim = malloc_trim()
+    if trim is None:
+        raise SystemExit("this probe needs glibc's malloc_trim")
+    trim()
+    return resident_bytes() / 2**20
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from bench.load import (
     summarize,
 )
 from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV
-from em_inf.server.cpu_defaults import ONEDNN_CACHE_ENV
+from em_inf.server.cpu_defaults import ONEDNN_CACHE_ENV, ONEDNN_OWN_CAPACITY
 from em_inf_support.servers import Server, em_inf_server, http_server
 
 TCMALLOC_PATHS = (
@@ -109,11 +109,12 @@ def allocator_environment(allocator: str) -> dict[str, str | None]:
 #: What each configuration's name after the allocator means: em-inf's processor
 #: or not, and em-inf serve's idle heap trim (em_inf/heap_trim.py) or not.
 #: ``onednn_cache``: ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` in the server's
-#: environment (``None``: unset, em-inf serve's own default; ``"1024"``: oneDNN's
-#: own, as vLLM's server runs).
+#: environment (``None``: unset, em-inf serve's own default; :data:`ONEDNN_OWN`:
+#: oneDNN's own, as vLLM's server runs).
+ONEDNN_OWN = str(ONEDNN_OWN_CAPACITY)
 VARIANTS = {
-    "proc": {"processor": True, "heap_trim_idle_s": "0", "onednn_cache": "1024"},
-    "noproc": {"processor": False, "heap_trim_idle_s": "0", "onednn_cache": "1024"},
+    "proc": {"processor": True, "heap_trim_idle_s": "0", "onednn_cache": ONEDNN_OWN},
+    "noproc": {"processor": False, "heap_trim_idle_s": "0", "onednn_cache": ONEDNN_OWN},
     "idletrim": {
         "processor": True,
         "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}",
@@ -122,7 +123,7 @@ VARIANTS = {
     "onednn1024": {
         "processor": True,
         "heap_trim_idle_s": f"{DEFAULT_IDLE_S:g}",
-        "onednn_cache": "1024",
+        "onednn_cache": ONEDNN_OWN,
     },
 }
 TRIM_LINE = re.compile(

@@ -11,7 +11,7 @@ from em_inf.config import FIELD_NAMES, MODES, PRESETS, REQUEST_KEY
 from em_inf.heap_trim import DEFAULT_IDLE_S, IDLE_ENV, parse_seconds
 
 from . import vllm_compat
-from .cpu_defaults import ONEDNN_CACHE_DEFAULT, ONEDNN_CACHE_ENV
+from .cpu_defaults import ONEDNN_CACHE_DEFAULT, ONEDNN_CACHE_ENV, ONEDNN_OWN_CAPACITY
 
 GROUP_TITLE = "EM-INF"
 GROUP_DESCRIPTION = (
@@ -131,8 +131,9 @@ def add_em_inf_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
         help="CPU engine: oneDNN primitives each process keeps (sets "
         f"${ONEDNN_CACHE_ENV}; default: {ONEDNN_CACHE_DEFAULT}, or that variable "
         "where set). The linear layers keep primitives for every step size they "
-        "meet, so with oneDNN's own 1,024 a worker's memory climbs for thousands "
-        "of requests (docs/memory-growth.md). 0 keeps oneDNN's own.",
+        f"meet, so with oneDNN's own {ONEDNN_OWN_CAPACITY:,} a worker's memory "
+        "climbs for thousands of requests (docs/memory-growth.md). 0 keeps "
+        "oneDNN's own.",
     )
     for field in FIELD_NAMES:
         kind = _field_type(field)

@@ -47,8 +47,10 @@ ALLOCATORS = ("auto", "tcmalloc", "arena", "system")
 ALLOCATOR_ENV = "EM_INF_ALLOCATOR"
 #: oneDNN's primitive-cache capacity, read once by each process that runs oneDNN.
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+#: oneDNN's own capacity, where nothing sets the variable.
+ONEDNN_OWN_CAPACITY = 1024
 #: ``em-inf serve``'s capacity where neither ``--em-inf-onednn-cache`` nor
-#: :data:`ONEDNN_CACHE_ENV` says otherwise (oneDNN's own: 1,024).
+#: :data:`ONEDNN_CACHE_ENV` says otherwise.
 ONEDNN_CACHE_DEFAULT = 256
 #: Where Debian/Ubuntu (libtcmalloc-minimal4, libgoogle-perftools4) and Fedora
 #: (gperftools-libs) put tcmalloc.
@@ -141,9 +143,10 @@ def onednn_cache_environment(
     """
     environ = os.environ if environ is None else environ
     given = environ.get(ONEDNN_CACHE_ENV)
-    off = "--em-inf-onednn-cache 0 keeps oneDNN's own 1,024"
+    own = f"oneDNN's own, {ONEDNN_OWN_CAPACITY:,}"
+    off = f"--em-inf-onednn-cache 0 keeps {own}"
     if requested == 0 or (requested is None and given):
-        where = f"{ONEDNN_CACHE_ENV}={given}" if given else "oneDNN's own, 1,024"
+        where = f"{ONEDNN_CACHE_ENV}={given}" if given else own
         return {}, f"oneDNN primitive cache: left as it is ({where})"
     capacity = requested or ONEDNN_CACHE_DEFAULT
     return {ONEDNN_CACHE_ENV: str(capacity)}, (
