@@ -31,11 +31,13 @@ writes); with ``stats=None`` nothing is counted and no entropy after is computed
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +150,7 @@ def load() -> ctypes.CDLL | None:
         if _library is None and _failure is None:
             try:
                 built = cpu_build.build()
-                library = _open(built.path)
+                library = open_library(built.path)
             except (cpu_build.BuildError, InterfaceError, OSError) as err:
                 _failure = str(err)
                 logger.warning(
@@ -167,7 +169,22 @@ def load() -> ctypes.CDLL | None:
     return _library
 
 
-def _open(path: Path) -> ctypes.CDLL:
+@contextlib.contextmanager
+def kernels_from(library: ctypes.CDLL) -> Iterator[None]:
+    """Within the block, this module's entry points run ``library`` (one
+    :func:`open_library` returned) instead of the built kernels:
+    ``bench/kernel_ab.py`` times two builds side by side in one process. Not for
+    use while other threads call the kernels."""
+    global _library
+    previous = load()
+    _library = library
+    try:
+        yield
+    finally:
+        _library = previous
+
+
+def open_library(path: Path) -> ctypes.CDLL:
     """The library at ``path``, its interface checked and its ctypes types set."""
     library = ctypes.CDLL(str(path))
     check_interface(library, _DECLARED)

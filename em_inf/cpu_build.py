@@ -124,9 +124,10 @@ def cache_dir() -> Path:
     return cache_root() / "cpu-kernels"
 
 
-def build() -> Build:
-    """The path of the compiled kernels, compiling them first when no cached build
-    fits this source, compiler and machine.
+def build(source: Path | None = None) -> Build:
+    """The path of the compiled kernels (of ``source``, a variant to measure, or
+    of :data:`SOURCE`), compiling them first when no cached build fits this
+    source, compiler and machine.
 
     Raises:
         BuildError: no compiler, or every flag set failed (the message holds the
@@ -136,13 +137,14 @@ def build() -> Build:
     logger.info("em-inf: CPU kernels: build or load (pid %d)", os.getpid())
     cc = compiler()
     version = _compiler_version(cc)
-    source = SOURCE.read_bytes()
+    source = SOURCE if source is None else source
+    text = source.read_bytes()
     cpu = cpu_description()
     errors = []
     for flags in flag_sets(cpu):
         key = hashlib.sha256(
             b"\0".join(
-                [source, cc.encode(), version.encode(), " ".join(flags).encode()]
+                [text, cc.encode(), version.encode(), " ".join(flags).encode()]
                 + [cpu.encode(), platform.machine().encode()]
             )
         ).hexdigest()[:20]
@@ -150,7 +152,7 @@ def build() -> Build:
         if target.exists():
             return Build(target, False, time.perf_counter() - started)
         try:
-            _compile(cc, flags, target)
+            _compile(cc, flags, source, target)
         except BuildError as err:
             errors.append(str(err))
             continue
@@ -158,8 +160,8 @@ def build() -> Build:
     raise BuildError(errors[-1] if errors else "no flags to try")
 
 
-def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile SOURCE to ``target`` atomically (other processes may race: each
+def _compile(cc: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
+    """Compile ``source`` to ``target`` atomically (other processes may race: each
     writes its own temporary file and renames it into place)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,7 @@ def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
         ) from None
     try:
         done = subprocess.run(
-            [cc, *flags, "-o", temporary, str(SOURCE), "-lm"],
+            [cc, *flags, "-o", temporary, str(source), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,

@@ -1,0 +1,94 @@
+"""What one core's vector units cost, and what each pass of the CPU kernels costs on
+one thread, in cycles: the figures ``docs/cost-model.md`` reasons with.
+
+Compiles and runs, for this machine:
+
+* ``bench/cpu_units.c``: the clock (from a chain of dependent integer adds), then
+  the throughput of each instruction the passes are made of (FMA, add, the exp's
+  scaling, division, square root and their estimates), eight independent ones per
+  loop turn. x86-64 with AVX2; the 512-bit rows only where the compiler targets
+  AVX-512.
+* ``bench/cpu_passes.c``: the kernels' own passes (``em_inf/cpu_kernels.c``
+  included, built with the kernels' flags, one thread), each over one row of
+  ``--vocab`` logits, in cycles per vector of logits at that clock.
+
+Usage::
+
+    python -m bench.cpu_units        # about ten seconds; nothing else should run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from bench.latency import cpu_environment
+from em_inf import cpu_build
+
+UNITS = Path(__file__).with_name("cpu_units.c")
+PASSES = Path(__file__).with_name("cpu_passes.c")
+RESULTS = Path(__file__).with_name("results")
+LANES_NOTE = "vector of logits (16 with AVX-512, 8 with AVX2)"
+
+
+def _run(source: Path, flags: list[str], *args: str) -> dict[str, float]:
+    """Compile ``source`` with ``flags``, run it with ``args``; its "name value"
+    lines as a dict."""
+    with tempfile.TemporaryDirectory() as folder:
+        program = Path(folder) / source.stem
+        subprocess.run(
+            [cpu_build.compiler(), *flags, "-o", str(program), str(source), "-lm"],
+            check=True,
+        )
+        printed = subprocess.run(
+            [str(program), *args], check=True, capture_output=True, text=True
+        ).stdout
+    return {
+        name: float(value)
+        for name, value in (line.split() for line in printed.splitlines())
+    }
+
+
+def measure(vocab: int) -> dict[str, dict[str, float] | float]:
+    """The clock (GHz), cycles per instruction, and the passes' cycles per vector."""
+    units = _run(UNITS, ["-O2", "-march=native"])
+    clock = units.pop("clock_ghz")
+    kernel_flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast"]
+    repetitions = str(max(20, 30_000_000 // vocab))
+    passes = _run(PASSES, kernel_flags, str(vocab), repetitions, str(clock))
+    return {"clock_ghz": clock, "instructions": units, "passes": passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_units.json")
+    parser.add_argument("--vocab", type=int, default=151_936)
+    args = parser.parse_args(argv)
+    before = os.getloadavg()
+    measured = measure(args.vocab)
+    print(f"clock {measured['clock_ghz']:.2f} GHz")
+    for name, value in measured["instructions"].items():
+        print(f"{name:32s} {value:7.3f} cycles per instruction")
+    for name, value in measured["passes"].items():
+        print(f"{name:32s} {value:7.2f} cycles per {LANES_NOTE}")
+    result = {
+        "load_average_before": before,
+        "load_average_after": os.getloadavg(),
+        "cpu": cpu_environment(),
+        "vocab": args.vocab,
+        "clock_ghz": measured["clock_ghz"],
+        "cycles_per_instruction": measured["instructions"],
+        "pass_cycles_per_vector": measured["passes"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""bench/kernel_ab.py: two builds of the CPU kernels side by side. Its comparison of
+outputs must see every changed logit, and a variant given as a patch must be the
+patched source, run through the real build and the real kernels."""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cpu_units, kernel_ab
+from bench.latency import Case
+from em_inf import cpu_backend, cpu_build
+
+pytestmark = pytest.mark.skipif(
+    not cpu_backend.available(), reason="the compiled CPU kernels are unavailable"
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compare_sees_every_changed_logit(seed):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, 1000, generator=generator) * 5
+    base[:, :10] = float("-inf")  # masked in both: not a difference
+    variant = base.clone()
+    assert kernel_ab.compare(base, variant) == {
+        "logits_differing": 0,
+        "max_ulps_of_row_max": 0.0,
+        "max_total_variation": 0.0,
+    }, f"seed {seed}"
+    picked = torch.randperm(4 * 990, generator=generator)[:5]  # distinct, unmasked
+    rows, cols = picked // 990, 10 + picked % 990
+    for steps, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True), 1):
+        value = variant[r, c]
+        for _ in range(steps):
+            value = torch.nextafter(value, torch.tensor(float("inf")))
+        variant[r, c] = value
+    out = kernel_ab.compare(base, variant)
+    changed = int((variant != base).sum())
+    assert out["logits_differing"] == changed, f"seed {seed}"
+    # each changed logit moved by at most 5 of its own ulps, which are at most one
+    # ulp of its row's largest |logit|
+    assert 0 < out["max_ulps_of_row_max"] <= 5, f"seed {seed}: {out}"
+    assert out["max_total_variation"] > 0, f"seed {seed}"
+
+
+def _patch_changing(text: str, old: str, new: str, folder: Path) -> Path:
+    """A git-style patch that replaces ``old`` by ``new`` in the shipped source."""
+    shipped = cpu_build.SOURCE.read_text()
+    assert shipped.count(old) == 1, f"{old!r} not once in the source"
+    root = cpu_build.SOURCE.parents[1]
+    changed = folder / "changed" / cpu_build.SOURCE.relative_to(root)
+    original = folder / "original" / cpu_build.SOURCE.relative_to(root)
+    for path, content in ((changed, shipped.replace(old, new)), (original, shipped)):
+        path.parent.mkdir(parents=True)
+        path.write_text(content)
+    diff = subprocess.run(
+        ["git", "diff", "--no-index", "original", "changed"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    ).stdout
+    patch = folder / f"{text}.patch"
+    relative = cpu_build.SOURCE.relative_to(root).as_posix()
+    patch.write_text(
+        diff.replace(f"a/original/{relative}", f"a/{relative}").replace(
+            f"b/changed/{relative}", f"b/{relative}"
+        )
+    )
+    return patch
+
+
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_a_patched_variant_is_built_run_and_compared(tmp_path, mode):
+    """A patch that leaves the numerics alone (a comment) gives the base's bits; one
+    that changes the exp's polynomial changes them; the built kernels are back in
+    place afterwards."""
+    built = cpu_backend.load()
+    case = Case(mode, 3, 4096, 3 if mode == "logits" else None)
+    outputs = {}
+    for name, old, new in [
+        ("comment", "/* Logits at or below this are masked. */", "/* Masked. */"),
+        ("polynomial", "0.49999994f", "0.4999f"),
+    ]:
+        patch = _patch_changing(name, old, new, tmp_path / name)
+        source = kernel_ab.variant_source(
+            patch, cpu_build.SOURCE, tmp_path / f"{name}-src"
+        )
+        assert source.read_text() == cpu_build.SOURCE.read_text().replace(old, new)
+        libraries = [
+            cpu_backend.open_library(cpu_build.build(path).path)
+            for path in (cpu_build.SOURCE, source)
+        ]
+        row = kernel_ab.measure_case(case, libraries, rounds=2, evict_mib=1, seed=7)
+        assert row["condition"] == "cold" and row["rounds"] == 2
+        assert all(row[k] > 0 for k in ("base_median_ms", "variant_median_ms"))
+        outputs[name] = row["output"]
+        assert cpu_backend.load() is built
+    assert outputs["comment"]["logits_differing"] == 0, outputs
+    assert outputs["polynomial"]["logits_differing"] > 0, outputs
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or " avx2" not in cpu_build.cpu_description(),
+    reason="bench/cpu_units.c is x86-64 assembly with AVX2",
+)
+def test_the_unit_and_pass_probes_build_against_the_kernels_and_report_every_row():
+    """bench/cpu_units.py compiles its probe and bench/cpu_passes.c (which calls the
+    kernels' own passes) and reads back a finite, positive figure for each."""
+    measured = cpu_units.measure(vocab=4096)
+    assert 0.5 < measured["clock_ghz"] < 10
+    assert {"ymm_fma", "ymm_div", "ymm_sqrt"} <= set(measured["instructions"])
+    assert set(measured["passes"]) == {
+        "exp_pass",
+        "scan",
+        "statistics_with_copy",
+        "statistics",
+        "update_step_1",
+        "update_further_step",
+        "update_last_step",
+        "temperature_pass",
+        "temperature_pass_without_third",
+    }
+    for name, value in {**measured["instructions"], **measured["passes"]}.items():
+        assert math.isfinite(value), (name, value)
+        # the updates' figures have the copy that restores their inputs taken off
+        assert name.startswith("update") or value > 0, (name, value)
