@@ -5,9 +5,14 @@
  * inputs every time (the row and the Adam moments restored by a copy, whose own
  * time is measured alone and taken off). Built and run by bench/cpu_units.py;
  * prints one "name cycles" line per pass. Arguments: vocab, repetitions, the
- * clock in GHz (from bench/cpu_units.c).
+ * clock in GHz (from bench/cpu_units.c). KERNELS_SOURCE, when defined, names
+ * another version of the kernels' source to include (to compare two).
  */
+#ifdef KERNELS_SOURCE
+#include KERNELS_SOURCE
+#else
 #include "../em_inf/cpu_kernels.c"
+#endif
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,17 +44,40 @@ static void restore(Rows *r) {
     memcpy(r->e, r->e0, (size_t)r->n * sizeof(float));
 }
 
-/* Seconds per call of BODY, fastest of five runs of `reps` calls. */
+/* Seconds per call of BODY, fastest of RUNS runs of `reps` calls. */
+#define RUNS 9
 #define SECONDS(reps, BODY)                                                          \
     ({                                                                               \
         double best_ = 1e30;                                                         \
-        for (int run_ = 0; run_ < 5; run_++) {                                       \
+        for (int run_ = 0; run_ < RUNS; run_++) {                                    \
             const double t0_ = now();                                                \
             for (int k_ = 0; k_ < (reps); k_++) { BODY; }                            \
             const double t_ = (now() - t0_) / (reps);                                \
             best_ = t_ < best_ ? t_ : best_;                                         \
         }                                                                            \
         best_;                                                                       \
+    })
+
+/* Seconds per call of BODY alone, where each call needs restore(&r) first: the
+ * fastest of RUNS runs of both together less the fastest of RUNS runs of the
+ * restore alone, the two alternating run by run. */
+#define SECONDS_AFTER_RESTORE(r, reps, BODY)                                         \
+    ({                                                                               \
+        double both_ = 1e30, alone_ = 1e30;                                          \
+        for (int run_ = 0; run_ < RUNS; run_++) {                                    \
+            double t0_ = now();                                                      \
+            for (int k_ = 0; k_ < (reps); k_++) restore(r);                          \
+            double t_ = (now() - t0_) / (reps);                                      \
+            alone_ = t_ < alone_ ? t_ : alone_;                                      \
+            t0_ = now();                                                             \
+            for (int k_ = 0; k_ < (reps); k_++) {                                    \
+                restore(r);                                                          \
+                BODY;                                                                \
+            }                                                                        \
+            t_ = (now() - t0_) / (reps);                                             \
+            both_ = t_ < both_ ? t_ : both_;                                         \
+        }                                                                            \
+        both_ - alone_;                                                              \
     })
 
 int main(int argc, char **argv) {
@@ -87,7 +115,6 @@ int main(int argc, char **argv) {
 
     const double per_vector = ghz * 1e9 * LANES / (double)n;
     volatile float sink = 0.0f;
-    const double copy = SECONDS(reps, restore(&r));
     double t;
     t = SECONDS(reps, {
         vf acc = {0};
@@ -102,21 +129,12 @@ int main(int argc, char **argv) {
     printf("statistics_with_copy %.3f\n", t * per_vector);
     t = SECONDS(reps, stats_chunk(r.z0, r.e, 0, n, scan.max, &stats));
     printf("statistics %.3f\n", t * per_vector);
-    t = SECONDS(reps, {
-        restore(&r);
-        update_chunk(r.z, r.p0, r.p0, r.m, r.v, 0, n, &s, 1, 0, 0, 0, &stats);
-    });
-    printf("update_step_1 %.3f\n", (t - copy) * per_vector);
-    t = SECONDS(reps, {
-        restore(&r);
-        update_chunk(r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 0, 0, &stats);
-    });
-    printf("update_further_step %.3f\n", (t - copy) * per_vector);
-    t = SECONDS(reps, {
-        restore(&r);
-        update_chunk(r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 1, 0, &stats);
-    });
-    printf("update_last_step %.3f\n", (t - copy) * per_vector);
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.p0, r.p0, r.m, r.v, 0, n, &s, 1, 0, 0, 0, &stats));
+    printf("update_step_1 %.3f\n", t * per_vector);
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 0, 0, &stats));
+    printf("update_further_step %.3f\n", t * per_vector);
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 1, 0, &stats));
+    printf("update_last_step %.3f\n", t * per_vector);
     const float b = 1.3f; /* a solver pass at 1/T = 1.3, with and without e zs^3 */
     t = SECONDS(reps, temperature_chunk(r.z0, 0, n, scan.max, b, 1, &stats));
     printf("temperature_pass %.3f\n", t * per_vector);

@@ -53,11 +53,16 @@ def _run(source: Path, flags: list[str], *args: str) -> dict[str, float]:
     }
 
 
-def measure(vocab: int) -> dict[str, dict[str, float] | float]:
-    """The clock (GHz), cycles per instruction, and the passes' cycles per vector."""
+def measure(
+    vocab: int, kernels: Path | None = None
+) -> dict[str, dict[str, float] | float]:
+    """The clock (GHz), cycles per instruction, and the passes' cycles per vector
+    (of the shipped kernels, or of the source ``kernels``)."""
     units = _run(UNITS, ["-O2", "-march=native"])
     clock = units.pop("clock_ghz")
     kernel_flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast"]
+    if kernels is not None:
+        kernel_flags.append(f'-DKERNELS_SOURCE="{kernels.resolve()}"')
     repetitions = str(max(20, 30_000_000 // vocab))
     passes = _run(PASSES, kernel_flags, str(vocab), repetitions, str(clock))
     return {"clock_ghz": clock, "instructions": units, "passes": passes}
@@ -67,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_units.json")
     parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument(
+        "--kernels", type=Path, help="another cpu_kernels.c to time the passes of"
+    )
     args = parser.parse_args(argv)
     before = os.getloadavg()
-    measured = measure(args.vocab)
+    measured = measure(args.vocab, args.kernels)
     print(f"clock {measured['clock_ghz']:.2f} GHz")
     for name, value in measured["instructions"].items():
         print(f"{name:32s} {value:7.3f} cycles per instruction")
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": os.getloadavg(),
         "cpu": cpu_environment(),
         "vocab": args.vocab,
+        "kernels": str(args.kernels or "em_inf/cpu_kernels.c"),
         "clock_ghz": measured["clock_ghz"],
         "cycles_per_instruction": measured["instructions"],
         "pass_cycles_per_vector": measured["passes"],

@@ -29,9 +29,11 @@
  * so two passes and one exp per logit and step. Both are bound by arithmetic, not
  * memory (the time per logit is the same whether the row fits in L2 or not;
  * docs/cost-model.md has each pass against its floors): the scratch, five float
- * rows (3 MB per thread at V = 151,936), may live in L3. Fusing the two passes (the
- * statistics at a predicted shift) measured slower: its loop spills. The first statistics pass also keeps a
- * copy of the row, from which the fail-safe restores it exactly.
+ * rows (3 MB per thread at V = 151,936), may live in L3. The update is bound by
+ * its square root and division (16 cycles per 16 logits on Zen 4, in a unit that
+ * also takes FMA issue slots), the statistics pass by the exp's FMAs; fusing the
+ * two (bench/kernel_variants/) measured no faster. The first statistics pass also
+ * keeps a copy of the row, from which the fail-safe restores it exactly.
  *
  * Temperature mode, per row: Halley's method on u = log(1/T), safeguarded by a
  * bracket; one read of the row per solver pass for sum exp(b zs) zs^j, j = 0..3
@@ -214,13 +216,10 @@ static inline int hany(vi x) {
 #if defined(__AVX512F__) && LANES == 16
 /* With AVX-512 the scaling by 2^k (vscalefps) and the zeroing of the lanes below
  * EXP_FLOOR (a mask register) take one instruction, where the generic code below
- * needs six; the same k, r and polynomial, so the same results. exp_in: 0 also in
- * the lanes not in `lanes`, for free. */
-static inline vf exp_in(vf x, __mmask16 lanes) {
-    const __m512 v = (__m512)x;
-    const __mmask16 keep =
-        _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ);
-    const vf kf = (vf)_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f),
+ * needs six; the same k, r and polynomial, so the same results. exp_kept: exp(x)
+ * in the lanes of `keep` (those where x > EXP_FLOOR, or fewer), 0 elsewhere. */
+static inline vf exp_kept(vf x, __mmask16 keep) {
+    const vf kf = (vf)_mm512_fmadd_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f),
                                       _mm512_set1_ps(EXP_SHIFT)) -
                   EXP_SHIFT;
     vf r = x - kf * 0.693145751953125f; /* ln2 in two parts: k * hi is exact */
@@ -228,7 +227,21 @@ static inline vf exp_in(vf x, __mmask16 lanes) {
     return (vf)_mm512_maskz_scalef_ps(keep, (__m512)EXP_POLY(r), (__m512)kf);
 }
 
-static inline vf exp_nonpos(vf x) { return exp_in(x, 0xFFFF); }
+/* The lanes of `lanes` where exp(x) is not 0. */
+static inline __mmask16 exp_lanes(vf x, __mmask16 lanes) {
+    return _mm512_mask_cmp_ps_mask(lanes, (__m512)x, _mm512_set1_ps(EXP_FLOOR), _CMP_GT_OQ);
+}
+
+static inline vf exp_nonpos(vf x) { return exp_kept(x, exp_lanes(x, 0xFFFF)); }
+
+/* exp(x) for x <= 0, and *ex = exp(x) x: 0 where exp(x) is (x below EXP_FLOOR, or
+ * -inf), by the exp's own mask instead of clamping x first. */
+static inline vf exp_times(vf x, vf *ex) {
+    const __mmask16 keep = exp_lanes(x, 0xFFFF);
+    const vf e = exp_kept(x, keep);
+    *ex = (vf)_mm512_maskz_mul_ps(keep, (__m512)e, (__m512)x);
+    return e;
+}
 #else
 static inline vf exp_nonpos(vf x) {
     vi keep = x > EXP_FLOOR;
@@ -240,6 +253,13 @@ static inline vf exp_nonpos(vf x) {
     r = r - kf * 1.428606765330187e-06f;
     vi sbits = (kbits - (0x4B400000 - 127)) << 23; /* 2^k, k in [-126, 0] for x <= 0 */
     return (vf)((vi)(EXP_POLY(r) * (vf)sbits) & keep);
+}
+
+static inline vf exp_times(vf x, vf *ex) {
+    const vf xc = vmax(x, splat(-FLT_MAX)); /* -inf: 0 * -inf would be NaN */
+    const vf e = exp_nonpos(xc);
+    *ex = e * xc;
+    return e;
 }
 #endif
 
@@ -295,9 +315,11 @@ static Partial combine(const Partial *parts, int64_t n) {
  * independent vectors, which overlap in the pipeline). The last, partial block is
  * copied into local buffers padded with fillers (-inf for logits: masked, they add
  * nothing), processed the same way, and the real values of its outputs copied
- * back. Sums: a block's vectors are added in float as a fixed tree, then per lane
- * into double accumulators (an error of at most two float32 ulp per block; the
- * conversions, once per block, cost far less than the exp). */
+ * back. Sums: a block's vectors are added in float as a fixed tree, and the sums of
+ * GROUP_BLOCKS blocks in float as a fixed tree again, then per lane into double
+ * accumulators (terms of one sign: an error of at most four float32 ulp per group
+ * of 256 logits). Converting once per block instead took 4 of the statistics
+ * pass's ~20 vector instructions per 16 logits: the pass was 13% slower. */
 #define BLOCK_VECTORS 4
 #define BLOCK (BLOCK_VECTORS * LANES)
 #define EACH_VECTOR _Pragma("GCC unroll 4") for (int k = 0; k < BLOCK_VECTORS; k++)
@@ -318,6 +340,31 @@ static inline void tail_out(float *dst, const Tail *t, int64_t n) {
 /* (x0 + x1) + (x2 + x3): a block's contributions, in a fixed order. */
 static inline vf block_sum(const vf x[BLOCK_VECTORS]) {
     return (x[0] + x[1]) + (x[2] + x[3]);
+}
+
+/* Blocks whose float sums go into the double accumulators together, as
+ * block_sum's tree of their sums. */
+#define GROUP_BLOCKS 4
+
+/* Sums of e and e zs over a chunk: the float sums of a group of blocks, then the
+ * double accumulators. */
+typedef struct {
+    Acc e, ez;
+    vf group_e[GROUP_BLOCKS], group_ez[GROUP_BLOCKS];
+} Sums;
+
+/* Add a whole group's block sums (n = GROUP_BLOCKS) as one tree, or the n < GROUP_BLOCKS
+ * blocks left at the end of a chunk one by one. */
+static inline void sums_add(Sums *a, int n) {
+    if (n == GROUP_BLOCKS) {
+        acc_add(&a->e, block_sum(a->group_e));
+        acc_add(&a->ez, block_sum(a->group_ez));
+        return;
+    }
+    for (int g = 0; g < n; g++) {
+        acc_add(&a->e, a->group_e[g]);
+        acc_add(&a->ez, a->group_ez[g]);
+    }
 }
 
 /* The max of the logits (a masked one is the max only when all are), whether any
@@ -369,40 +416,51 @@ static void scan_chunk(const float *z, int64_t lo, int64_t hi, int with_min,
         scan_body(z, lo, hi, 0, out);
 }
 
-/* Logits-mode statistics at shift m: e = exp(z - m) into e_out, sums of e and
- * e (z - m). With keep != NULL, also copies z into keep. */
+/* Logits-mode statistics at shift m: e = exp(z - m) into e_out, the block's sums of
+ * e and e (z - m) (in float, a fixed tree) into se and sez. With keep != NULL,
+ * also copies z into keep. */
 static inline void stats_block(const float *restrict z, float *restrict e_out,
-                               float *restrict keep, float m, Acc *s, Acc *t) {
+                               float *restrict keep, float m, vf *se, vf *sez) {
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS];
     EACH_VECTOR {
         vf x = load(z + k * LANES);
-        vf zs = shifted(x, m);
-        e[k] = exp_nonpos(zs);
-        ez[k] = e[k] * zs;
+        e[k] = exp_times(x - m, &ez[k]);
         store(e_out + k * LANES, e[k]);
         if (keep) store(keep + k * LANES, x);
     }
-    acc_add(s, block_sum(e));
-    acc_add(t, block_sum(ez));
+    *se = block_sum(e);
+    *sez = block_sum(ez);
 }
 
 static inline void stats_body(const float *z, float *e_out, float *keep, int64_t lo,
                               int64_t hi, float m, Partial *out) {
-    Acc s = {{0}, {0}}, t = {{0}, {0}};
+    Sums a = {{{0}, {0}}, {{0}, {0}}, {{0}}, {{0}}};
     int64_t i = lo;
-    for (; i + BLOCK <= hi; i += BLOCK)
-        stats_block(z + i, e_out + i, keep ? keep + i : NULL, m, &s, &t);
-    if (i < hi) {
-        const int64_t n = hi - i;
-        Tail tz, te, tk;
-        stats_block(tail_in(&tz, z + i, n, -INFINITY), te.v, keep ? tk.v : NULL, m,
-                    &s, &t);
-        tail_out(e_out + i, &te, n);
-        if (keep) tail_out(keep + i, &tk, n);
+    for (; i + GROUP_BLOCKS * BLOCK <= hi; i += GROUP_BLOCKS * BLOCK) {
+        for (int g = 0; g < GROUP_BLOCKS; g++) {
+            const int64_t at = i + g * BLOCK;
+            stats_block(z + at, e_out + at, keep ? keep + at : NULL, m, &a.group_e[g],
+                        &a.group_ez[g]);
+        }
+        sums_add(&a, GROUP_BLOCKS);
     }
+    int n = 0;
+    for (; i + BLOCK <= hi; i += BLOCK, n++)
+        stats_block(z + i, e_out + i, keep ? keep + i : NULL, m, &a.group_e[n],
+                    &a.group_ez[n]);
+    if (i < hi) {
+        const int64_t left = hi - i;
+        Tail tz, te, tk;
+        stats_block(tail_in(&tz, z + i, left, -INFINITY), te.v, keep ? tk.v : NULL, m,
+                    &a.group_e[n], &a.group_ez[n]);
+        n++;
+        tail_out(e_out + i, &te, left);
+        if (keep) tail_out(keep + i, &tk, left);
+    }
+    sums_add(&a, n);
     partial_init(out);
-    out->sum_e = acc_sum(s);
-    out->sum_ez = acc_sum(t);
+    out->sum_e = acc_sum(a.e);
+    out->sum_ez = acc_sum(a.ez);
 }
 
 static void stats_chunk(const float *z, float *e_out, int64_t lo, int64_t hi, float m,
@@ -504,9 +562,7 @@ static inline void online_block(Online *o, const vf y[BLOCK_VECTORS], vf top) {
     if (__builtin_expect(any_above(top, o->shift), 0)) online_raise(o, top);
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS];
     EACH_VECTOR {
-        vf zs = vmax(y[k] - o->shift, splat(-FLT_MAX));
-        e[k] = exp_nonpos(zs);
-        ez[k] = e[k] * zs;
+        e[k] = exp_times(y[k] - o->shift, &ez[k]);
     }
     acc_add(&o->s, block_sum(e));
     acc_add(&o->t, block_sum(ez));
@@ -671,7 +727,7 @@ static double online_entropy(const Partial *parts, int64_t n, float new_max) {
  * sums err relative to the mass of the other logits: a confident row's entropy
  * is that mass times a few nats, and must be resolved to 1e-6 of itself.
  *
- * Only the entropy's sums (e, e zs) are accumulated in double. The other two
+ * Only the entropy's sums (e, e zs) are accumulated in double (Sums). The other two
  * give the slope and curvature, which only steer the solver's step (whether it
  * has converged is decided by the entropy): they add up per lane in float over a
  * chunk (128 block sums of terms of one sign, relative error ~1e-6 at most).
@@ -679,42 +735,53 @@ static double online_entropy(const Partial *parts, int64_t n, float new_max) {
  * additions per sum) cost 11% of a pass; the passes per row stayed the same on
  * bench/latency.py's rows. */
 typedef struct {
-    Acc e, ez;
+    Sums sums;
     vf ez2, ez3;
     vi ties;
 } Moments;
 
-/* exp(b zs), but 0 where zs = 0 (a logit at the max), those lanes counted in
- * ties. With AVX-512 the exp's zeroing leaves them out and a masked subtraction
- * counts them: two instructions per vector fewer than the select and the count
- * from a widened compare (the temperature mode 5-6% faster). */
+/* e = exp(b zs) and its products e zs, e zs^2, e zs^3, all 0 where zs = 0 (a logit
+ * at the max: those lanes counted in ties) or where e is 0 (zs below the exp's
+ * range, -inf for a masked logit). With AVX-512 the exp's zeroing leaves out the
+ * ties and a masked subtraction counts them, and the products are masked the same
+ * way instead of zs being clamped (0 * -inf would be NaN): three instructions per
+ * vector fewer than the select, the count from a widened compare and the clamp. */
 #if defined(__AVX512F__) && LANES == 16
-static inline vf exp_below_top(vf zs, float b, vi *ties) {
+static inline vf exp_moments(vf zs, float b, vi *ties, vf *ez, vf *ez2, vf *ez3) {
     const __mmask16 top = _mm512_cmp_ps_mask((__m512)zs, _mm512_setzero_ps(), _CMP_EQ_OQ);
     *ties = (vi)_mm512_mask_sub_epi32((__m512i)*ties, top, (__m512i)*ties,
                                       _mm512_set1_epi32(-1));
-    return exp_in(b * zs, (__mmask16)~top);
+    const vf x = b * zs;
+    const __mmask16 keep = exp_lanes(x, (__mmask16)~top);
+    const vf e = exp_kept(x, keep);
+    *ez = (vf)_mm512_maskz_mul_ps(keep, (__m512)e, (__m512)zs);
+    *ez2 = (vf)_mm512_maskz_mul_ps(keep, (__m512)*ez, (__m512)zs);
+    *ez3 = (vf)_mm512_maskz_mul_ps(keep, (__m512)*ez2, (__m512)zs);
+    return e;
 }
 #else
-static inline vf exp_below_top(vf zs, float b, vi *ties) {
+static inline vf exp_moments(vf zs, float b, vi *ties, vf *ez, vf *ez2, vf *ez3) {
+    zs = vmax(zs, splat(-FLT_MAX)); /* -inf: 0 * -inf would be NaN */
     const vi top = zs == 0.0f;
     *ties -= top;
-    return vselect(top, splat(0.0f), exp_nonpos(b * zs));
+    const vf e = vselect(top, splat(0.0f), exp_nonpos(b * zs));
+    *ez = e * zs;
+    *ez2 = *ez * zs;
+    *ez3 = *ez2 * zs;
+    return e;
 }
 #endif
 
+/* The block's sums of e and e zs (in float, a fixed tree) into se and sez; those of
+ * e zs^2 and e zs^3 added to a's. */
 static inline void temperature_block(const float *restrict z, float m, float b,
-                                     const int third, Moments *a) {
+                                     const int third, Moments *a, vf *se, vf *sez) {
     vf e[BLOCK_VECTORS], ez[BLOCK_VECTORS], ez2[BLOCK_VECTORS], ez3[BLOCK_VECTORS];
     EACH_VECTOR {
-        vf zs = shifted(load(z + k * LANES), m);
-        e[k] = exp_below_top(zs, b, &a->ties);
-        ez[k] = e[k] * zs;
-        ez2[k] = ez[k] * zs;
-        ez3[k] = ez2[k] * zs;
+        e[k] = exp_moments(load(z + k * LANES) - m, b, &a->ties, &ez[k], &ez2[k], &ez3[k]);
     }
-    acc_add(&a->e, block_sum(e));
-    acc_add(&a->ez, block_sum(ez));
+    *se = block_sum(e);
+    *sez = block_sum(ez);
     a->ez2 += block_sum(ez2);
     if (third) a->ez3 += block_sum(ez3);
 }
@@ -723,16 +790,28 @@ static inline void temperature_block(const float *restrict z, float m, float b,
 static inline __attribute__((always_inline)) void temperature_body(
     const float *z, int64_t lo, int64_t hi, float m, float b, const int third,
     Partial *out) {
-    Moments a = {{{0}, {0}}, {{0}, {0}}, {0}, {0}, {0}};
+    Moments a = {{{{0}, {0}}, {{0}, {0}}, {{0}}, {{0}}}, {0}, {0}, {0}};
+    Sums *sums = &a.sums;
     int64_t i = lo;
-    for (; i + BLOCK <= hi; i += BLOCK) temperature_block(z + i, m, b, third, &a);
+    for (; i + GROUP_BLOCKS * BLOCK <= hi; i += GROUP_BLOCKS * BLOCK) {
+        for (int g = 0; g < GROUP_BLOCKS; g++)
+            temperature_block(z + i + g * BLOCK, m, b, third, &a, &sums->group_e[g],
+                              &sums->group_ez[g]);
+        sums_add(sums, GROUP_BLOCKS);
+    }
+    int n = 0;
+    for (; i + BLOCK <= hi; i += BLOCK, n++)
+        temperature_block(z + i, m, b, third, &a, &sums->group_e[n], &sums->group_ez[n]);
     if (i < hi) {
         Tail tz;
-        temperature_block(tail_in(&tz, z + i, hi - i, -INFINITY), m, b, third, &a);
+        temperature_block(tail_in(&tz, z + i, hi - i, -INFINITY), m, b, third, &a,
+                          &sums->group_e[n], &sums->group_ez[n]);
+        n++;
     }
+    sums_add(sums, n);
     partial_init(out);
-    out->sum_e = acc_sum(a.e);
-    out->sum_ez = acc_sum(a.ez);
+    out->sum_e = acc_sum(sums->e);
+    out->sum_ez = acc_sum(sums->ez);
     for (int j = 0; j < LANES; j++) out->sum_ez2 += a.ez2[j];
     for (int j = 0; j < LANES; j++) out->sum_ez3 += a.ez3[j];
     for (int j = 0; j < LANES; j++) out->count += a.ties[j];
