@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure(args.vocab, args.kernels)
     print(f"clock {measured['clock_ghz']:.2f} GHz")
     for name, value in measured["instructions"].items():
-        print(f"{name:32s} {value:7.3f} cycles per instruction")
+        unit = "turn" if name.endswith("_per_turn") else "instruction"
+        print(f"{name:32s} {value:7.3f} cycles per {unit}")
     for name, value in measured["passes"].items():
         print(f"{name:32s} {value:7.2f} cycles per {LANES_NOTE}")
     result = {

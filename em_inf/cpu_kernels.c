@@ -318,8 +318,9 @@ static Partial combine(const Partial *parts, int64_t n) {
  * back. Sums: a block's vectors are added in float as a fixed tree, and the sums of
  * GROUP_BLOCKS blocks in float as a fixed tree again, then per lane into double
  * accumulators (terms of one sign: an error of at most four float32 ulp per group
- * of 256 logits). Converting once per block instead took 4 of the statistics
- * pass's ~20 vector instructions per 16 logits: the pass was 13% slower. */
+ * of 256 logits). Converting every block's sums took about 2.5 of the statistics
+ * pass's ~29 vector instructions per 16 logits (now about 0.6); with the masked
+ * products below the pass is 13-17% faster (bench/cpu_units.py). */
 #define BLOCK_VECTORS 4
 #define BLOCK (BLOCK_VECTORS * LANES)
 #define EACH_VECTOR _Pragma("GCC unroll 4") for (int k = 0; k < BLOCK_VECTORS; k++)
