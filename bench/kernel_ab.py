@@ -108,15 +108,21 @@ def _kernel(case: Case) -> tuple:
 def measure_case(
     case: Case, libraries: list, rounds: int, evict_mib: int, seed: int
 ) -> dict:
-    """Both builds on ``case``, interleaved: times (ms) and the variant's output
-    against the base's."""
+    """Both builds on ``case``, called in turn (which goes first alternates from
+    round to round): times (ms) and the variant's output against the base's."""
     logits = make_logits(case.batch, case.vocab, seed=seed)
     process, columns = _kernel(case)
     work = [torch.empty_like(logits) for _ in libraries]
     other = torch.empty(evict_mib * 2**18, dtype=torch.float32) if evict_mib else None
     samples: list[list[float]] = [[] for _ in libraries]
     for round_ in range(rounds):
-        for i, library in enumerate(libraries):
+        order = (
+            range(len(libraries))
+            if round_ % 2 == 0
+            else reversed(range(len(libraries)))
+        )
+        for i in order:  # each build first in every other round
+            library = libraries[i]
             work[i].copy_(logits)
             if other is not None:
                 other.fill_(float(round_))
