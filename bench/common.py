@@ -5,6 +5,7 @@ machine with torch, triton and numpy alone)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import statistics
@@ -112,3 +113,10 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "git_commit": git_commit(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """``result`` as indented JSON at ``out`` (its folder made); prints where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -20,12 +20,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
+from bench.common import write_result
 from bench.latency import cpu_environment
 from em_inf import cpu_build
 
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "cycles_per_instruction": measured["instructions"],
         "pass_cycles_per_vector": measured["passes"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -46,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import make_logits
-from bench.latency import Case, _logits_params, _temperature_params, environment
+from bench.common import make_logits, write_result
+from bench.latency import Case, environment, kernel_entry
 from em_inf import cpu_backend, cpu_build
 
 RESULTS = Path(__file__).with_name("results")
@@ -88,30 +87,13 @@ def compare(base: torch.Tensor, variant: torch.Tensor) -> dict:
     }
 
 
-def _kernel(case: Case) -> tuple:
-    """The entry point and its per-row parameter columns for ``case``."""
-    if case.mode == "logits":
-        params, process = _logits_params(case.steps), cpu_backend.em_inf_
-    else:
-        params, process = _temperature_params(), cpu_backend.adaptive_temperature_
-    columns = [
-        torch.full(
-            (case.batch, 1),
-            value,
-            dtype=torch.int64 if name == "steps" else torch.float32,
-        )
-        for name, value in params.items()
-    ]
-    return process, columns
-
-
 def measure_case(
     case: Case, libraries: list, rounds: int, evict_mib: int, seed: int
 ) -> dict:
     """Both builds on ``case``, called in turn (which goes first alternates from
     round to round): times (ms) and the variant's output against the base's."""
     logits = make_logits(case.batch, case.vocab, seed=seed)
-    process, columns = _kernel(case)
+    process, columns = kernel_entry(case)
     work = [torch.empty_like(logits) for _ in libraries]
     other = torch.empty(evict_mib * 2**18, dtype=torch.float32) if evict_mib else None
     samples: list[list[float]] = [[] for _ in libraries]
@@ -221,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(cuda=False),
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

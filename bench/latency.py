@@ -165,13 +165,9 @@ def implementations(
     return impls
 
 
-def _kernel_call(
-    case: Case, logits: torch.Tensor, stats: torch.Tensor | None
-) -> Callable[[], torch.Tensor]:
-    """The compiled kernels on ``case`` called directly: ``logits`` copied into a
-    buffer of its own, then processed there in place, counting into ``stats``."""
-    work = torch.empty_like(logits)
-    batch = logits.shape[0]
+def kernel_entry(case: Case) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor]]:
+    """The compiled kernels' entry point for ``case``'s mode and its per-row
+    parameter columns (``[B, 1]``, the grid's settings)."""
     if case.mode == "logits":
         params = _logits_params(case.steps)
         dtypes = {"steps": torch.int64}
@@ -181,9 +177,19 @@ def _kernel_call(
         dtypes = {}
         process = cpu_backend.adaptive_temperature_
     columns = [
-        torch.full((batch, 1), value, dtype=dtypes.get(name, torch.float32))
+        torch.full((case.batch, 1), value, dtype=dtypes.get(name, torch.float32))
         for name, value in params.items()
     ]
+    return process, columns
+
+
+def _kernel_call(
+    case: Case, logits: torch.Tensor, stats: torch.Tensor | None
+) -> Callable[[], torch.Tensor]:
+    """The compiled kernels on ``case`` called directly: ``logits`` copied into a
+    buffer of its own, then processed there in place, counting into ``stats``."""
+    work = torch.empty_like(logits)
+    process, columns = kernel_entry(case)
 
     def run() -> torch.Tensor:
         work.copy_(logits)

@@ -30,9 +30,9 @@
  * memory (the time per logit is the same whether the row fits in L2 or not;
  * docs/cost-model.md has each pass against its floors): the scratch, five float
  * rows (3 MB per thread at V = 151,936), may live in L3. The update is bound by
- * its square root and division (16 cycles per 16 logits on Zen 4, in a unit that
- * also takes FMA issue slots), the statistics pass by the exp's FMAs; fusing the
- * two (bench/kernel_variants/) measured no faster. The first statistics pass also
+ * its square root and division (16 cycles per 16 logits in Zen 4's divider), the
+ * statistics pass by the exp's FMAs; fusing the two (bench/kernel_variants/)
+ * measured no faster. The first statistics pass also
  * keeps a copy of the row, from which the fail-safe restores it exactly.
  *
  * Temperature mode, per row: Halley's method on u = log(1/T), safeguarded by a
