@@ -497,6 +497,39 @@ def test_rows_split_among_threads_keep_one_threads_bits(generator, threads, mode
         assert torch.equal(out, alone[:size]), (thread_count, size)
 
 
+@pytest.mark.parametrize("vocab", [4_097, 49_152])
+def test_where_the_logits_lie_changes_no_bit_and_no_byte_past_the_scratch(
+    generator, threads, monkeypatch, vocab
+):
+    """The kernels place their scratch rows against each row of logits (2 KiB from
+    it modulo 4 KiB). The same batch started at every 64 bytes of a page, on one
+    thread and on two (two rows one per thread, one split), comes back with the
+    bits it has at its own address, and the bytes after the scratch the kernels
+    asked for keep their pattern."""
+    rows = 3
+    logits = row_pool(generator, rows, vocab)
+    params = logits_params(generator, rows)
+    params["steps"] = torch.full((rows,), 3)
+    columns = [params[k].reshape(-1, 1) for k in params]
+    expected = run("cpu", "logits", logits, params)
+    storage = torch.empty(rows * vocab + 2048, dtype=torch.float32)
+    page = storage[(-storage.data_ptr()) % 4096 // 4 :]
+    library = cpu_backend.load()
+    for thread_count in (1, 2):
+        torch.set_num_threads(thread_count)
+        needed = library.em_inf_scratch_bytes(vocab, thread_count)
+        guarded = torch.full((needed + 8192,), 0xA5, dtype=torch.uint8)
+        monkeypatch.setattr(cpu_backend, "_scratch", guarded[:needed])
+        for start in range(0, 4096, 64):
+            out = page[start // 4 : start // 4 + rows * vocab].view(rows, vocab)
+            out.copy_(logits)
+            cpu_backend.em_inf_(out, *columns)
+            where = f"start {start} bytes into a page, {thread_count} thread(s)"
+            differs = (out != expected).any(dim=1).nonzero().flatten().tolist()
+            assert not differs, f"{where}: rows {differs} differ"
+            assert (guarded[needed:] == 0xA5).all(), f"{where}: wrote past the scratch"
+
+
 @pytest.mark.parametrize("path", ["cpu", "torch"])
 def test_mixed_modes_through_the_processor_core_are_batch_invariant(
     generator, monkeypatch, path
