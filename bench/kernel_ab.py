@@ -38,7 +38,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 
 from bench.common import make_logits, write_result
-from bench.latency import Case, environment, kernel_entry
+from bench.latency import Case, kernel_entry, probe_record
 from em_inf import cpu_backend, cpu_build
 
 RESULTS = Path(__file__).with_name("results")
@@ -191,18 +190,17 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure_case(case, libraries, args.rounds, evict, args.seed)
                 rows.append(row)
                 print(_line(case, row), flush=True)
-    result = {
-        "command": " ".join(["python -m bench.kernel_ab", *(argv or sys.argv[1:])]),
-        "base": str(args.base),
-        "variant": str(args.variant),
-        "base_sha256": hashlib.sha256(args.base.read_bytes()).hexdigest(),
-        "variant_sha256": hashlib.sha256(args.variant.read_bytes()).hexdigest(),
-        "evict_mib": args.evict_mib,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "environment": environment(cuda=False),
-        "rows": rows,
-    }
+    result = probe_record(
+        "bench.kernel_ab",
+        argv,
+        load_before,
+        rows,
+        base=str(args.base),
+        variant=str(args.variant),
+        base_sha256=hashlib.sha256(args.base.read_bytes()).hexdigest(),
+        variant_sha256=hashlib.sha256(args.variant.read_bytes()).hexdigest(),
+        evict_mib=args.evict_mib,
+    )
     write_result(result, args.out)
     return 0
 

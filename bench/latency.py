@@ -67,6 +67,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -504,6 +505,27 @@ def environment(cuda: bool) -> dict:
         **common.environment("cuda" if cuda else "cpu"),
         **cpu_environment(),
         "cpu_kernels_build_s": kernel_build_seconds(),
+    }
+
+
+def probe_record(
+    module: str,
+    argv: list[str] | None,
+    load_before: tuple[float, float, float],
+    rows: list[dict],
+    **fields: Any,
+) -> dict:
+    """What a probe of the CPU kernels (``bench.kernel_ab``, ``bench.idle_gap``,
+    ``bench.scratch_placement``) writes: the command (``python -m MODULE ...``),
+    its own ``fields``, the load average before and after, the machine, its
+    ``rows``."""
+    return {
+        "command": " ".join([f"python -m {module}", *(argv or sys.argv[1:])]),
+        **fields,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "environment": environment(cuda=False),
+        "rows": rows,
     }
 
 

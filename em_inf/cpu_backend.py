@@ -375,6 +375,12 @@ def exp_floor(logits: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def scratch_buffer() -> torch.Tensor:
+    """The kernels' scratch as it stands (uint8, grown by the calls that need more),
+    for benchmarks that read it to bring it into the caches."""
+    return _scratch
+
+
 def vector_lanes() -> int:
     """Floats per vector the compiled kernels work in: 16 where they were built for
     AVX-512, else 8 (for benchmarks' records)."""

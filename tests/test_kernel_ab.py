@@ -1,6 +1,8 @@
 """bench/kernel_ab.py: two builds of the CPU kernels side by side. Its comparison of
 outputs must see every changed logit, and a variant given as a patch must be the
-patched source, run through the real build and the real kernels."""
+patched source, run through the real build and the real kernels. And the other
+probes of the kernels (bench/cpu_units.py, bench/scratch_placement.py,
+bench/idle_gap.py) measure what they say, with the real kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cpu_units, kernel_ab
+from bench import cpu_units, idle_gap, kernel_ab, scratch_placement
 from bench.latency import Case
 from em_inf import cpu_backend, cpu_build
 
@@ -130,3 +132,31 @@ def test_the_unit_and_pass_probes_build_against_the_kernels_and_report_every_row
         assert math.isfinite(value), (name, value)
         # the updates' figures have the copy that restores their inputs taken off
         assert name.startswith("update") or value > 0, (name, value)
+
+
+def test_scratch_placement_puts_the_batch_where_it_says_and_times_every_start():
+    """Each start is the batch's offset into a page, to the byte, holding the batch
+    itself; both builds (here the same one twice) get a time at every start."""
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(3))
+    buffer = scratch_placement.page_aligned_floats(logits.numel() + 1024)
+    for start in scratch_placement.starts():
+        view = scratch_placement.batch_at(buffer, start, logits)
+        view.copy_(logits)
+        assert view.data_ptr() % 4096 == start
+        assert torch.equal(view, logits)
+    library = cpu_backend.load()
+    rows = scratch_placement.measure_vocab(
+        1000, 2, 3, {"a": library, "b": library}, rounds=2, seed=0
+    )
+    assert [r["build"] for r in rows] == ["a", "b"]
+    for row in rows:
+        assert row["start_bytes"] == scratch_placement.starts()
+        assert len(row["median_ms"]) == 4096 // 64
+        assert all(math.isfinite(ms) and ms > 0 for ms in row["median_ms"])
+
+
+def test_idle_gap_times_every_call_after_every_gap():
+    rows = idle_gap.measure(rounds=1)
+    cells = {(row["call"], row["gap"]) for row in rows}
+    assert cells == {(call, gap) for call in idle_gap.calls() for gap in idle_gap.GAPS}
+    assert all(row["median_ms"] > 0 for row in rows)
