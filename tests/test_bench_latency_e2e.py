@@ -109,6 +109,10 @@ def test_e2e_metrics_come_from_vllm_request_timestamps():
     # Two requests of 11 tokens: 10 decode steps each, 0.5 s and 1.0 s of decoding.
     metrics = run_metrics([output(1.0, 1.5, 11), output(1.0, 2.0, 11)], wall=2.5)
     assert metrics["generated_tokens"] == 22
-    assert metrics["decode_tokens_per_s"] == pytest.approx(20 / 1.0)
+    # decode rates 10 / 0.5 s and 10 / 1.0 s: 30 tokens/s together; the first
+    # tokens' times do not enter (a request admitted later is not idle time)
+    assert metrics["decode_tokens_per_s"] == pytest.approx(10 / 0.5 + 10 / 1.0)
+    later = run_metrics([output(1.0, 1.5, 11), output(1.4, 2.4, 11)], wall=2.5)
+    assert later["decode_tokens_per_s"] == pytest.approx(10 / 0.5 + 10 / 1.0)
     assert metrics["inter_token_latency_ms"] == pytest.approx(75.0)  # median of 50, 100
     assert metrics["end_to_end_tokens_per_s"] == pytest.approx(22 / 2.5)
