@@ -63,6 +63,13 @@ def per_row(
                 f"{name} must be a number or one parameter per row ([{rows}]), "
                 f"got shape {tuple(value.shape)}"
             )
+        if (
+            value.dtype == dtype
+            and value.device == device
+            and value.shape == (rows,)
+            and value.is_contiguous()
+        ):
+            return value  # as the kernels take it: no torch operation per call
         return value.to(device=device, dtype=dtype).reshape(rows).contiguous()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number or a tensor, got {value!r}")

@@ -25,7 +25,7 @@ import torch
 
 from em_inf.backend import backend_for
 from em_inf.config import MODES, EMInfConfig
-from em_inf.modes import LEFT_ALONE, PARAMS, in_place, rows_by_mode
+from em_inf.modes import LEFT_ALONE, PARAMS, in_place, param_dtype, rows_by_mode
 from em_inf.staging import HostToDevice
 
 if TYPE_CHECKING:
@@ -223,6 +223,7 @@ def apply_to_rows(
     *,
     stats: EMInfStats | None = None,
     runner: StepRunner | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Run EM-INF in place on the rows of ``logits`` whose slot has it enabled.
 
@@ -239,17 +240,21 @@ def apply_to_rows(
         runner: the kernel path's step runner (CUDA graphs); given, it selects the
             kernel path without asking :func:`em_inf.backend.backend_for`;
             ``None``: the backend's choice, eager launches on the kernel path.
+        backend: without a runner, the backend the caller chose once (the
+            processor, when the engine made it); ``None``: ``backend_for`` now.
 
     Returns:
         ``logits``, modified in place; rows of other slots are untouched.
     """
     if logits.shape[0] == 0:
         return logits
-    backend = "triton" if runner is not None else backend_for(logits.device)
-    if backend == "triton":
+    if runner is not None:
         return _apply_kernels(logits, request_slots, settings, row_slots, stats, runner)
     if not settings.enabled[request_slots].any():
         return logits
+    backend = backend or backend_for(logits.device)
+    if backend == "triton":
+        return _apply_kernels(logits, request_slots, settings, row_slots, stats, None)
     if row_slots is None or len(request_slots) == logits.shape[0]:
         host_rows = np.asarray(request_slots)
     else:  # torch path with speculative rows (CPU, or the forced CUDA fallback)
@@ -277,7 +282,7 @@ def _apply_torch(
     for mode, rows in rows_by_mode(mode_codes):
         slots = row_slots[rows]
         params = [
-            torch.from_numpy(getattr(settings, name)[slots]).to(logits.device)
+            _column(getattr(settings, name)[slots], name, logits.device)
             for name in PARAMS[mode]
         ]
         stats = None if counters is None else counters[MODES.index(mode)]
@@ -292,6 +297,15 @@ def _apply_torch(
         in_place(backend, mode)(sub, *params, stats=stats)
         logits.index_copy_(0, index, sub)
     return logits
+
+
+def _column(values: np.ndarray, name: str, device: torch.device) -> torch.Tensor:
+    """A parameter's ``[n]`` values (a fresh numpy array) as the CPU paths take
+    them (:func:`em_inf.modes.param_dtype`), on ``device``; on the CPU the array's
+    own memory, converted in numpy: no torch operation per parameter and step."""
+    dtype = np.int64 if param_dtype(name) == torch.int64 else np.float32
+    column = torch.from_numpy(values.astype(dtype, copy=False))
+    return column if device.type == "cpu" else column.to(device)
 
 
 def _apply_kernels(

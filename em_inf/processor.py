@@ -116,6 +116,7 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
         self._stats = EMInfStats(publish=metrics.publish) if _counting_rank() else None
         if self._stats is not None:
             self._stats.report_when_idle()
+        self._backend = backend
         self._runner = None  # the kernel path's step runner (CUDA graphs on CUDA)
         if kernels:
             self._runner = self._reserve_device_memory(device, vllm_config, runner_args)
@@ -248,6 +249,7 @@ class EMInf(*processor_bases(), metaclass=_ConfigurableMeta):
             row_slots,
             stats=self._stats,
             runner=self._runner,
+            backend=self._backend,
         )
         if self._stats is not None:
             self._stats.tick()
