@@ -6,14 +6,14 @@ each batch size B, B distinct chat prompts are generated with ``ignore_eos=True`
 a fixed ``max_tokens`` at temperature 0.1, once with ``extra_args={"em_inf": {...}}``
 (default ``{"preset": "math"}``) and once with ``{"em_inf": False}``. On and off
 alternate (on, off, off, on, on, ...) so that drifting load from other processes hits
-both alike; the reported ratio on/off compares medians from the same run.
+both alike.
 
 Per run, from vLLM's per-request timestamps (``disable_log_stats=False``): each
 request's decode rate = (tokens - 1) / (last token - first token); inter-token
 latency = the median request's 1 / rate; decode throughput = the sum of the
 requests' rates (for a batch decoding in step, its tokens per second; one span from
 the earliest first token to the latest last one would also count the prefill of
-the requests admitted later, which moved it by up to 20% from run to run). Wall
+the requests admitted later, which moved it by up to 26% from run to run). Wall
 time of the whole ``generate`` call is kept too. The on/off throughput ratio is
 the median of the repeats' ratios, each between an on run and the off run beside
 it.

@@ -905,10 +905,10 @@ static int64_t split_first(int64_t vocab, int t, int n) {
  * Where the rows lie against the logits row matters: with all five starting 64 to
  * 512 bytes below the logits row's address modulo 4 KiB (or 128 above), the
  * logits mode took up to 24% longer (Zen 4, one thread, B = 8, V = 49,152 or
- * 151,936), and where a caller's logits lie is chance. So the rows are a whole number of 4 KiB apart and
- * start 2 KiB from the logits row modulo 4 KiB, for every row processed (4 KiB of
- * slack per slot); bench/scratch_placement.py moves a batch through a page to
- * show it. */
+ * 151,936), and where a caller's logits lie is chance. So the rows are a whole
+ * number of 4 KiB apart and start 2 KiB from the logits row modulo 4 KiB, for
+ * every row processed (4 KiB of slack per slot); bench/scratch_placement.py moves
+ * a batch through a page to show it. */
 typedef struct {
     char *rows;     /* the slot's float area: 5 rows of scratch_stride floats + 4 KiB */
     int64_t stride; /* floats from one row to the next */
