@@ -16,7 +16,9 @@ the earliest first token to the latest last one would also count the prefill of
 the requests admitted later, which moved it by up to 26% from run to run). Wall
 time of the whole ``generate`` call is kept too. The on/off throughput ratio is
 the median of the repeats' ratios, each between an on run and the off run beside
-it.
+it, with a 95% interval for that median from the repeats' order statistics (the
+sign test's: distribution-free, it needs at least 6 repeats; with 60 it spans the
+22nd to the 39th smallest ratio).
 
 Each row also records the machine's floor for its ``[batch, vocab]`` logits (one
 compiled exp pass, ``floor_ms``); the environment records the CPU model, which CPU
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shlex
 import statistics
@@ -126,6 +129,27 @@ def run_metrics(outputs: list[Any], wall: float) -> dict[str, float]:
     }
 
 
+def median_interval(
+    values: list[float], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """A ``confidence`` interval for the median of the distribution ``values`` were
+    drawn from, independently: ``(x_(k), x_(n+1-k))`` of the sorted values with the
+    largest ``k`` such that ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``
+    (each value lies below the median with probability 1/2, whatever the
+    distribution). ``None`` when ``n`` is too small for any ``k`` (below 6 at 95%)."""
+    n, tail = len(values), (1 - confidence) / 2
+    below, k = 0.0, 0  # below = P(Binomial(n, 1/2) < k + 1) as k grows
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
 def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
@@ -207,12 +231,14 @@ def batch_row(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One batch size's figures from its repeated runs with EM-INF on and off
-    (medians, each repeat's on/off ratio and their median); printed as one line."""
+    (medians, each repeat's on/off ratio, their median and its 95% interval);
+    printed as one line."""
     on, off = _median_of(runs["on"]), _median_of(runs["off"])
     paired = [
         a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
         for a, b in zip(runs["on"], runs["off"], strict=True)
     ]
+    interval = median_interval(paired)
     row = {
         "floor_ms": floor_ms(batch, vocab),
         "model": label,
@@ -224,6 +250,7 @@ def batch_row(
         "on": on,
         "off": off,
         "throughput_ratio_on_off": statistics.median(paired),
+        "throughput_ratio_interval_95": interval,
         "throughput_ratio_per_repeat": paired,
         "latency_ratio_on_off": on["inter_token_latency_ms"]
         / off["inter_token_latency_ms"],
@@ -235,10 +262,17 @@ def batch_row(
         f"{on['decode_tokens_per_s']:7.1f} tok/s "
         f"{on['inter_token_latency_ms']:7.1f} ms/tok | on/off throughput "
         f"{100 * row['throughput_ratio_on_off']:.1f}% "
-        f"({100 * min(paired):.1f}-{100 * max(paired):.1f}%)",
+        f"(median's 95% interval {_percent_range(interval)}, "
+        f"repeats {_percent_range((min(paired), max(paired)))})",
         flush=True,
     )
     return row
+
+
+def _percent_range(bounds: tuple[float, float] | None) -> str:
+    if bounds is None:
+        return "n/a"
+    return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
 
 
 def floor_ms(batch: int, vocab: int, repeats: int = 50) -> float | None:

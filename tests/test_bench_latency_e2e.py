@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench import latency
 from bench.plots import main as plots_main
@@ -116,3 +119,27 @@ def test_e2e_metrics_come_from_vllm_request_timestamps():
     assert later["decode_tokens_per_s"] == pytest.approx(10 / 0.5 + 10 / 1.0)
     assert metrics["inter_token_latency_ms"] == pytest.approx(75.0)  # median of 50, 100
     assert metrics["end_to_end_tokens_per_s"] == pytest.approx(22 / 2.5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(0.5, 1.5), min_size=1, max_size=120),
+    st.sampled_from([0.9, 0.95, 0.99]),
+)
+def test_e2e_median_interval_is_the_sign_tests(values, confidence):
+    from fractions import Fraction
+
+    from bench.e2e import median_interval
+
+    n, tail = len(values), Fraction((1 - confidence) / 2)
+
+    def below(k: int) -> Fraction:  # P(Binomial(n, 1/2) < k), exactly
+        return sum((Fraction(math.comb(n, i), 2**n) for i in range(k)), Fraction(0))
+
+    k = max(k for k in range(n // 2 + 1) if below(k) <= tail)
+    ordered = sorted(values)
+    expected = None if k == 0 else (ordered[k - 1], ordered[n - k])
+    interval = median_interval(values, confidence)
+    assert interval == expected, (values, confidence, k)
+    if interval is not None:
+        assert interval[0] <= statistics.median(values) <= interval[1]
