@@ -61,6 +61,8 @@ def measure(
     units = _run(UNITS, ["-O2", "-march=native"])
     clock = units.pop("clock_ghz")
     kernel_flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast"]
+    shipped = cpu_build.flag_sets(cpu_build.cpu_description())[0]
+    kernel_flags += [flag for flag in shipped if flag.startswith("-D")]  # as built
     if kernels is not None:
         kernel_flags.append(f'-DKERNELS_SOURCE="{kernels.resolve()}"')
     repetitions = str(max(20, 30_000_000 // vocab))

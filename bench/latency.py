@@ -475,6 +475,9 @@ def cpu_environment() -> dict:
         "cpu_backend": backend.backend_for("cpu"),
         "cpu_backend_unavailable": cpu_backend.unavailable_reason(),
         "cpu_kernels_march": os.environ.get(cpu_build.ARCH_ENV) or "native",
+        "cpu_kernels_sqrt": "estimate"
+        if "-DEM_INF_SQRT_ESTIMATE" in cpu_build.flag_sets(description)[0]
+        else "divider",
         "cpu_kernels_lanes": cpu_backend.vector_lanes()
         if cpu_backend.available()
         else None,
@@ -663,7 +666,8 @@ def _print_machine(loadavg: list[float]) -> None:
     print(
         f"CPU {cpu['cpu_model']} ({', '.join(cpu['cpu_vector_extensions'])}), "
         f"{cpu['torch_threads']} threads; kernels -march={cpu['cpu_kernels_march']}, "
-        f"{cpu['cpu_kernels_lanes']} lanes; load average {loadavg}",
+        f"{cpu['cpu_kernels_lanes']} lanes, square root by the "
+        f"{cpu['cpu_kernels_sqrt']}; load average {loadavg}",
         flush=True,
     )
 

@@ -11,7 +11,12 @@ cached file.
 
 ``$EM_INF_CC`` names the compiler (default: ``gcc``, else ``cc``, from ``PATH``);
 ``$EM_INF_CPU_ARCH`` the target given to ``-march`` (default ``native``; e.g.
-``x86-64-v3`` builds the AVX2 variant on an AVX-512 machine, to measure it).
+``x86-64-v3`` builds the AVX2 variant on an AVX-512 machine, to measure it);
+``$EM_INF_CPU_SQRT`` how an AVX-512 build takes the Adam update's square root:
+``divider`` (``vsqrtps``, correctly rounded) or ``estimate`` (a 14-bit estimate
+and a Newton step, within 1 ulp), by default ``estimate`` on Intel CPUs, whose
+divider the update otherwise waits on, and ``divider`` elsewhere
+(``docs/cost-model.md`` has both machines' figures).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 COMPILER_ENV = "EM_INF_CC"
 #: Environment variable naming the target CPU (``-march``; default ``native``).
 ARCH_ENV = "EM_INF_CPU_ARCH"
+#: Environment variable choosing the update's square root: "divider" or "estimate".
+SQRT_ENV = "EM_INF_CPU_SQRT"
+SQRT_CHOICES = ("divider", "estimate")
 
 #: Always: optimise, keep IEEE semantics (no -ffast-math: -inf must stay -inf, NaN
 #: must be seen) but let sqrt vectorise (-fno-math-errno) and fuse a * b + c
@@ -75,7 +83,7 @@ def compiler() -> str:
 
 def cpu_description() -> str:
     """The CPU's model and feature flags (what ``-march=native`` compiles for)."""
-    wanted = ("model name", "flags", "features", "cpu model", "isa")
+    wanted = ("vendor_id", "model name", "flags", "features", "cpu model", "isa")
     lines = []
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
@@ -99,11 +107,29 @@ def flag_sets(cpu: str) -> list[tuple[str, ...]]:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if x86 and (arch == "x86-64-v4" or (arch == "native" and " avx512f" in cpu)):
         native.append("-mprefer-vector-width=512")  # compilers default to 256 bits
+        if sqrt_method(cpu) == "estimate":
+            native.append("-DEM_INF_SQRT_ESTIMATE")
     return [
         (*_BASE_FLAGS, *native, "-fopenmp"),
         (*_BASE_FLAGS, "-fopenmp"),
         (*_BASE_FLAGS, *native),
     ]
+
+
+def sqrt_method(cpu: str) -> str:
+    """How an AVX-512 build takes the update's square root: ``$EM_INF_CPU_SQRT``,
+    else ``estimate`` on an Intel CPU (``cpu``: :func:`cpu_description`) and
+    ``divider`` on any other.
+
+    Raises:
+        BuildError: ``$EM_INF_CPU_SQRT`` is neither choice.
+    """
+    chosen = os.environ.get(SQRT_ENV, "").strip().lower()
+    if chosen and chosen not in SQRT_CHOICES:
+        raise BuildError(
+            f"{SQRT_ENV}={chosen!r}: expected one of {', '.join(SQRT_CHOICES)}"
+        )
+    return chosen or ("estimate" if "GenuineIntel" in cpu else "divider")
 
 
 def _compiler_version(cc: str) -> str:

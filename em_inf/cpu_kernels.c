@@ -30,7 +30,8 @@
  * memory (the time per logit is the same whether the row fits in L2 or not;
  * docs/cost-model.md has each pass against its floors): the scratch, five float
  * rows (3 MB per thread at V = 151,936), may live in L3. The update is bound by
- * its square root and division (16 cycles per 16 logits in Zen 4's divider), the
+ * its square root and division (16 cycles per 16 logits in Zen 4's divider; an
+ * Intel build takes the root from an estimate instead, see vroot), the
  * statistics pass by the exp's FMAs; fusing the two (bench/kernel_variants/)
  * measured no faster. The first statistics pass also
  * keeps a copy of the row, from which the fail-safe restores it exactly.
@@ -139,11 +140,33 @@ static inline vf vmin(vf a, vf b) { return vselect(a < b, a, b); }
 
 static inline vf vabs(vf x) { return (vf)((vi)x & 0x7FFFFFFF); }
 
-static inline vf vsqrt(vf x) {
+/* The square root of the update's second moment. Correctly rounded by the divider
+ * (vsqrtps), or, where the build defines EM_INF_SQRT_ESTIMATE (AVX-512 only; see
+ * em_inf/cpu_build.py), by the 14-bit estimate and one Newton step on the FMA
+ * units, within 1 ulp of it (87% of floats exact): h = x r ~ sqrt(x) for
+ * r ~ 1/sqrt(x), then h + h (1 - h r) / 2. An Intel Xeon's divider takes 13
+ * cycles per 512-bit square root and 11 per division, and a further step's update
+ * waits on them (one thread: 56 cycles per 16 logits with the divider's root, 32
+ * with the estimate); Zen 4's takes 10 and 6, and its one 512-bit FMA per cycle
+ * makes the Newton step cost as much as it saves (docs/cost-model.md).
+ * 0, -0, infinities and NaN pass through unchanged, as vsqrtps returns them for
+ * the x >= 0 given here. */
+#if defined(EM_INF_SQRT_ESTIMATE) && defined(__AVX512F__) && LANES == 16
+#define FPCLASS_ZERO_INF_NAN 0x9F /* QNaN, +-0, +-inf, SNaN */
+static inline vf vroot(vf x) {
+    const vf r = (vf)_mm512_rsqrt14_ps((__m512)x);
+    const vf h = x * r;
+    const vf root = h + h * (0.5f - (h * 0.5f) * r);
+    const __mmask16 special = _mm512_fpclass_ps_mask((__m512)x, FPCLASS_ZERO_INF_NAN);
+    return (vf)_mm512_mask_mov_ps((__m512)root, special, (__m512)x);
+}
+#else
+static inline vf vroot(vf x) {
     vf r;
     for (int j = 0; j < LANES; j++) r[j] = __builtin_sqrtf(x[j]);
     return r;
 }
+#endif
 
 /* Per-lane double accumulators (two vector halves: a single 16-double vector
  * type would live in memory). */
@@ -505,6 +528,7 @@ typedef struct {
     float step;         /* lr (1 - beta1) / (1 - beta1^t): lr at t = 1 */
     float sqrt_bc;      /* sqrt((1 - beta2) / (1 - beta2^t)): 1 at t = 1 */
     float beta1, beta2, eps;
+    int v_is_m_squared; /* at t = 2: v = m * m (step 1 left m = g1, v = g1^2) */
 } Step;
 
 /* The max of the new logits (one accumulator, given each block's max, which the
@@ -593,9 +617,13 @@ static void online_finish(Online *o, Partial *out) {
 
 /* One Adam step, in place. e holds exp(z - M) of the last statistics pass, p0
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
- * read). LAST: m and v are not needed after the step (not written). ONLINE (the
- * last step, counted): the new logits' softmax statistics into o. A masked logit
- * has e = p0 = 0, hence g = m = v = 0 and moves by exactly 0.
+ * read), and only m = g is written: the second step takes v = g^2 as m * m
+ * (s->v_is_m_squared), the same float, which spares the update passes a row of
+ * memory traffic each (Intel Xeon, where they stream from L3 at B = 8: 10% less
+ * time for three steps). LAST: m and v are not needed after the step (not
+ * written). ONLINE (the last step, counted): the new logits' softmax statistics
+ * into o. A masked logit has e = p0 = 0, hence g = m = v = 0 and moves by exactly
+ * 0.
  *
  * The moments are kept scaled, m = sum_j beta1^(t-j) g_j and v likewise (Adam's
  * divided by 1 - beta1 and 1 - beta2), so that the constants go into the row
@@ -619,15 +647,16 @@ static inline void update_block(float *restrict z, const float *restrict e,
         if (with_kl) g += s->kl * (q - load(p0 + at) * s->inv_sum0);
         vf gm = g, gv = g * g;
         if (!first) {
-            gm += s->beta1 * load(m + at);
-            gv += s->beta2 * load(v + at);
+            const vf m_before = load(m + at);
+            gm += s->beta1 * m_before;
+            gv += s->beta2 * (s->v_is_m_squared ? m_before * m_before : load(v + at));
         }
         /* At step 1, sqrt(v) = |g|: no square root. */
-        vf den = (first ? vabs(g) : vsqrt(gv) * s->sqrt_bc) + s->eps;
+        vf den = (first ? vabs(g) : vroot(gv) * s->sqrt_bc) + s->eps;
         vf y = x - s->step * (gm / den);
         if (!last) {
             store(m + at, gm);
-            store(v + at, gv);
+            if (!first) store(v + at, gv);
         }
         store(z + at, y);
         a->bad |= broke(x, y);
@@ -662,7 +691,7 @@ static inline __attribute__((always_inline)) void update_body(
         tail_out(z + i, &tz, n);
         if (!last) {
             tail_out(m + i, &tm, n);
-            tail_out(v + i, &tv, n);
+            if (!first) tail_out(v + i, &tv, n);
         }
     }
     partial_init(out);
@@ -1090,6 +1119,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
                         : (float)(lr * (1.0 - b->beta1) / (1.0 - pow(b->beta1, (double)t)));
         s.sqrt_bc = t == 1 ? 1.0f
                            : (float)sqrt((1.0 - b->beta2) / (1.0 - pow(b->beta2, (double)t)));
+        s.v_is_m_squared = t == 2;
         const float *e = t == 1 ? slot->p0 : slot->e;
         online = t == steps && b->count && sampled(b, before);
         FOR_CHUNKS(split, c, vocab,

@@ -123,6 +123,7 @@ def test_the_unit_and_pass_probes_build_against_the_kernels_and_report_every_row
         "statistics_with_copy",
         "statistics",
         "update_step_1",
+        "update_second_step",
         "update_further_step",
         "update_last_step",
         "temperature_pass",

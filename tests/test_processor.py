@@ -316,9 +316,13 @@ def test_stats_interval_follows_vllm_log_stats_interval(monkeypatch, value, inte
     assert log_interval() == interval
 
 
-def test_processor_logs_rows_per_mode_through_vllms_logger(monkeypatch):
+def test_processor_logs_rows_per_mode_through_vllms_logger(
+    monkeypatch, compiled_cpu_kernels
+):
     """On the torch path the rows are counted on the host; the line goes to
-    ``vllm.em_inf``, a child of vLLM's configured logger."""
+    ``vllm.em_inf``, a child of vLLM's configured logger. (The kernels are loaded
+    before the lines are collected: their build-or-load line comes once per
+    process, from whichever test loads them first.)"""
     import logging
 
     lines = []
