@@ -20,7 +20,9 @@
  * Rows go one per thread while there are at least as many rows as threads; the
  * rows left over are processed one after another by all threads together
  * ("split": the chunks of one row shared out, an OpenMP barrier after each pass,
- * every thread combining the same Partials into the same row scalars).
+ * every thread combining the same Partials into the same row scalars). In logits
+ * mode every row is split where that lets each thread's share of the update's
+ * rows fit in its L2 (split_for_l2).
  *
  * Logits mode, per row and Adam step t (g = q (E_q[z] - z) + kl (q - p0)):
  *   update pass: reads z, e = exp(z - M) of the previous statistics pass, m, v
@@ -71,6 +73,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -1345,11 +1348,27 @@ static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
 
 typedef void (*RowFn)(const Batch *, int64_t, Slot *, int, Counts *);
 
-/* Rows [0, whole) one per thread, the rest split among all threads. */
+/* Whether every logits-mode row is better split among the threads: when what an
+ * update pass streams (z, e, p0, m, v: 20 bytes per logit) does not fit in one
+ * core's L2 but each thread's share of it does, and the threads are no more than
+ * the shares that takes (more would only add barriers). On an Intel Xeon with
+ * 2 MiB of L2 per core, 2 threads, V = 151,936 (3 MB): B = 8 and 64 took 20% less
+ * time split, with the same bits, as a row's result never depends on how it is
+ * shared out. On Zen 4 (1 MiB) half a row does not fit, and nothing changes. */
+static int split_for_l2(int64_t vocab, int threads) {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* <= 0 where unknown */
+    const int64_t streamed = 20 * vocab;
+    if (threads < 2 || l2 <= 0 || streamed <= l2) return 0;
+    const int64_t shares = (streamed + l2 - 1) / l2;
+    return threads == shares;
+}
+
+/* Rows [0, whole) one per thread, the rest split among all threads; with
+ * split_every_row, all of them split. */
 static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
-                      int64_t *stats, int threads) {
+                      int64_t *stats, int threads, int split_every_row) {
     if (threads < 1) threads = 1;
-    const int64_t whole = rows - rows % threads;
+    const int64_t whole = split_every_row ? 0 : rows - rows % threads;
     Counts total;
     memset(&total, 0, sizeof total);
 #ifdef _OPENMP
@@ -1441,7 +1460,8 @@ ENTRY_POINT(void, em_inf_logits,
                .steps = steps, .beta1 = beta1, .beta2 = beta2, .eps = eps,
                .count = stats != NULL, .edges = edges, .n_edges = n_edges,
                .sample = sample};
-    run_batch(&b, rows, logits_row, scratch, stats, threads);
+    run_batch(&b, rows, logits_row, scratch, stats, threads,
+              split_for_l2(vocab, threads));
 }
 
 /* The adaptive-temperature mode, in place, on rows as em_inf_logits (every row is
@@ -1461,7 +1481,7 @@ ENTRY_POINT(void, em_inf_temperature,
                .threshold = threshold, .alpha = alpha, .t_min = t_min, .t_max = t_max,
                .rtol = rtol, .inv_t = inv_t, .count = stats != NULL, .edges = edges,
                .n_edges = n_edges};
-    run_batch(&b, rows, temperature_row, scratch, stats, threads);
+    run_batch(&b, rows, temperature_row, scratch, stats, threads, 0);
 }
 
 /* The machine's floor for a batch: one pass computing exp of every logit (shifted
