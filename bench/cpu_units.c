@@ -1,10 +1,11 @@
 /*
- * What one core's vector units cost: the clock (a chain of dependent integer adds of
- * a register, one cycle each) and, in cycles, the throughput of the instructions
- * the CPU kernels' passes are made of (eight independent instructions per loop turn, so
- * latency does not count). Built and run by bench/cpu_units.py; prints one
- * "name cycles" line per measurement (names ending in _per_turn: cycles per loop
- * turn). x86-64 with AVX2 (and AVX-512 where built for it).
+ * What one core's vector units cost: the clock (a chain of dependent integer adds
+ * of a register, one cycle each) and, in cycles, the throughput of the
+ * instructions the CPU kernels' passes are made of (eight independent
+ * instructions per loop turn, so latency does not count). Built and run by
+ * bench/cpu_units.py; prints one "name cycles" line per measurement (names ending
+ * in _per_turn: cycles per loop turn). x86-64 with AVX2 (and AVX-512 where built
+ * for it).
  */
 #include <stdint.h>
 #include <stdio.h>

@@ -26,17 +26,19 @@
  *
  * Logits mode, per row and Adam step t (g = q (E_q[z] - z) + kl (q - p0)):
  *   update pass: reads z, e = exp(z - M) of the previous statistics pass, m, v
- *                (and p0 when kl != 0); writes z, m, v; tracks max(z).
+ *                (and p0 when kl != 0); writes z, m, v (step 1: z, m; step 2
+ *                reads no v); tracks max(z).
  *   stats pass:  reads z, writes e = exp(z - M), sums e and e (z - M) in double.
- * so two passes and one exp per logit and step. Both are bound by arithmetic, not
- * memory (the time per logit is the same whether the row fits in L2 or not;
- * docs/cost-model.md has each pass against its floors): the scratch, five float
- * rows (3 MB per thread at V = 151,936), may live in L3. The update is bound by
- * its square root and division (16 cycles per 16 logits in Zen 4's divider; an
- * Intel build takes the root from an estimate instead, see vroot), the
+ * so two passes and one exp per logit and step (docs/cost-model.md has each pass
+ * against its floors). On Zen 4 both are bound by arithmetic, not memory (the time
+ * per logit is the same whether the row fits in L2 or not), so the scratch, five
+ * float rows (3 MB per thread at V = 151,936), may live in L3: the update by its
+ * square root and division (16 cycles per 16 logits in the divider), the
  * statistics pass by the exp's FMAs; fusing the two (bench/kernel_variants/)
- * measured no faster. The first statistics pass also
- * keeps a copy of the row, from which the fail-safe restores it exactly.
+ * measured no faster. On an Intel Xeon the divider is slower (an Intel build takes
+ * the root from an estimate, see vroot) and the updates wait on memory beyond L2
+ * (hence split_for_l2). The first statistics pass also keeps a copy of the row,
+ * from which the fail-safe restores it exactly.
  *
  * Temperature mode, per row: Halley's method on u = log(1/T), safeguarded by a
  * bracket; one read of the row per solver pass for sum exp(b zs) zs^j, j = 0..3
@@ -622,11 +624,11 @@ static void online_finish(Online *o, Partial *out) {
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
  * read), and only m = g is written: the second step takes v = g^2 as m * m
  * (s->v_is_m_squared), the same float, which spares the update passes a row of
- * memory traffic each (Intel Xeon, where they stream from L3 at B = 8: 10% less
- * time for three steps). LAST: m and v are not needed after the step (not
- * written). ONLINE (the last step, counted): the new logits' softmax statistics
- * into o. A masked logit has e = p0 = 0, hence g = m = v = 0 and moves by exactly
- * 0.
+ * memory traffic each (on an Intel Xeon, whose updates wait on memory, about 10%
+ * less time for three steps with whole rows per thread). LAST: m and v are not
+ * needed after the step (not written). ONLINE (the last step, counted): the new
+ * logits' softmax statistics into o. A masked logit has e = p0 = 0, hence
+ * g = m = v = 0 and moves by exactly 0.
  *
  * The moments are kept scaled, m = sum_j beta1^(t-j) g_j and v likewise (Adam's
  * divided by 1 - beta1 and 1 - beta2), so that the constants go into the row
