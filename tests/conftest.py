@@ -8,6 +8,11 @@ The Triton kernels' tests (``tests/test_kernels*.py``) need Triton's interpreter
 which is process-wide: a pytest process without ``TRITON_INTERPRET=1`` leaves them
 out of a directory run and names the command that runs them in its terminal
 summary; a kernel module named on the command line without it fails, naming it.
+
+prometheus_client is imported here, before any test sets ``PROMETHEUS_MULTIPROC_DIR``
+for the engines it starts: it picks its value class once, at import, and this
+process's own series (EM-INF's, published by processors made in this process) must
+not be left in multiprocess mode with no directory once a test unsets it again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import prometheus_client  # noqa: F401  (see the docstring)
 import pytest
 import torch
 
