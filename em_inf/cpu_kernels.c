@@ -1390,7 +1390,17 @@ static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
 #endif
         for (int64_t r = 0; r < whole; r++) fn(b, r, &own, 0, &mine);
         Slot shared = slot_at(scratch, b->vocab, 0);
-        for (int64_t r = whole; r < rows; r++) fn(b, r, &shared, 1, &split_counts);
+        for (int64_t r = whole; r < rows; r++) {
+            fn(b, r, &shared, 1, &split_counts);
+            /* Each thread reads the row's last Partials after the last barrier of
+             * its passes; the next row's first pass writes them again. Without
+             * this barrier a thread already on the next row could change what
+             * another still reads, which then takes another path through the row
+             * and waits at a barrier the others never reach. */
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        }
         if (tid == 0) /* every thread saw the split rows; count them once */
             counts_add(&mine, &split_counts);
 #ifdef _OPENMP

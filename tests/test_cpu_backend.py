@@ -709,6 +709,45 @@ def test_the_square_root_is_chosen_by_vendor_unless_configured(monkeypatch):
         cpu_build.sqrt_method(intel)
 
 
+CONSECUTIVE_SPLIT_ROWS_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from em_inf import cpu_backend
+    rows, vocab = 5, 4097
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    logits[3, 11] = float("nan")  # the first row left over: done after its scan
+    params = dict(threshold=0.0, kl_weight=0.0, lr=0.1, steps=3)
+    torch.set_num_threads(1)
+    alone = cpu_backend.em_inf_(logits.clone(), **params)
+    torch.set_num_threads(3)
+    for call in range(2000):
+        out = cpu_backend.em_inf_(logits.clone(), **params)
+        same = (out == alone) | (out.isnan() & alone.isnan())
+        assert bool(same.all()), f"call {call}: {(~same).any(1).nonzero().tolist()}"
+    print("done")
+    """
+)
+
+
+def test_consecutive_split_rows_neither_deadlock_nor_change_bits():
+    """Two rows left over after one row per thread (5 rows, 3 threads) run one
+    after the other by all threads, the first done right after its scan: a thread
+    that started the second row's scan while another still read the first row's
+    Partials deadlocked the kernels (within 60 s in every run without the barrier
+    between split rows). 2,000 calls in a process of their own, each with the bits
+    one thread gives."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CONSECUTIVE_SPLIT_ROWS_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("2,000 calls did not finish in 120 s: the kernels deadlocked")
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-3000:]
+
+
 FALLBACK_SCRIPT = textwrap.dedent(
     """
     import logging, torch
