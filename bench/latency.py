@@ -476,7 +476,7 @@ def cpu_environment() -> dict:
         "cpu_backend_unavailable": cpu_backend.unavailable_reason(),
         "cpu_kernels_march": os.environ.get(cpu_build.ARCH_ENV) or "native",
         "cpu_kernels_sqrt": "estimate"
-        if "-DEM_INF_SQRT_ESTIMATE" in cpu_build.flag_sets(description)[0]
+        if cpu_build.SQRT_ESTIMATE_FLAG in cpu_build.flag_sets(description)[0]
         else "divider",
         "cpu_kernels_lanes": cpu_backend.vector_lanes()
         if cpu_backend.available()

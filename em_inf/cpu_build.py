@@ -41,6 +41,8 @@ ARCH_ENV = "EM_INF_CPU_ARCH"
 #: Environment variable choosing the update's square root: "divider" or "estimate".
 SQRT_ENV = "EM_INF_CPU_SQRT"
 SQRT_CHOICES = ("divider", "estimate")
+#: The define an AVX-512 build gets when it takes the square root by the estimate.
+SQRT_ESTIMATE_FLAG = "-DEM_INF_SQRT_ESTIMATE"
 
 #: Always: optimise, keep IEEE semantics (no -ffast-math: -inf must stay -inf, NaN
 #: must be seen) but let sqrt vectorise (-fno-math-errno) and fuse a * b + c
@@ -108,7 +110,7 @@ def flag_sets(cpu: str) -> list[tuple[str, ...]]:
     if x86 and (arch == "x86-64-v4" or (arch == "native" and " avx512f" in cpu)):
         native.append("-mprefer-vector-width=512")  # compilers default to 256 bits
         if sqrt_method(cpu) == "estimate":
-            native.append("-DEM_INF_SQRT_ESTIMATE")
+            native.append(SQRT_ESTIMATE_FLAG)
     return [
         (*_BASE_FLAGS, *native, "-fopenmp"),
         (*_BASE_FLAGS, "-fopenmp"),
