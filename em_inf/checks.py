@@ -45,6 +45,46 @@ def in_place_logits(logits: torch.Tensor, device_type: str | None = None) -> Non
         )
 
 
+def source_logits(source: torch.Tensor, logits: torch.Tensor) -> None:
+    """``source`` can be read by the CPU kernels computing ``logits`` out of place:
+    a float32 CPU tensor of ``logits``' shape, contiguous along the vocabulary,
+    sharing no memory with ``logits`` (which the kernels write while they read
+    ``source``)."""
+    if not isinstance(source, torch.Tensor) or source.shape != logits.shape:
+        raise ValueError(
+            f"source must be a tensor of logits' shape {tuple(logits.shape)}, got "
+            f"{getattr(source, 'shape', type(source).__name__)}"
+        )
+    if source.dtype != torch.float32 or source.device.type != "cpu":
+        raise ValueError(
+            f"source must be a float32 CPU tensor, got {source.dtype} on "
+            f"{source.device}"
+        )
+    if source.shape[1] > 1 and source.stride(1) != 1:
+        raise ValueError(
+            f"source must be contiguous along the vocabulary, got strides "
+            f"{tuple(source.stride())}"
+        )
+    if _spans_overlap(source, logits):
+        raise ValueError("source must not share memory with logits")
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges two non-empty tensors' elements span overlap."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum(
+            (size - 1) * stride
+            for size, stride in zip(t.shape, t.stride(), strict=True)
+        )
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a_start, a_end), (b_start, b_end) = span(a), span(b)
+    return a_start < b_end and b_start < a_end
+
+
 def per_row(
     name: str,
     value: float | int | torch.Tensor,

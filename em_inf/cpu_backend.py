@@ -63,14 +63,15 @@ _EDGES = torch.tensor(counters.ENTROPY_EDGES, dtype=torch.float64)
 PROTOTYPES = (
     "int64_t em_inf_scratch_bytes(int64_t vocab, int threads)",
     "void em_inf_logits(float *logits, const int64_t *index, int64_t rows, "
-    "int64_t vocab, int64_t stride, const float *threshold, const float *kl_weight, "
-    "const float *lr, const int64_t *steps, double beta1, double beta2, double eps, "
-    "void *scratch, int64_t *stats, const double *edges, int n_edges, "
-    "int64_t sample, int threads)",
+    "int64_t vocab, int64_t stride, const float *source, int64_t source_stride, "
+    "const float *threshold, const float *kl_weight, const float *lr, "
+    "const int64_t *steps, double beta1, double beta2, double eps, void *scratch, "
+    "int64_t *stats, const double *edges, int n_edges, int64_t sample, int threads)",
     "void em_inf_temperature(float *logits, const int64_t *index, int64_t rows, "
-    "int64_t vocab, int64_t stride, const float *threshold, const float *alpha, "
-    "const float *t_min, const float *t_max, double rtol, float *inv_t, "
-    "void *scratch, int64_t *stats, const double *edges, int n_edges, int threads)",
+    "int64_t vocab, int64_t stride, const float *source, int64_t source_stride, "
+    "const float *threshold, const float *alpha, const float *t_min, "
+    "const float *t_max, double rtol, float *inv_t, void *scratch, "
+    "int64_t *stats, const double *edges, int n_edges, int threads)",
     "void em_inf_stats_layout(int n_edges, int64_t *out)",
     "void em_inf_exp_floor(const float *logits, int64_t rows, int64_t vocab, "
     "double *sums, int threads)",
@@ -265,9 +266,14 @@ def em_inf_(
     *,
     rows: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """EM-INF (logits mode) in place on the rows of float32 ``logits`` ``[N, V]``
-    (all of them, or those in ``rows``); returns ``logits``.
+    (all of them, or those in ``rows``); returns ``logits``. With ``source``, out
+    of place instead: the rows are computed from ``source``'s (a float32 CPU
+    tensor of ``logits``' shape, only read) into ``logits``' (only written, each
+    row listed written whole), which spares a caller wanting a new tensor the copy
+    of the batch (:func:`em_inf.functional.em_inf` passes a fresh ``logits``).
 
     Args:
         threshold, kl_weight, lr: one value per processed row (``[n]`` or
@@ -284,6 +290,7 @@ def em_inf_(
             more exponential per logit, +17% of the logits mode's time.
     """
     count, index = _rows(logits, rows)
+    source_args = _source_args(source, logits)
     params = _float_rows(count, threshold=threshold, kl_weight=kl_weight, lr=lr)
     steps = checks.per_row("steps", steps, count, CPU, torch.int64)
     checks.stats(stats, logits)
@@ -297,6 +304,7 @@ def em_inf_(
             count,
             logits.shape[1],
             logits.stride(0),
+            *source_args,
             *(p.data_ptr() for p in params),
             steps.data_ptr(),
             ADAM_BETAS[0],
@@ -322,8 +330,10 @@ def adaptive_temperature_(
     rows: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
     inv_temperature: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The adaptive-temperature mode in place, as :func:`em_inf_`; each processed
+    """The adaptive-temperature mode in place (or out of place, from ``source``),
+    as :func:`em_inf_`; each processed
     row's entropy ends within ``TEMPERATURE_RTOL`` of its target (or ``T`` at the
     end of ``[t_min, t_max]`` nearer to it). ``stats``: as :func:`em_inf_`, every
     row counted, ``stats[counters.WORK]`` adding entropy evaluations (the first,
@@ -331,6 +341,7 @@ def adaptive_temperature_(
     at the ``1 / T`` applied. ``inv_temperature``: a float32 ``[n]`` CPU tensor
     that receives each row's ``1 / T`` (1 where the row was left as it was)."""
     count, index = _rows(logits, rows)
+    source_args = _source_args(source, logits)
     params = _float_rows(
         count, threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max
     )
@@ -347,6 +358,7 @@ def adaptive_temperature_(
             count,
             logits.shape[1],
             logits.stride(0),
+            *source_args,
             *(p.data_ptr() for p in params),
             TEMPERATURE_RTOL,
             _pointer(inv_temperature),
@@ -422,6 +434,16 @@ def _rows(
     ):
         raise ValueError(f"rows must index [0, {logits.shape[0]}), got {rows}")
     return index.numel(), index
+
+
+def _source_args(
+    source: torch.Tensor | None, logits: torch.Tensor
+) -> tuple[int | None, int]:
+    """The kernels' ``source, source_stride`` arguments: ``(None, 0)`` in place."""
+    if source is None:
+        return None, 0
+    checks.source_logits(source, logits)
+    return source.data_ptr(), source.stride(0)
 
 
 def _float_rows(count: int, **params: torch.Tensor) -> list[torch.Tensor]:

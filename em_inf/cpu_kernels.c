@@ -620,7 +620,8 @@ static void online_finish(Online *o, Partial *out) {
     out->sum_ez = t;
 }
 
-/* One Adam step, in place. e holds exp(z - M) of the last statistics pass, p0
+/* One Adam step: z = the logits x_in after it (x_in is z, but for the first step
+ * of a call out of place). e holds exp(z - M) of the last statistics pass, p0
  * exp(z0 - M0) (read only when WITH_KL). FIRST: m = v = 0 before the step (not
  * read), and only m = g is written: the second step takes v = g^2 as m * m
  * (s->v_is_m_squared), the same float, which spares the update passes a row of
@@ -637,15 +638,16 @@ static void online_finish(Online *o, Partial *out) {
  * near-flat rows' logits within 1 ulp (of the row's largest) of the exact z1,
  * against 1.45 ulp with Adam's scaling; their second step divides by |g1| ~ 1e-4,
  * magnifying every ulp of z1 ~1e4 times). */
-static inline void update_block(float *restrict z, const float *restrict e,
+static inline void update_block(float *z, const float *x_in, const float *restrict e,
                                 const float *restrict p0, float *restrict m,
                                 float *restrict v, const Step *restrict s,
                                 const int first, const int with_kl, const int last,
                                 const int online, Moved *a, Online *o) {
-    vf ys[BLOCK_VECTORS];
+    vf xs[BLOCK_VECTORS], ys[BLOCK_VECTORS];
+    EACH_VECTOR xs[k] = load(x_in + k * LANES); /* before any store: x_in may be z */
     EACH_VECTOR {
         const int at = k * LANES;
-        vf x = load(z + at);
+        const vf x = xs[k];
         vf zs = shifted(x, s->shift);
         vf q = load(e + at) * s->inv_sum;
         vf g = q * (s->mean - zs);
@@ -674,21 +676,22 @@ static inline void update_block(float *restrict z, const float *restrict e,
 
 /* Inlined into each case of update_chunk, so that every flag is a constant there. */
 static inline __attribute__((always_inline)) void update_body(
-    float *z, const float *e, const float *p0, float *m, float *v, int64_t lo,
-    int64_t hi, const Step *s, const int first, const int with_kl, const int last,
-    const int online, Partial *out) {
+    float *z, const float *x_in, const float *e, const float *p0, float *m, float *v,
+    int64_t lo, int64_t hi, const Step *s, const int first, const int with_kl,
+    const int last, const int online, Partial *out) {
     Moved a;
     a.max = splat(-INFINITY);
     a.bad = (Lanes){0};
     Online o = {splat(s->shift), {{0}, {0}}, {{0}, {0}}};
     int64_t i = lo;
     for (; i + BLOCK <= hi; i += BLOCK)
-        update_block(z + i, e + i, p0 + i, m + i, v + i, s, first, with_kl, last,
-                     online, &a, &o);
+        update_block(z + i, x_in + i, e + i, p0 + i, m + i, v + i, s, first, with_kl,
+                     last, online, &a, &o);
     if (i < hi) {
         const int64_t n = hi - i;
         Tail tz, te, tp, tm, tv;
-        update_block(tail_in(&tz, z + i, n, -INFINITY), tail_in(&te, e + i, n, 0.0f),
+        float *tail = tail_in(&tz, x_in + i, n, -INFINITY);
+        update_block(tail, tail, tail_in(&te, e + i, n, 0.0f),
                      with_kl ? tail_in(&tp, p0 + i, n, 0.0f) : NULL,
                      first ? tm.v : tail_in(&tm, m + i, n, 0.0f),
                      first ? tv.v : tail_in(&tv, v + i, n, 0.0f), s, first, with_kl, last,
@@ -705,29 +708,29 @@ static inline __attribute__((always_inline)) void update_body(
     if (online) online_finish(&o, out);
 }
 
-static void update_chunk(float *z, const float *e, const float *p0, float *m, float *v,
-                         int64_t lo, int64_t hi, const Step *s, int first, int with_kl,
-                         int last, int online, Partial *out) {
+static void update_chunk(float *z, const float *x_in, const float *e, const float *p0,
+                         float *m, float *v, int64_t lo, int64_t hi, const Step *s,
+                         int first, int with_kl, int last, int online, Partial *out) {
     /* One specialised loop per case; q == p0 at step 1: no KL term there. ONLINE
      * only with LAST. */
     if (first && last && online)
-        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 1, 1, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 1, 0, 1, 1, out);
     else if (first && last)
-        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 1, 0, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 1, 0, 1, 0, out);
     else if (first)
-        update_body(z, e, p0, m, v, lo, hi, s, 1, 0, 0, 0, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 1, 0, 0, 0, out);
     else if (with_kl && last && online)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 1, 1, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 0, 1, 1, 1, out);
     else if (with_kl && last)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 1, 0, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 0, 1, 1, 0, out);
     else if (with_kl)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 1, 0, 0, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 0, 1, 0, 0, out);
     else if (last && online)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 1, 1, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 0, 0, 1, 1, out);
     else if (last)
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 1, 0, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 0, 0, 1, 0, out);
     else
-        update_body(z, e, p0, m, v, lo, hi, s, 0, 0, 0, 0, out);
+        update_body(z, x_in, e, p0, m, v, lo, hi, s, 0, 0, 0, 0, out);
 }
 
 /* The entropy of the new logits from a counted last step's chunk Partials
@@ -863,19 +866,22 @@ static void temperature_chunk(const float *z, int64_t lo, int64_t hi, float m, f
 /* z[lo, hi) *= b for unmasked logits, or /= t when t > 0 (a temperature given
  * exactly: the ends of [t_min, t_max], where z / T rounds correctly and z times
  * float32(1 / T) can be off by most of an ulp). */
-static inline void scale_block(float *z, float b, float t) {
+static inline void scale_block(float *z, const float *x_in, float b, float t) {
     EACH_VECTOR {
-        vf x = load(z + k * LANES);
+        vf x = load(x_in + k * LANES);
         store(z + k * LANES, vselect(x > MASKED_AT, t > 0.0f ? x / t : x * b, x));
     }
 }
 
-static void scale_chunk(float *z, int64_t lo, int64_t hi, float b, float t) {
+/* z[lo, hi) = x_in[lo, hi) scaled (x_in may be z). */
+static void scale_chunk(float *z, const float *x_in, int64_t lo, int64_t hi, float b,
+                        float t) {
     int64_t i = lo;
-    for (; i + BLOCK <= hi; i += BLOCK) scale_block(z + i, b, t);
+    for (; i + BLOCK <= hi; i += BLOCK) scale_block(z + i, x_in + i, b, t);
     if (i < hi) {
         Tail tz;
-        scale_block(tail_in(&tz, z + i, hi - i, -INFINITY), b, t);
+        float *tail = tail_in(&tz, x_in + i, hi - i, -INFINITY);
+        scale_block(tail, tail, b, t);
         tail_out(z + i, &tz, hi - i);
     }
 }
@@ -989,11 +995,16 @@ static void slot_place(Slot *s, const float *z) {
 }
 
 /* A batch: the rows to process (row r is logits + index[r] * stride, or
- * logits + r * stride without an index) and their parameters (entry r). */
+ * logits + r * stride without an index) and their parameters (entry r). Out of
+ * place (source != NULL), each row is computed from source's row of the same
+ * index (source_stride apart), which is only read, into logits' row, which is
+ * only written: every row processed is written whole, the rows left as they were
+ * copied. */
 typedef struct {
     float *logits;
+    const float *source;
     const int64_t *index;
-    int64_t vocab, stride;
+    int64_t vocab, stride, source_stride;
     const float *threshold, *kl_weight, *lr, *alpha, *t_min, *t_max;
     const int64_t *steps;
     double beta1, beta2, eps, rtol;
@@ -1060,7 +1071,24 @@ static void count_entropy(const Batch *b, Counts *counts, double before, double 
 }
 
 /* The scan every row starts with. */
-static Partial scan_row(float *z, int64_t vocab, Slot *slot, int split, int with_min) {
+/* Row r's output, and the logits it is computed from (the same row in place). */
+static float *row_out(const Batch *b, int64_t r) {
+    return b->logits + (b->index ? b->index[r] : r) * b->stride;
+}
+
+static const float *row_in(const Batch *b, int64_t r) {
+    if (!b->source) return row_out(b, r);
+    return b->source + (b->index ? b->index[r] : r) * b->source_stride;
+}
+
+/* A row left as it came: nothing to do in place, its copy out of place. */
+static void leave_row(float *z, const float *z_in, int64_t vocab, int split) {
+    if (z_in != z)
+        FOR_CHUNKS(split, c, vocab, copy_chunk(z, z_in, CHUNK_LO(c), CHUNK_HI(c, vocab)));
+}
+
+static Partial scan_row(const float *z, int64_t vocab, Slot *slot, int split,
+                        int with_min) {
     int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, vocab, scan_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), with_min,
                                         &slot->parts[0][c]));
@@ -1069,16 +1097,21 @@ static Partial scan_row(float *z, int64_t vocab, Slot *slot, int split, int with
 
 static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
                        Counts *counts) {
-    float *z = b->logits + (b->index ? b->index[r] : r) * b->stride;
+    float *z = row_out(b, r);
+    const float *z_in = row_in(b, r); /* z but for a call out of place */
     const int64_t vocab = b->vocab, nc = chunk_count(vocab);
     const int64_t steps = b->steps[r];
     const float threshold = b->threshold[r];
-    if (steps <= 0) return; /* not processed, not counted */
+    if (steps <= 0) { /* not processed, not counted */
+        leave_row(z, z_in, vocab, split);
+        return;
+    }
     slot_place(slot, z);
     counts->rows++;
-    Partial total = scan_row(z, vocab, slot, split, 0);
+    Partial total = scan_row(z_in, vocab, slot, split, 0);
     if (total.bad) { /* NaN or +inf in the input: left as it is, no entropy */
         counts->restored++;
+        leave_row(z, z_in, vocab, split);
         return;
     }
     if (!(total.max > MASKED_AT)) { /* all masked: nothing to change, entropy 0 */
@@ -1087,13 +1120,21 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         else
             counts->work += steps;
         count_entropy(b, counts, 0.0, 0.0);
+        leave_row(z, z_in, vocab, split);
         return;
     }
     int set = 1; /* the Partials set the next pass writes */
     float shift = total.max;
-    FOR_CHUNKS(split, c, vocab,
-               stats_keep_chunk(z, slot->p0, slot->keep, CHUNK_LO(c),
-                                CHUNK_HI(c, vocab), shift, &slot->parts[set][c]));
+    /* In place, the first pass keeps a copy of the row for the fail-safe; out of
+     * place the input is that copy. */
+    if (z_in == z)
+        FOR_CHUNKS(split, c, vocab,
+                   stats_keep_chunk(z, slot->p0, slot->keep, CHUNK_LO(c),
+                                    CHUNK_HI(c, vocab), shift, &slot->parts[set][c]));
+    else
+        FOR_CHUNKS(split, c, vocab,
+                   stats_chunk(z_in, slot->p0, CHUNK_LO(c), CHUNK_HI(c, vocab), shift,
+                               &slot->parts[set][c]));
     total = combine(slot->parts[set], nc);
     set ^= 1;
     double sum = total.sum_e, mean = total.sum_ez / total.sum_e;
@@ -1102,6 +1143,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     if (entropy < threshold) {
         counts->below++;
         count_entropy(b, counts, before, before);
+        leave_row(z, z_in, vocab, split);
         return;
     }
     Step s;
@@ -1128,9 +1170,9 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         const float *e = t == 1 ? slot->p0 : slot->e;
         online = t == steps && b->count && sampled(b, before);
         FOR_CHUNKS(split, c, vocab,
-                   update_chunk(z, e, slot->p0, slot->m, slot->v, CHUNK_LO(c),
-                                CHUNK_HI(c, vocab), &s, t == 1, with_kl, t == steps,
-                                online, &slot->parts[set][c]));
+                   update_chunk(z, t == 1 ? z_in : z, e, slot->p0, slot->m, slot->v,
+                                CHUNK_LO(c), CHUNK_HI(c, vocab), &s, t == 1, with_kl,
+                                t == steps, online, &slot->parts[set][c]));
         total = combine(slot->parts[set], nc);
         set ^= 1;
         if (total.bad) {
@@ -1162,7 +1204,8 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     }
     if (restored) { /* its steps are undone, and not counted */
         FOR_CHUNKS(split, c, vocab,
-                   copy_chunk(z, slot->keep, CHUNK_LO(c), CHUNK_HI(c, vocab)));
+                   copy_chunk(z, z_in == z ? slot->keep : z_in, CHUNK_LO(c),
+                              CHUNK_HI(c, vocab)));
         counts->restored++;
         count_entropy(b, counts, before, before);
         return;
@@ -1181,7 +1224,7 @@ typedef struct {
     double entropy, slope, curvature;
 } Entropy;
 
-static Entropy temperature_eval(float *z, int64_t vocab, Slot *slot, int split, int set,
+static Entropy temperature_eval(const float *z, int64_t vocab, Slot *slot, int split, int set,
                                 float shift, float b, int third) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, vocab,
@@ -1209,7 +1252,7 @@ static Entropy temperature_eval(float *z, int64_t vocab, Slot *slot, int split, 
  * stayed the same on bench/latency.py's rows, where the secant over the first,
  * long step cost 0.4 passes per row more. */
 #define SECANT_STEP 1e-2
-static Entropy temperature_next(float *z, int64_t vocab, Slot *slot, int split, int set,
+static Entropy temperature_next(const float *z, int64_t vocab, Slot *slot, int split, int set,
                                 float shift, float b, double u, Entropy prev,
                                 double prev_u) {
     const int third = !(fabs(u - prev_u) <= SECANT_STEP);
@@ -1228,23 +1271,31 @@ static double halley_step(double err, Entropy h) {
     return damping >= 0.5 ? newton / damping : newton;
 }
 
-/* The adaptive temperature on row r; returns the factor 1/T it applied (1 where it
- * left the row as it was). */
-static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
-                               Counts *counts) {
-    float *z = b->logits + (b->index ? b->index[r] : r) * b->stride;
+/* What the adaptive temperature does to a row: divide it by t (t > 0: an end of
+ * [t_min, t_max], given exactly), multiply it by inv_t (t == 0), or leave it as
+ * it was (inv_t == 1, t == 0, scale == 0). */
+typedef struct {
+    float inv_t, t;
+    int scale;
+} Scaling;
+
+static const Scaling UNCHANGED = {1.0f, 0.0f, 0};
+
+/* The adaptive temperature for row z (its input logits). */
+static Scaling temperature_solve(const Batch *b, int64_t r, const float *z, Slot *slot,
+                                 int split, Counts *counts) {
     const int64_t vocab = b->vocab;
     const double threshold = b->threshold[r];
     counts->rows++;
     Partial total = scan_row(z, vocab, slot, split, 1);
     if (total.bad) { /* NaN or +inf in the input: left as it is, no entropy */
         counts->restored++;
-        return 1.0f;
+        return UNCHANGED;
     }
     if (!(total.max > MASKED_AT)) { /* all masked: entropy 0 <= any threshold */
         counts->below++;
         count_entropy(b, counts, 0.0, 0.0);
-        return 1.0f;
+        return UNCHANGED;
     }
     const float shift = total.max, lowest = total.min;
     int set = 1;
@@ -1254,7 +1305,7 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     if (h.entropy <= threshold) {
         counts->below++;
         count_entropy(b, counts, before, before);
-        return 1.0f;
+        return UNCHANGED;
     }
     int64_t passes = 1;
     const double target = fmax(threshold, (double)b->alpha[r] * h.entropy);
@@ -1328,22 +1379,31 @@ static float temperature_solve(const Batch *b, int64_t r, Slot *slot, int split,
     if (!isfinite(top) || !isfinite(bottom)) {
         counts->restored++;
         count_entropy(b, counts, before, before);
-        return 1.0f;
+        return UNCHANGED;
     }
     counts->work += passes;
     count_entropy(b, counts, before, best_entropy);
-    FOR_CHUNKS(split, c, vocab, scale_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), best, t));
-    return best;
+    const Scaling scaling = {best, t, 1};
+    return scaling;
 }
 
 static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
                             Counts *counts) {
-    float inv_t = temperature_solve(b, r, slot, split, counts);
+    float *z = row_out(b, r);
+    const float *z_in = row_in(b, r);
+    const int64_t vocab = b->vocab;
+    const Scaling scaling = temperature_solve(b, r, z_in, slot, split, counts);
+    if (scaling.scale)
+        FOR_CHUNKS(split, c, vocab,
+                   scale_chunk(z, z_in, CHUNK_LO(c), CHUNK_HI(c, vocab), scaling.inv_t,
+                               scaling.t));
+    else
+        leave_row(z, z_in, vocab, split);
     int lead = 1;
 #ifdef _OPENMP
     lead = !split || omp_get_thread_num() == 0;
 #endif
-    if (b->inv_t && lead) b->inv_t[r] = inv_t;
+    if (b->inv_t && lead) b->inv_t[r] = scaling.inv_t;
 }
 
 /* -- entry points ---------------------------------------------------------------- */
@@ -1442,9 +1502,14 @@ ENTRY_POINT(int64_t, em_inf_scratch_bytes, (int64_t vocab, int threads)) {
     return (int64_t)slot_bytes(vocab) * (threads < 1 ? 1 : threads);
 }
 
-/* EM-INF's logits mode in place on `rows` rows of `logits` (row r at
+/* EM-INF's logits mode on `rows` rows of `logits` (row r at
  * logits + index[r] * stride, or logits + r * stride when index is NULL; `vocab`
- * logits each). Parameters, entry r for row r: threshold, kl_weight, lr (float32),
+ * logits each): in place when source is NULL, else computed from source's rows
+ * (row r at source + index[r] * source_stride, only read, not overlapping
+ * logits' rows) into logits' rows (only written, every row listed, the rows left
+ * as they were copied), which spares a caller that wants a new tensor its copy
+ * of the batch, and the kernels the copy of each row kept for the fail-safe.
+ * Parameters, entry r for row r: threshold, kl_weight, lr (float32),
  * steps (int64; a row with steps <= 0 is not processed, nor counted).
  *
  * stats (may be NULL: then nothing is counted, no entropy computed): one mode's
@@ -1463,11 +1528,13 @@ ENTRY_POINT(int64_t, em_inf_scratch_bytes, (int64_t vocab, int threads)) {
  * scratch: em_inf_scratch_bytes for `threads`. */
 ENTRY_POINT(void, em_inf_logits,
             (float *logits, const int64_t *index, int64_t rows, int64_t vocab,
-             int64_t stride, const float *threshold, const float *kl_weight,
-             const float *lr, const int64_t *steps, double beta1, double beta2,
-             double eps, void *scratch, int64_t *stats, const double *edges,
-             int n_edges, int64_t sample, int threads)) {
-    Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
+             int64_t stride, const float *source, int64_t source_stride,
+             const float *threshold, const float *kl_weight, const float *lr,
+             const int64_t *steps, double beta1, double beta2, double eps,
+             void *scratch, int64_t *stats, const double *edges, int n_edges,
+             int64_t sample, int threads)) {
+    Batch b = {.logits = logits, .source = source, .index = index, .vocab = vocab,
+               .stride = stride, .source_stride = source_stride,
                .threshold = threshold, .kl_weight = kl_weight, .lr = lr,
                .steps = steps, .beta1 = beta1, .beta2 = beta2, .eps = eps,
                .count = stats != NULL, .edges = edges, .n_edges = n_edges,
@@ -1476,8 +1543,8 @@ ENTRY_POINT(void, em_inf_logits,
               split_for_l2(vocab, threads));
 }
 
-/* The adaptive-temperature mode, in place, on rows as em_inf_logits (every row is
- * processed); parameters threshold, alpha, t_min, t_max (float32); the entropy of
+/* The adaptive-temperature mode on rows as em_inf_logits, in place or out of
+ * place as there (every row is processed); parameters threshold, alpha, t_min, t_max (float32); the entropy of
  * a processed row ends within rtol of its target (or at the end of [t_min, t_max]
  * nearer to it). stats, edges, n_edges: as em_inf_logits, with [1] += entropy
  * evaluations (solver passes, the first at T = 1 included); the entropy after is
@@ -1485,11 +1552,12 @@ ENTRY_POINT(void, em_inf_logits,
  * receives the factor 1/T each row got (1 for rows left as they were). */
 ENTRY_POINT(void, em_inf_temperature,
             (float *logits, const int64_t *index, int64_t rows, int64_t vocab,
-             int64_t stride, const float *threshold, const float *alpha,
-             const float *t_min, const float *t_max, double rtol, float *inv_t,
-             void *scratch, int64_t *stats, const double *edges, int n_edges,
-             int threads)) {
-    Batch b = {.logits = logits, .index = index, .vocab = vocab, .stride = stride,
+             int64_t stride, const float *source, int64_t source_stride,
+             const float *threshold, const float *alpha, const float *t_min,
+             const float *t_max, double rtol, float *inv_t, void *scratch,
+             int64_t *stats, const double *edges, int n_edges, int threads)) {
+    Batch b = {.logits = logits, .source = source, .index = index, .vocab = vocab,
+               .stride = stride, .source_stride = source_stride,
                .threshold = threshold, .alpha = alpha, .t_min = t_min, .t_max = t_max,
                .rtol = rtol, .inv_t = inv_t, .count = stats != NULL, .edges = edges,
                .n_edges = n_edges};

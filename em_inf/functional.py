@@ -94,16 +94,28 @@ def run_mode(
     """:func:`em_inf` (``mode == "logits"``) or :func:`adaptive_temperature`
     (``"temperature"``) with the parameters named in ``modes.PARAMS[mode]``."""
     checks.logits_batch(logits)
-    out = logits.to(torch.float32, copy=True).contiguous()
-    rows, device = out.shape[0], out.device
+    rows, device = logits.shape[0], logits.device
     backend = backend_for(device)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=device)
     if backend == "triton":
-        return _run_triton(mode, out, params, stats)
+        return _run_triton(mode, out.copy_(logits), params, stats)
     per_row = [
         checks.per_row(name, params[name], rows, device, modes.param_dtype(name))
         for name in modes.PARAMS[mode]
     ]
-    return modes.in_place(backend, mode)(out, *per_row, stats=stats)
+    run = modes.in_place(backend, mode)
+    if backend == "cpu" and _kernels_read(logits):
+        # The kernels read logits and write every row of out: no copy first.
+        return run(out, *per_row, stats=stats, source=logits)
+    return run(out.copy_(logits), *per_row, stats=stats)
+
+
+def _kernels_read(logits: torch.Tensor) -> bool:
+    """Whether the CPU kernels can read ``logits`` as it is: float32, contiguous
+    along the vocabulary."""
+    return logits.dtype == torch.float32 and (
+        logits.shape[1] <= 1 or logits.stride(1) == 1
+    )
 
 
 def _run_triton(

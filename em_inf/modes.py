@@ -53,6 +53,8 @@ def rows_by_mode(mode_codes: np.ndarray) -> list[tuple[str, np.ndarray]]:
 
 def in_place(backend: str, mode: str) -> Callable[..., torch.Tensor]:
     """The in-place function of ``mode`` on the ``"cpu"`` (compiled) or
-    ``"torch"`` (eager) path; both take ``(logits, *PARAMS[mode], stats=...)``."""
+    ``"torch"`` (eager) path; both take ``(logits, *PARAMS[mode], stats=...)``,
+    the compiled one also ``source=`` (out of place: from ``source`` into
+    ``logits``)."""
     module = cpu_backend if backend == "cpu" else torch_backend
     return module.adaptive_temperature_ if mode == "temperature" else module.em_inf_

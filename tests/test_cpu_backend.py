@@ -417,6 +417,99 @@ def test_bad_arguments_are_named():
             cpu_backend.em_inf_(logits, ones, ones, ones, ones.long(), stats=stats)
 
 
+# -- out of place ---------------------------------------------------------------------
+
+
+def out_of_place_batch(generator: torch.Generator, vocab: int) -> torch.Tensor:
+    """Ordinary rows (some masked), rows EM-INF leaves alone, then hostile_batch's
+    edge rows (all masked, NaN, +inf, ...)."""
+    ordinary = row_pool(generator, 6, vocab)
+    return torch.cat([ordinary, hostile_batch(generator, vocab)])
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 as its bit patterns: NaN compares equal to the same NaN."""
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+@pytest.mark.parametrize("vocab", [1_000, 151_936])
+@pytest.mark.parametrize("thread_count", [1, 2, 3])
+@pytest.mark.parametrize("hostile_settings", [False, True])
+def test_out_of_place_gives_the_in_place_bits(
+    generator, threads, mode, vocab, thread_count, hostile_settings
+):
+    """From source into a NaN-filled tensor: every row written, each with the bits
+    the call in place gives it (rows processed, left alone, restored by the
+    fail-safe, holding NaN), the same counts, and source not written. With 2 and 3
+    threads the rows left over are split among them (at V = 151,936, where a
+    thread's share fits in L2, every row may be)."""
+    torch.set_num_threads(thread_count)
+    logits = out_of_place_batch(generator, vocab)
+    rows = logits.shape[0]
+    if hostile_settings:  # most rows break and are restored
+        settings = (
+            dict(threshold=0.0, kl_weight=3e38, lr=3e38, steps=50)
+            if mode == "logits"
+            else dict(threshold=0.0, alpha=0.5, t_min=1e-4, t_max=1e-4)
+        )
+        params = {k: torch.full((rows,), float(v)) for k, v in settings.items()}
+    else:
+        params = (logits_params if mode == "logits" else temperature_params)(
+            generator, rows
+        )
+    in_place_stats, out_stats = new_stats("cpu"), new_stats("cpu")
+    expected = run("cpu", mode, logits, params, stats=in_place_stats)
+    source = logits.clone()
+    out = torch.full_like(logits, torch.nan)
+    columns = [params[k].reshape(-1, 1) for k in params]
+    if mode == "logits":
+        cpu_backend.em_inf_(out, *columns, stats=out_stats, source=source)
+    else:
+        cpu_backend.adaptive_temperature_(out, *columns, stats=out_stats, source=source)
+    assert torch.equal(bits(source), bits(logits))
+    differing = (bits(out) != bits(expected)).any(dim=1).nonzero().flatten()
+    assert differing.numel() == 0, f"rows {differing.tolist()} of {rows} differ"
+    assert torch.equal(out_stats, in_place_stats)
+
+
+def test_out_of_place_with_a_row_index_writes_only_those_rows(generator):
+    logits = draw_logits(generator, 10, 4_097)
+    rows = torch.tensor([7, 2, 5])
+    params = logits_params(generator, 3)
+    params["steps"] = torch.tensor([3, 0, 2])  # row 2 is not processed: copied
+    columns = [params[k].reshape(-1, 1) for k in params]
+    expected = logits.clone()
+    cpu_backend.em_inf_(expected, *columns, rows=rows)
+    out = torch.full_like(logits, torch.nan)
+    cpu_backend.em_inf_(out, *columns, rows=rows, source=logits.clone())
+    assert torch.equal(out[rows], expected[rows])
+    others = torch.ones(10, dtype=torch.bool)
+    others[rows] = False
+    assert torch.isnan(out[others]).all()
+
+
+def test_a_source_the_kernels_cannot_read_is_refused():
+    logits = torch.zeros(2, 8)
+    ones = torch.ones(2, 1)
+    wide = torch.zeros(2, 16)
+    for source, error in [
+        (torch.zeros(3, 8), "shape"),
+        (torch.zeros(2, 8, dtype=torch.float64), "float32"),
+        (wide[:, ::2], "contiguous along the vocabulary"),
+        (logits, "share memory"),
+        (torch.zeros(4, 8)[1:3], None),  # a view of other memory is fine
+    ]:
+        if error is None:
+            cpu_backend.em_inf_(logits, ones, ones, ones, ones.long(), source=source)
+            continue
+        with pytest.raises(ValueError, match=f"source .*{error}"):
+            cpu_backend.em_inf_(logits, ones, ones, ones, ones.long(), source=source)
+    both = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="share memory"):  # overlapping rows
+        cpu_backend.em_inf_(both[1:], ones, ones, ones, ones.long(), source=both[:2])
+
+
 # -- batch invariance -----------------------------------------------------------------
 
 

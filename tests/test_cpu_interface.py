@@ -43,8 +43,8 @@ def test_the_loaded_kernels_take_the_declared_ctypes_types():
     i32 = ctypes.c_int
     assert library.em_inf_logits.restype is None
     assert list(library.em_inf_logits.argtypes) == (
-        [pointer, pointer, i64, i64, i64, pointer, pointer, pointer, pointer]
-        + [f64, f64, f64, pointer, pointer, pointer, i32, i64, i32]
+        [pointer, pointer, i64, i64, i64, pointer, i64, pointer, pointer, pointer]
+        + [pointer, f64, f64, f64, pointer, pointer, pointer, i32, i64, i32]
     )
     assert library.em_inf_scratch_bytes.restype is i64
     assert list(library.em_inf_lanes.argtypes) == []
@@ -67,13 +67,13 @@ PYTHON_SIDE_CHANGES = [
     (
         "double beta1",
         "float beta1",
-        "em_inf_logits does not match its declaration in cpu_backend.py: argument 10"
+        "em_inf_logits does not match its declaration in cpu_backend.py: argument 12"
         " is 'double beta1' in cpu_kernels.c, 'float beta1' in cpu_backend.py",
     ),
     (
         "double beta1, double beta2",
         "double beta2, double beta1",
-        "em_inf_logits does not match its declaration in cpu_backend.py: argument 10"
+        "em_inf_logits does not match its declaration in cpu_backend.py: argument 12"
         " is 'double beta1' in cpu_kernels.c, 'double beta2' in cpu_backend.py",
     ),
     (
@@ -135,16 +135,16 @@ def test_load_refuses_a_declaration_that_differs(load_fresh, monkeypatch, caplog
 #: (text in cpu_kernels.c, its replacement, the error loading it must raise).
 C_SIDE_CHANGES = [
     (
-        "int n_edges, int64_t sample, int threads)",
-        "int n_edges, int64_t sample, int64_t threads)",
-        "em_inf_logits does not match its declaration in cpu_backend.py: argument 18"
+        "int64_t sample, int threads)",
+        "int64_t sample, int64_t threads)",
+        "em_inf_logits does not match its declaration in cpu_backend.py: argument 20"
         " is 'int64_t threads' in cpu_kernels.c, 'int threads' in cpu_backend.py",
     ),
     (
-        "const float *threshold, const float *alpha,",
-        "const float *threshold, const double *alpha,",
+        "const float *alpha, const float *t_min,",
+        "const double *alpha, const float *t_min,",
         "em_inf_temperature does not match its declaration in cpu_backend.py: "
-        "argument 7 is 'const double *alpha' in cpu_kernels.c, 'const float *alpha'"
+        "argument 9 is 'const double *alpha' in cpu_kernels.c, 'const float *alpha'"
         " in cpu_backend.py",
     ),
 ]

@@ -102,6 +102,25 @@ def test_em_inf_does_not_modify_its_input():
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_rows_are_read_where_they_lie(mode):
+    """A float32 batch whose rows lie apart (a slice of a wider tensor), which the
+    compiled path reads in place of a copy: the bits of its contiguous copy."""
+    wide = random_logits(5, 3_000, scale=2.0)
+    logits = wide[:, 7:2_007]
+    assert logits.stride(0) != logits.shape[1]
+    if mode == "logits":
+        params = dict(threshold=0.1, kl_weight=0.05, lr=0.1, steps=3)
+        run = functional.em_inf
+    else:
+        params = dict(threshold=0.1, alpha=0.5, t_min=0.01, t_max=1.0)
+        run = functional.adaptive_temperature
+    before = wide.clone()
+    out = run(logits, **params)
+    assert torch.equal(out, run(logits.contiguous(), **params))
+    assert torch.equal(wide, before)
+
+
 @pytest.mark.parametrize(
     "rows, vocab, scale", [(1, QWEN_VOCAB, 3.0), (4, 49_152, 1.0), (6, 999, 6.0)]
 )
