@@ -2,7 +2,7 @@
 outputs must see every changed logit, and a variant given as a patch must be the
 patched source, run through the real build and the real kernels. And the other
 probes of the kernels (bench/cpu_units.py, bench/scratch_placement.py,
-bench/idle_gap.py) measure what they say, with the real kernels."""
+bench/idle_gap.py, bench/new_tensor.py) measure what they say, with the real kernels."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cpu_units, idle_gap, kernel_ab, scratch_placement
+from bench import cpu_units, idle_gap, kernel_ab, new_tensor, scratch_placement
 from bench.latency import Case
 from em_inf import cpu_backend, cpu_build
 
@@ -161,3 +161,14 @@ def test_idle_gap_times_every_call_after_every_gap():
     cells = {(row["call"], row["gap"]) for row in rows}
     assert cells == {(call, gap) for call in idle_gap.calls() for gap in idle_gap.GAPS}
     assert all(row["median_ms"] > 0 for row in rows)
+
+
+def test_new_tensor_times_ways_that_give_the_same_bits():
+    """Every way bench/new_tensor.py times gives the batch's result bit for bit,
+    and each gets a time."""
+    results = [call() for call in new_tensor.ways(2).values()]
+    for result in results[1:]:
+        assert torch.equal(result.view(torch.int32), results[0].view(torch.int32))
+    rows = new_tensor.measure_ways([1], rounds=5)
+    assert [row["way"] for row in rows] == list(new_tensor.ways(1))
+    assert all(0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"] for row in rows)
