@@ -1070,7 +1070,6 @@ static void count_entropy(const Batch *b, Counts *counts, double before, double 
     counts->hist_after[entropy_bin(b, after)]++;
 }
 
-/* The scan every row starts with. */
 /* Row r's output, and the logits it is computed from (the same row in place). */
 static float *row_out(const Batch *b, int64_t r) {
     return b->logits + (b->index ? b->index[r] : r) * b->stride;
@@ -1087,6 +1086,7 @@ static void leave_row(float *z, const float *z_in, int64_t vocab, int split) {
         FOR_CHUNKS(split, c, vocab, copy_chunk(z, z_in, CHUNK_LO(c), CHUNK_HI(c, vocab)));
 }
 
+/* The scan every row starts with. */
 static Partial scan_row(const float *z, int64_t vocab, Slot *slot, int split,
                         int with_min) {
     int64_t nc = chunk_count(vocab);
@@ -1224,8 +1224,8 @@ typedef struct {
     double entropy, slope, curvature;
 } Entropy;
 
-static Entropy temperature_eval(const float *z, int64_t vocab, Slot *slot, int split, int set,
-                                float shift, float b, int third) {
+static Entropy temperature_eval(const float *z, int64_t vocab, Slot *slot, int split,
+                                int set, float shift, float b, int third) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, vocab,
                temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b, third,
@@ -1252,8 +1252,8 @@ static Entropy temperature_eval(const float *z, int64_t vocab, Slot *slot, int s
  * stayed the same on bench/latency.py's rows, where the secant over the first,
  * long step cost 0.4 passes per row more. */
 #define SECANT_STEP 1e-2
-static Entropy temperature_next(const float *z, int64_t vocab, Slot *slot, int split, int set,
-                                float shift, float b, double u, Entropy prev,
+static Entropy temperature_next(const float *z, int64_t vocab, Slot *slot, int split,
+                                int set, float shift, float b, double u, Entropy prev,
                                 double prev_u) {
     const int third = !(fabs(u - prev_u) <= SECANT_STEP);
     Entropy h = temperature_eval(z, vocab, slot, split, set, shift, b, third);
@@ -1544,9 +1544,9 @@ ENTRY_POINT(void, em_inf_logits,
 }
 
 /* The adaptive-temperature mode on rows as em_inf_logits, in place or out of
- * place as there (every row is processed); parameters threshold, alpha, t_min, t_max (float32); the entropy of
- * a processed row ends within rtol of its target (or at the end of [t_min, t_max]
- * nearer to it). stats, edges, n_edges: as em_inf_logits, with [1] += entropy
+ * place as there (every row is processed); parameters threshold, alpha, t_min,
+ * t_max (float32); the entropy of a processed row ends within rtol of its target
+ * (or at the end of [t_min, t_max] nearer to it). stats, edges, n_edges: as em_inf_logits, with [1] += entropy
  * evaluations (solver passes, the first at T = 1 included); the entropy after is
  * the solver's evaluation at the 1/T returned. inv_t (float32 [rows], may be NULL)
  * receives the factor 1/T each row got (1 for rows left as they were). */
