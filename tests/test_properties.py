@@ -41,7 +41,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from em_inf import functional
+from em_inf import checks, cpu_backend, functional, modes
 from em_inf.config import _RANGES, EMInfConfig
 from em_inf.reference import (
     LOGIT_TOL,
@@ -305,21 +305,21 @@ def _f32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
-def run(case: Case, logits: torch.Tensor) -> torch.Tensor:
-    """``em_inf.functional`` on the case: scalars, or ``[B]`` tensors per row."""
-    names = (
-        ("threshold", "kl_weight", "lr", "steps")
-        if case.mode == "logits"
-        else ("threshold", "alpha", "t_min", "t_max")
-    )
+def params_of(case: Case) -> dict[str, float | torch.Tensor]:
+    """The case's settings as the public functions take them: scalars, or ``[B]``
+    tensors per row."""
+    names = modes.PARAMS[case.mode]
     if case.per_row:
-        params = {n: torch.tensor([getattr(c, n) for c in case.configs]) for n in names}
-    else:
-        params = {n: getattr(case.configs[0], n) for n in names}
+        return {n: torch.tensor([getattr(c, n) for c in case.configs]) for n in names}
+    return {n: getattr(case.configs[0], n) for n in names}
+
+
+def run(case: Case, logits: torch.Tensor) -> torch.Tensor:
+    """``em_inf.functional`` on the case."""
     call = (
         functional.em_inf if case.mode == "logits" else functional.adaptive_temperature
     )
-    return call(logits, **params)
+    return call(logits, **params_of(case))
 
 
 def masked_entries(x: torch.Tensor) -> torch.Tensor:
@@ -636,6 +636,27 @@ def test_a_rows_result_does_not_depend_on_its_batch(case: Case):
             f"row {r}: alone differs from in the batch by up to "
             f"{(alone[0] - together[r]).abs().nan_to_num(math.inf).max():.3g}"
         )
+
+
+@PROPERTY_SETTINGS
+@given(case=cases(max_rows=4))
+def test_reading_the_input_where_it_lies_gives_the_bits_of_a_copy(case: Case):
+    """The compiled path reads float32 input where it lies and writes a new tensor
+    (out of place): every row gets the bits the kernels give it in place, on a
+    copy."""
+    assert cpu_backend.available(), cpu_backend.unavailable_reason()
+    x = make_logits(case).float()
+    out = run(case, x)
+    in_place = x.clone()
+    params = params_of(case)
+    rows = len(case.rows)
+    columns = [
+        checks.per_row(n, params[n], rows, x.device, modes.param_dtype(n))
+        for n in modes.PARAMS[case.mode]
+    ]
+    modes.in_place("cpu", case.mode)(in_place, *columns)
+    differing = (out.view(torch.int32) != in_place.view(torch.int32)).any(-1)
+    assert not differing.any(), f"rows {differing.nonzero().flatten().tolist()}"
 
 
 @pytest.mark.parametrize("vocab", [1, 151_936])
