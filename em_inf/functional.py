@@ -17,7 +17,9 @@ before ``em_inf.kernels`` is first imported). Triton is imported lazily, on the 
 kernel call, never at import time.
 
 Every row's result is bitwise independent of the other rows and of the batch size on
-the CPU paths (both modes, compiled and eager).
+the CPU paths (both modes, compiled and eager). The compiled kernels read a float32
+CPU input where it lies and write the new tensor (out of place, the bits of the
+same call in place on a copy); other inputs are copied to float32 first.
 """
 
 from __future__ import annotations

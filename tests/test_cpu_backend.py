@@ -686,7 +686,7 @@ LANES_SCRIPT = "from em_inf import cpu_backend; print(cpu_backend.vector_lanes()
 
 FIDELITY_TESTS = (
     "compiled_path_matches or exp_is_accurate or (hostile and cpu) "
-    "or (bits_do_not_depend and cpu and 4097)"
+    "or (bits_do_not_depend and cpu and 4097) or out_of_place"
 )
 
 
