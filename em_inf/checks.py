@@ -27,6 +27,12 @@ def logits_batch(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
+def contiguous_along_vocabulary(logits: torch.Tensor) -> bool:
+    """Whether the entries of each row of ``[N, V]`` ``logits`` are adjacent in
+    memory (rows may be strided), as the kernels address them."""
+    return logits.shape[1] <= 1 or logits.stride(1) == 1
+
+
 def in_place_logits(logits: torch.Tensor, device_type: str | None = None) -> None:
     """``logits`` can be processed in place by a kernel: a float32 ``[N, V]`` tensor,
     contiguous along the vocabulary (rows may be strided), on a ``device_type``
@@ -38,7 +44,7 @@ def in_place_logits(logits: torch.Tensor, device_type: str | None = None) -> Non
         )
     if device_type is not None and logits.device.type != device_type:
         raise ValueError(f"logits must be on the {device_type}, got {logits.device}")
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
+    if not contiguous_along_vocabulary(logits):
         raise ValueError(
             f"logits must be contiguous along the vocabulary, got strides "
             f"{tuple(logits.stride())}"
@@ -60,7 +66,7 @@ def source_logits(source: torch.Tensor, logits: torch.Tensor) -> None:
             f"source must be a float32 CPU tensor, got {source.dtype} on "
             f"{source.device}"
         )
-    if source.shape[1] > 1 and source.stride(1) != 1:
+    if not contiguous_along_vocabulary(source):
         raise ValueError(
             f"source must be contiguous along the vocabulary, got strides "
             f"{tuple(source.stride())}"

@@ -333,9 +333,9 @@ def adaptive_temperature_(
     source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The adaptive-temperature mode in place (or out of place, from ``source``),
-    as :func:`em_inf_`; each processed
-    row's entropy ends within ``TEMPERATURE_RTOL`` of its target (or ``T`` at the
-    end of ``[t_min, t_max]`` nearer to it). ``stats``: as :func:`em_inf_`, every
+    as :func:`em_inf_`; each processed row's entropy ends within
+    ``TEMPERATURE_RTOL`` of its target (or ``T`` at the end of ``[t_min, t_max]``
+    nearer to it). ``stats``: as :func:`em_inf_`, every
     row counted, ``stats[counters.WORK]`` adding entropy evaluations (the first,
     at ``T = 1``, included) and the entropy after being the solver's evaluation
     at the ``1 / T`` applied. ``inv_temperature``: a float32 ``[n]`` CPU tensor

@@ -115,9 +115,7 @@ def run_mode(
 def _kernels_read(logits: torch.Tensor) -> bool:
     """Whether the CPU kernels can read ``logits`` as it is: float32, contiguous
     along the vocabulary."""
-    return logits.dtype == torch.float32 and (
-        logits.shape[1] <= 1 or logits.stride(1) == 1
-    )
+    return logits.dtype == torch.float32 and checks.contiguous_along_vocabulary(logits)
 
 
 def _run_triton(
