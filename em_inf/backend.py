@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from em_inf import cpu_backend
+
 #: Environment variable that forces a backend: ``cpu`` (compiled CPU kernels),
 #: ``torch`` (eager PyTorch), ``triton`` or ``auto``.
 BACKEND_ENV = "EM_INF_BACKEND"
@@ -33,7 +35,8 @@ def backend_for(device: torch.device | str) -> str:
             tensors without ``TRITON_INTERPRET=1``, or ``cpu`` forced on other
             tensors or where the CPU kernels cannot be built.
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(
@@ -43,7 +46,7 @@ def backend_for(device: torch.device | str) -> str:
         if device.type == "cuda":
             has_triton = importlib.util.find_spec("triton") is not None
             return "triton" if has_triton else "torch"
-        return "cpu" if device.type == "cpu" and _cpu_kernels() else "torch"
+        return "cpu" if device.type == "cpu" and cpu_backend.available() else "torch"
     if choice == "triton" and device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
             raise ValueError(
@@ -53,9 +56,7 @@ def backend_for(device: torch.device | str) -> str:
     if choice == "cpu":
         if device.type != "cpu":
             raise ValueError(f"{BACKEND_ENV}=cpu on {device.type} tensors")
-        if not _cpu_kernels():
-            from em_inf import cpu_backend
-
+        if not cpu_backend.available():
             raise ValueError(
                 f"{BACKEND_ENV}=cpu, but the compiled CPU kernels are unavailable: "
                 f"{cpu_backend.unavailable_reason()}"
@@ -68,12 +69,6 @@ def prepare_backend(device: torch.device | str) -> str:
     kernels when they will be used), so that no request pays for it; an engine
     calls this while it starts. Returns the backend's name."""
     return backend_for(device)
-
-
-def _cpu_kernels() -> bool:
-    from em_inf import cpu_backend
-
-    return cpu_backend.available()
 
 
 #: Environment variables that ask for bitwise batch invariance: em-inf's own switch

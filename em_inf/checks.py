@@ -9,6 +9,9 @@ write the wrong bytes).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from em_inf import counters
@@ -51,44 +54,54 @@ def in_place_logits(logits: torch.Tensor, device_type: str | None = None) -> Non
         )
 
 
+def readable_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    """``logits`` (called ``name`` in errors) can be read by the CPU kernels where
+    it lies: a float32 CPU ``[N, V]`` tensor, contiguous along the vocabulary
+    (rows may be strided)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"{name} must be a [N, V] tensor, got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if logits.dtype != torch.float32 or not logits.is_cpu:
+        raise ValueError(
+            f"{name} must be a float32 CPU tensor, got {logits.dtype} on "
+            f"{logits.device}"
+        )
+    if not contiguous_along_vocabulary(logits):
+        raise ValueError(
+            f"{name} must be contiguous along the vocabulary, got strides "
+            f"{tuple(logits.stride())}"
+        )
+
+
 def source_logits(source: torch.Tensor, logits: torch.Tensor) -> None:
-    """``source`` can be read by the CPU kernels computing ``logits`` out of place:
-    a float32 CPU tensor of ``logits``' shape, contiguous along the vocabulary,
-    sharing no memory with ``logits`` (which the kernels write while they read
-    ``source``)."""
+    """``source`` can be read by the CPU kernels computing ``logits`` out of place
+    (:func:`readable_logits`, of ``logits``' shape), sharing no memory with
+    ``logits`` (which the kernels write while they read ``source``)."""
     if not isinstance(source, torch.Tensor) or source.shape != logits.shape:
         raise ValueError(
             f"source must be a tensor of logits' shape {tuple(logits.shape)}, got "
             f"{getattr(source, 'shape', type(source).__name__)}"
         )
-    if source.dtype != torch.float32 or source.device.type != "cpu":
-        raise ValueError(
-            f"source must be a float32 CPU tensor, got {source.dtype} on "
-            f"{source.device}"
-        )
-    if not contiguous_along_vocabulary(source):
-        raise ValueError(
-            f"source must be contiguous along the vocabulary, got strides "
-            f"{tuple(source.stride())}"
-        )
+    readable_logits(source, "source")
     if _spans_overlap(source, logits):
         raise ValueError("source must not share memory with logits")
 
 
 def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges two non-empty tensors' elements span overlap."""
+    """Whether the byte ranges two non-empty ``[N, V]`` tensors' elements span
+    overlap."""
     if a.numel() == 0 or b.numel() == 0:
         return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    return a_start < b_start + _span_bytes(b) and b_start < a_start + _span_bytes(a)
 
-    def span(t: torch.Tensor) -> tuple[int, int]:
-        last = sum(
-            (size - 1) * stride
-            for size, stride in zip(t.shape, t.stride(), strict=True)
-        )
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
-    (a_start, a_end), (b_start, b_end) = span(a), span(b)
-    return a_start < b_end and b_start < a_end
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from a non-empty ``[N, V]`` tensor's first element to past its last."""
+    (rows, vocab), (row_stride, stride) = t.shape, t.stride()
+    return ((rows - 1) * row_stride + (vocab - 1) * stride + 1) * t.element_size()
 
 
 def per_row(
@@ -119,6 +132,21 @@ def per_row(
         return value.to(device=device, dtype=dtype).reshape(rows).contiguous()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number or a tensor, got {value!r}")
+    return _shared_column(value, math.copysign(1.0, value), rows, device, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_column(
+    value: float | int,
+    sign: float,
+    rows: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``value`` in every entry of a ``[rows]`` tensor, made once per key and shared
+    by the calls that ask for it (every path only reads its parameter columns), so
+    that a call given Python numbers runs no torch operation for them. ``sign``
+    keeps -0.0 and 0.0, equal as keys, apart."""
     return torch.full((rows,), value, device=device, dtype=dtype)
 
 

@@ -16,10 +16,13 @@ it does not match this module: :data:`PROTOTYPES` declares its entry points once
 and :func:`load` checks them against the prototypes the library exports (and its
 stats layout against :mod:`em_inf.counters`) before any call, never per call.
 
-Entry points take the arguments of :mod:`em_inf.torch_backend` (``[N, 1]`` or
-``[N]`` parameter tensors) plus ``rows``: an optional int64 index of the rows of
-``logits`` to process (parameter entry ``i`` belongs to row ``rows[i]``), so that a
-sub-batch is processed where it lies, without a gather.
+The in-place entry points (``em_inf_``, ``adaptive_temperature_``) take the
+arguments of :mod:`em_inf.torch_backend` (``[N, 1]`` or ``[N]`` parameter tensors)
+plus ``rows``: an optional int64 index of the rows of ``logits`` to process
+(parameter entry ``i`` belongs to row ``rows[i]``), so that a sub-batch is
+processed where it lies, without a gather. ``em_inf`` and ``adaptive_temperature``
+return a new tensor instead, read from the batch where it lies: the compiled path of
+:mod:`em_inf.functional`, with its parameters as numbers or columns.
 
 ``stats``, when given, is one mode's counters (:mod:`em_inf.counters`): a
 contiguous int64 ``[counters.WIDTH]`` CPU tensor the kernels add to, every column,
@@ -53,6 +56,8 @@ _lock = threading.Lock()  # one call at a time: they share the scratch buffer
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 _scratch = torch.empty(0, dtype=torch.uint8)
+#: Each library's scratch bytes per (vocab, threads), asked once (a ctypes call).
+_scratch_bytes: dict[tuple[ctypes.CDLL, int, int], int] = {}
 #: The entropy bins' edges the kernels compare with (one source: counters.py).
 _EDGES = torch.tensor(counters.ENTROPY_EDGES, dtype=torch.float64)
 
@@ -290,34 +295,46 @@ def em_inf_(
             more exponential per logit, +17% of the logits mode's time.
     """
     count, index = _rows(logits, rows)
-    source_args = _source_args(source, logits)
-    params = _float_rows(count, threshold=threshold, kl_weight=kl_weight, lr=lr)
-    steps = checks.per_row("steps", steps, count, CPU, torch.int64)
+    if source is not None:
+        checks.source_logits(source, logits)
+    columns = _logits_columns(count, threshold, kl_weight, lr, steps)
     checks.stats(stats, logits)
-    library = _library_or_raise()
-    threads = torch.get_num_threads()
-    with _lock:
-        scratch = _scratch_for(library, logits.shape[1], threads)
-        library.em_inf_logits(
-            logits.data_ptr(),
-            _pointer(index),
-            count,
-            logits.shape[1],
-            logits.stride(0),
-            *source_args,
-            *(p.data_ptr() for p in params),
-            steps.data_ptr(),
-            ADAM_BETAS[0],
-            ADAM_BETAS[1],
-            ADAM_EPS,
-            scratch,
-            _pointer(stats),
-            _EDGES.data_ptr(),
-            _EDGES.numel(),
-            counters.logits_after_sample(),
-            threads,
-        )
+    _call_logits(logits, index, count, source, columns, stats)
     return logits
+
+
+def em_inf(
+    logits: torch.Tensor,
+    threshold: float | torch.Tensor,
+    kl_weight: float | torch.Tensor,
+    lr: float | torch.Tensor,
+    steps: int | torch.Tensor,
+    *,
+    stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EM-INF (logits mode) on every row of ``logits`` into a new tensor: the
+    kernels read each row where it lies and write the new one (no copy of the
+    batch first), with the bits :func:`em_inf_` gives a copy. The compiled path
+    of :func:`em_inf.functional.em_inf`, checked once, for the least Python per
+    call (a small batch's call is mostly that).
+
+    Args:
+        logits: float32 CPU ``[N, V]``, contiguous along the vocabulary (rows may
+            be strided); only read.
+        threshold, kl_weight, lr, steps: a number for every row, or one value per
+            row (``[N]`` or ``[N, 1]``), as :func:`em_inf.checks.per_row` takes.
+        stats: as :func:`em_inf_`.
+
+    Returns:
+        A new float32 ``[N, V]`` tensor.
+    """
+    checks.readable_logits(logits)
+    count = logits.shape[0]
+    columns = _logits_columns(count, threshold, kl_weight, lr, steps)
+    checks.stats(stats, logits)
+    out = torch.empty(logits.shape, dtype=torch.float32)
+    _call_logits(out, None, count, logits, columns, stats)
+    return out
 
 
 def adaptive_temperature_(
@@ -341,34 +358,40 @@ def adaptive_temperature_(
     at the ``1 / T`` applied. ``inv_temperature``: a float32 ``[n]`` CPU tensor
     that receives each row's ``1 / T`` (1 where the row was left as it was)."""
     count, index = _rows(logits, rows)
-    source_args = _source_args(source, logits)
-    params = _float_rows(
+    if source is not None:
+        checks.source_logits(source, logits)
+    columns = _float_columns(
         count, threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max
     )
     checks.stats(stats, logits)
     if inv_temperature is not None:
         checks.row_output("inv_temperature", inv_temperature, count, logits)
-    library = _library_or_raise()
-    threads = torch.get_num_threads()
-    with _lock:
-        scratch = _scratch_for(library, logits.shape[1], threads)
-        library.em_inf_temperature(
-            logits.data_ptr(),
-            _pointer(index),
-            count,
-            logits.shape[1],
-            logits.stride(0),
-            *source_args,
-            *(p.data_ptr() for p in params),
-            TEMPERATURE_RTOL,
-            _pointer(inv_temperature),
-            scratch,
-            _pointer(stats),
-            _EDGES.data_ptr(),
-            _EDGES.numel(),
-            threads,
-        )
+    _call_temperature(logits, index, count, source, columns, stats, inv_temperature)
     return logits
+
+
+def adaptive_temperature(
+    logits: torch.Tensor,
+    threshold: float | torch.Tensor,
+    alpha: float | torch.Tensor,
+    t_min: float | torch.Tensor,
+    t_max: float | torch.Tensor,
+    *,
+    stats: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The adaptive-temperature mode on every row of ``logits`` into a new tensor,
+    as :func:`em_inf` for the logits mode (the compiled path of
+    :func:`em_inf.functional.adaptive_temperature`); ``stats`` as
+    :func:`adaptive_temperature_`. Returns a new float32 ``[N, V]`` tensor."""
+    checks.readable_logits(logits)
+    count = logits.shape[0]
+    columns = _float_columns(
+        count, threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max
+    )
+    checks.stats(stats, logits)
+    out = torch.empty(logits.shape, dtype=torch.float32)
+    _call_temperature(out, None, count, logits, columns, stats, None)
+    return out
 
 
 def exp_floor(logits: torch.Tensor) -> torch.Tensor:
@@ -436,23 +459,95 @@ def _rows(
     return index.numel(), index
 
 
-def _source_args(
-    source: torch.Tensor | None, logits: torch.Tensor
-) -> tuple[int | None, int]:
-    """The kernels' ``source, source_stride`` arguments: ``(None, 0)`` in place."""
-    if source is None:
-        return None, 0
-    checks.source_logits(source, logits)
-    return source.data_ptr(), source.stride(0)
+def _logits_columns(
+    count: int,
+    threshold: float | torch.Tensor,
+    kl_weight: float | torch.Tensor,
+    lr: float | torch.Tensor,
+    steps: int | torch.Tensor,
+) -> list[torch.Tensor]:
+    """The logits mode's parameters as the kernels take them: float32 ``[count]``
+    columns, then int64 ``steps``."""
+    columns = _float_columns(count, threshold=threshold, kl_weight=kl_weight, lr=lr)
+    columns.append(checks.per_row("steps", steps, count, CPU, torch.int64))
+    return columns
 
 
-def _float_rows(count: int, **params: torch.Tensor) -> list[torch.Tensor]:
-    """Each parameter, checked, as a float32 ``[count]`` CPU tensor, in the order
+def _float_columns(count: int, **params: float | torch.Tensor) -> list[torch.Tensor]:
+    """Each parameter, checked, as a float32 ``[count]`` CPU column, in the order
     given."""
     return [
         checks.per_row(name, value, count, CPU, torch.float32)
         for name, value in params.items()
     ]
+
+
+def _call_logits(
+    out: torch.Tensor,
+    index: torch.Tensor | None,
+    count: int,
+    source: torch.Tensor | None,
+    columns: list[torch.Tensor],
+    stats: torch.Tensor | None,
+) -> None:
+    """``em_inf_logits`` on checked arguments: ``count`` rows of ``out`` (those in
+    ``index``, or all), from ``source``'s rows (``None``: in place)."""
+    library = _library_or_raise()
+    threads = torch.get_num_threads()
+    with _lock:
+        library.em_inf_logits(
+            out.data_ptr(),
+            _pointer(index),
+            count,
+            out.shape[1],
+            out.stride(0),
+            _pointer(source),
+            0 if source is None else source.stride(0),
+            *(column.data_ptr() for column in columns),
+            ADAM_BETAS[0],
+            ADAM_BETAS[1],
+            ADAM_EPS,
+            _scratch_for(library, out.shape[1], threads),
+            _pointer(stats),
+            _EDGES.data_ptr(),
+            _EDGES.numel(),
+            counters.DEFAULT_CPU_SAMPLE
+            if stats is None
+            else counters.logits_after_sample(),
+            threads,
+        )
+
+
+def _call_temperature(
+    out: torch.Tensor,
+    index: torch.Tensor | None,
+    count: int,
+    source: torch.Tensor | None,
+    columns: list[torch.Tensor],
+    stats: torch.Tensor | None,
+    inv_temperature: torch.Tensor | None,
+) -> None:
+    """``em_inf_temperature`` on checked arguments, as :func:`_call_logits`."""
+    library = _library_or_raise()
+    threads = torch.get_num_threads()
+    with _lock:
+        library.em_inf_temperature(
+            out.data_ptr(),
+            _pointer(index),
+            count,
+            out.shape[1],
+            out.stride(0),
+            _pointer(source),
+            0 if source is None else source.stride(0),
+            *(column.data_ptr() for column in columns),
+            TEMPERATURE_RTOL,
+            _pointer(inv_temperature),
+            _scratch_for(library, out.shape[1], threads),
+            _pointer(stats),
+            _EDGES.data_ptr(),
+            _EDGES.numel(),
+            threads,
+        )
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -486,7 +581,11 @@ def _scratch_for(library: ctypes.CDLL, vocab: int, threads: int) -> int:
     """Address of the shared scratch buffer, grown when needed (kept across calls:
     a fresh one would page-fault its megabytes on every call). Call under _lock."""
     global _scratch
-    needed = library.em_inf_scratch_bytes(vocab, threads)
+    needed = _scratch_bytes.get((library, vocab, threads))
+    if needed is None:
+        needed = _scratch_bytes[library, vocab, threads] = library.em_inf_scratch_bytes(
+            vocab, threads
+        )
     if _scratch.numel() < needed:
         _scratch = torch.empty(needed, dtype=torch.uint8)
     return _scratch.data_ptr()

@@ -96,20 +96,20 @@ def run_mode(
     """:func:`em_inf` (``mode == "logits"``) or :func:`adaptive_temperature`
     (``"temperature"``) with the parameters named in ``modes.PARAMS[mode]``."""
     checks.logits_batch(logits)
-    rows, device = logits.shape[0], logits.device
-    backend = backend_for(device)
-    out = torch.empty(logits.shape, dtype=torch.float32, device=device)
-    if backend == "triton":
-        return _run_triton(mode, out.copy_(logits), params, stats)
-    per_row = [
-        checks.per_row(name, params[name], rows, device, modes.param_dtype(name))
-        for name in modes.PARAMS[mode]
-    ]
-    run = modes.in_place(backend, mode)
+    backend = backend_for(logits.device)
+    values = [params[name] for name in modes.PARAMS[mode]]
     if backend == "cpu" and _kernels_read(logits):
-        # The kernels read logits and write every row of out: no copy first.
-        return run(out, *per_row, stats=stats, source=logits)
-    return run(out.copy_(logits), *per_row, stats=stats)
+        # The kernels read logits where it lies and write a new tensor.
+        return modes.out_of_place(mode)(logits, *values, stats=stats)
+    rows, device = logits.shape[0], logits.device
+    out = torch.empty(logits.shape, dtype=torch.float32, device=device).copy_(logits)
+    if backend == "triton":
+        return _run_triton(mode, out, params, stats)
+    per_row = [
+        checks.per_row(name, value, rows, device, modes.param_dtype(name))
+        for name, value in zip(modes.PARAMS[mode], values, strict=True)
+    ]
+    return modes.in_place(backend, mode)(out, *per_row, stats=stats)
 
 
 def _kernels_read(logits: torch.Tensor) -> bool:

@@ -58,3 +58,14 @@ def in_place(backend: str, mode: str) -> Callable[..., torch.Tensor]:
     ``logits``)."""
     module = cpu_backend if backend == "cpu" else torch_backend
     return module.adaptive_temperature_ if mode == "temperature" else module.em_inf_
+
+
+def out_of_place(mode: str) -> Callable[..., torch.Tensor]:
+    """The compiled kernels' function of ``mode`` that reads a float32 CPU batch
+    where it lies and returns a new tensor: ``(logits, *PARAMS[mode], stats=...)``,
+    each parameter a number or one value per row."""
+    return (
+        cpu_backend.adaptive_temperature
+        if mode == "temperature"
+        else cpu_backend.em_inf
+    )

@@ -510,6 +510,59 @@ def test_a_source_the_kernels_cannot_read_is_refused():
         cpu_backend.em_inf_(both[1:], ones, ones, ones, ones.long(), source=both[:2])
 
 
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+@pytest.mark.parametrize("given", ["numbers", "per-row tensors"])
+def test_a_new_tensor_gives_the_in_place_bits(generator, mode, given):
+    """em_inf / adaptive_temperature (the functional API's compiled path) read a
+    batch with strided rows where it lies, leave it unwritten, and return the bits
+    and counts the call in place gives a copy, every kind of row included, with
+    the parameters given as numbers or as one value per row."""
+    logits = out_of_place_batch(generator, 4_097)
+    rows, vocab = logits.shape
+    if given == "numbers":
+        values = (0.3, 0.05, 0.1, 3) if mode == "logits" else (0.3, 0.5, 0.05, 1.0)
+        params = {
+            name: torch.full((rows,), value)
+            for name, value in zip(("a", "b", "c", "d"), values, strict=True)
+        }
+    else:
+        params = (logits_params if mode == "logits" else temperature_params)(
+            generator, rows
+        )
+        values = tuple(params.values())
+    in_place_stats, new_tensor_stats = new_stats("cpu"), new_stats("cpu")
+    expected = run("cpu", mode, logits, params, stats=in_place_stats)
+    wide = torch.full((rows, 2 * vocab), torch.nan)
+    wide[:, :vocab] = logits
+    source = wide[:, :vocab]
+    function = (
+        cpu_backend.em_inf if mode == "logits" else cpu_backend.adaptive_temperature
+    )
+    out = function(source, *values, stats=new_tensor_stats)
+    assert torch.equal(bits(wide[:, :vocab]), bits(logits))
+    assert torch.isnan(wide[:, vocab:]).all()
+    differing = (bits(out) != bits(expected)).any(dim=1).nonzero().flatten()
+    assert differing.numel() == 0, f"rows {differing.tolist()} of {rows} differ"
+    assert torch.equal(new_tensor_stats, in_place_stats)
+
+
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+def test_a_batch_the_kernels_cannot_read_where_it_lies_is_refused(mode):
+    function = (
+        cpu_backend.em_inf if mode == "logits" else cpu_backend.adaptive_temperature
+    )
+    values = (0.3, 0.05, 0.1, 3) if mode == "logits" else (0.3, 0.5, 0.05, 1.0)
+    for logits, error in [
+        (torch.zeros(8), r"a \[N, V\] tensor"),
+        (torch.zeros(2, 8, dtype=torch.float64), "a float32 CPU tensor"),
+        (torch.zeros(2, 16)[:, ::2], "contiguous along the vocabulary"),
+    ]:
+        with pytest.raises(ValueError, match=f"logits must be {error}"):
+            function(logits, *values)
+    with pytest.raises(ValueError, match="threshold"):
+        function(torch.zeros(2, 8), torch.ones(3), *values[1:])
+
+
 # -- batch invariance -----------------------------------------------------------------
 
 

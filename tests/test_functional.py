@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from em_inf import counters, cpu_backend, functional, torch_backend
+from em_inf import checks, counters, cpu_backend, functional, torch_backend
 from em_inf.reference import entropy
 from tests.inputs import mask_randomly, random_logits
 from tests.oracle import adaptive_temperature_oracle, assert_matches, em_inf_oracle
@@ -176,6 +176,29 @@ def test_bad_arguments_name_the_parameter(kwargs, message):
     params = dict(threshold=0.3, kl_weight=0.05, lr=0.1, steps=3) | kwargs
     with pytest.raises(ValueError, match=message):
         functional.em_inf(torch.zeros(2, 10), **params)
+
+
+def test_a_number_for_every_row_is_one_shared_column_that_no_path_writes(generator):
+    """A parameter given as a number becomes a column made once and shared by the
+    calls that give the same number (they then run no torch operation for it), so
+    no path may write one: after both modes run on hostile rows, each column
+    still holds its number. -0.0 and 0.0, equal as keys, get a column each."""
+    cpu = torch.device("cpu")
+    logits = random_logits(4, 1_000, scale=4.0, generator=generator)
+    logits[0] = torch.nan
+    settings = dict(threshold=0.0, kl_weight=0.25, lr=1e30, steps=7)
+    temperature = dict(threshold=0.0, alpha=0.5, t_min=0.01, t_max=0.5)
+    functional.em_inf(logits, **settings)
+    functional.adaptive_temperature(logits, **temperature)
+    for name, value in (settings | temperature).items():
+        dtype = torch.int64 if name == "steps" else torch.float32
+        column = checks.per_row(name, value, 4, cpu, dtype)
+        assert column is checks.per_row(name, value, 4, cpu, dtype)
+        assert torch.equal(column, torch.full((4,), value, dtype=dtype)), name
+    zero, negative_zero = (
+        checks.per_row("lr", value, 4, cpu, torch.float32) for value in (0.0, -0.0)
+    )
+    assert not torch.signbit(zero).any() and torch.signbit(negative_zero).all()
 
 
 def test_adaptive_temperature_needs_far_fewer_passes_than_bisection(cpu_path):
