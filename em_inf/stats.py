@@ -96,6 +96,7 @@ class EMInfStats:
         self._pending: tuple | None = None
         self._snapshot: torch.Tensor | None = None  # pinned copy of the counters
         self._snapshot_np: np.ndarray | None = None
+        self._mode_counters: tuple[torch.Tensor, ...] = ()
         self._lock = threading.Lock()  # tick() and the idle reporter
         self._idle_reporter: threading.Thread | None = None
 
@@ -111,10 +112,17 @@ class EMInfStats:
                 (len(MODES), WIDTH), torch.int64, device
             )
             self._snapshot_np = self._snapshot.numpy()
+            self._mode_counters = self._device_counters.unbind(0)
         elif self._device_counters.device != device:
             counted_on = self._device_counters.device
             raise ValueError(f"EM-INF stats are counted on {counted_on}, not {device}")
         return self._device_counters
+
+    def mode_counters(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``counters(device)``'s rows, one per mode in ``MODES`` order, as views
+        made once (indexing the counters would be a torch operation per step)."""
+        self.counters(device)
+        return self._mode_counters
 
     def totals(self) -> np.ndarray:
         """Everything counted so far, int64 ``[2, WIDTH]``; waits for the device
