@@ -2,10 +2,12 @@
 outputs must see every changed logit, and a variant given as a patch must be the
 patched source, run through the real build and the real kernels. And the other
 probes of the kernels (bench/cpu_units.py, bench/scratch_placement.py,
-bench/idle_gap.py, bench/new_tensor.py) measure what they say, with the real kernels."""
+bench/idle_gap.py, bench/new_tensor.py, bench/python_overhead.py,
+bench/thread_wake.py) measure what they say, with the real kernels."""
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import subprocess
@@ -14,9 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cpu_units, idle_gap, kernel_ab, new_tensor, scratch_placement
+from bench import (
+    cpu_units,
+    idle_gap,
+    kernel_ab,
+    new_tensor,
+    python_overhead,
+    scratch_placement,
+    thread_wake,
+)
+from bench.common import make_logits
 from bench.latency import Case
-from em_inf import cpu_backend, cpu_build
+from em_inf import cpu_backend, cpu_build, functional
 
 pytestmark = pytest.mark.skipif(
     not cpu_backend.available(), reason="the compiled CPU kernels are unavailable"
@@ -172,3 +183,50 @@ def test_new_tensor_times_ways_that_give_the_same_bits():
     rows = new_tensor.measure_ways([1], rounds=5)
     assert [row["way"] for row in rows] == list(new_tensor.ways(1))
     assert all(0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"] for row in rows)
+
+
+def test_python_overhead_times_the_same_kernels_on_the_same_data_both_ways():
+    """The bare ctypes call bench/python_overhead.py times against each public call
+    writes that call's bits (so the difference is the Python around them), and
+    every cell gets a time, torch's thread count restored after the vLLM step."""
+    logits = make_logits(2, 4_096)
+    params = python_overhead.logits_settings("default")
+    expected = functional.em_inf(logits, **params)
+    out = torch.full_like(logits, torch.nan)
+    python_overhead.BareCall(out, logits, params, None)()
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    step = python_overhead.VllmStep(rows=2, vocab=4_096)
+    step.again()
+    step.public()
+    public_bits = step.logits.clone()
+    step.again()
+    step.bare()
+    assert torch.equal(step.logits.view(torch.int32), public_bits.view(torch.int32))
+    assert not torch.equal(public_bits, step.source)  # EM-INF changed the rows
+    threads = torch.get_num_threads()
+    rows = python_overhead.functional_case(rounds=1)
+    rows += python_overhead.vllm_step_case(rounds=1, forward_mib=1)
+    assert torch.get_num_threads() == threads
+    assert [row["gap"] for row in rows] == [
+        "back to back",
+        "after the authors' loop",
+        "back to back",
+        "after a forward pass",
+    ]
+    for row in rows:
+        assert row["public_ms"] > 0 and row["kernels_ctypes_call_ms"] > 0, row
+
+
+def test_thread_wake_reports_every_gap(tmp_path):
+    """bench/thread_wake.py compiles its OpenMP probe and reads back, per gap, a
+    second thread's entry delay no larger than its region, and a share."""
+    out = tmp_path / "thread_wake.json"
+    assert (
+        thread_wake.main(["--rounds", "3", "--barriers", "2", "--out", str(out)]) == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["gap"] for row in rows] == list(thread_wake.GAPS)
+    for row in rows:
+        assert 0 <= row["delay_median_us"] <= row["delay_max_us"], row
+        assert row["delay_median_us"] <= row["region_median_us"], row
+        assert 0 <= row["one_cpu_share"] <= 1, row
