@@ -201,10 +201,11 @@ class SlotSettings:
             device: where the logits are (the columns and index go there).
 
         Made again only when the slots or any setting changed since the last call
-        (a decoding step usually repeats the last batch): the numpy and torch
-        operations that make them cost a step more than the kernels' call's
-        Python, and far more right after the model's forward pass has taken the
-        caches (about 0.3 ms against 0.08 ms, 8 rows).
+        (a decoding step usually repeats the last batch): the dozen numpy and
+        torch operations that make them were most of a step's Python, which right
+        after the model's forward pass took 0.45-0.48 ms with them and takes
+        0.23-0.26 ms without (8 rows of 49,152, one thread;
+        ``bench/python_overhead.py``).
         """
         key = (row_slots.dtype.str, row_slots.tobytes(), self._version, device)
         if self._mode_rows is None or self._mode_rows[0] != key:
