@@ -492,30 +492,13 @@ def _call_logits(
 ) -> None:
     """``em_inf_logits`` on checked arguments: ``count`` rows of ``out`` (those in
     ``index``, or all), from ``source``'s rows (``None``: in place)."""
-    library = _library_or_raise()
-    threads = torch.get_num_threads()
-    with _lock:
-        library.em_inf_logits(
-            out.data_ptr(),
-            _pointer(index),
-            count,
-            out.shape[1],
-            out.stride(0),
-            _pointer(source),
-            0 if source is None else source.stride(0),
-            *(column.data_ptr() for column in columns),
-            ADAM_BETAS[0],
-            ADAM_BETAS[1],
-            ADAM_EPS,
-            _scratch_for(library, out.shape[1], threads),
-            _pointer(stats),
-            _EDGES.data_ptr(),
-            _EDGES.numel(),
-            counters.DEFAULT_CPU_SAMPLE
-            if stats is None
-            else counters.logits_after_sample(),
-            threads,
-        )
+    sample = (
+        counters.DEFAULT_CPU_SAMPLE if stats is None else counters.logits_after_sample()
+    )
+    settings = (ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
+    _launch(
+        "em_inf_logits", out, index, count, source, columns, settings, stats, sample
+    )
 
 
 def _call_temperature(
@@ -528,10 +511,28 @@ def _call_temperature(
     inv_temperature: torch.Tensor | None,
 ) -> None:
     """``em_inf_temperature`` on checked arguments, as :func:`_call_logits`."""
+    settings = (TEMPERATURE_RTOL, _pointer(inv_temperature))
+    _launch("em_inf_temperature", out, index, count, source, columns, settings, stats)
+
+
+def _launch(
+    entry: str,
+    out: torch.Tensor,
+    index: torch.Tensor | None,
+    count: int,
+    source: torch.Tensor | None,
+    columns: list[torch.Tensor],
+    settings: tuple,
+    stats: torch.Tensor | None,
+    *last: int,
+) -> None:
+    """One mode's entry point with its arguments in the prototypes' order: the
+    rows, the parameter columns, the mode's ``settings``, the scratch, ``stats``
+    and the bins' edges, the mode's ``last`` arguments, the thread count."""
     library = _library_or_raise()
     threads = torch.get_num_threads()
     with _lock:
-        library.em_inf_temperature(
+        getattr(library, entry)(
             out.data_ptr(),
             _pointer(index),
             count,
@@ -540,12 +541,12 @@ def _call_temperature(
             _pointer(source),
             0 if source is None else source.stride(0),
             *(column.data_ptr() for column in columns),
-            TEMPERATURE_RTOL,
-            _pointer(inv_temperature),
+            *settings,
             _scratch_for(library, out.shape[1], threads),
             _pointer(stats),
             _EDGES.data_ptr(),
             _EDGES.numel(),
+            *last,
             threads,
         )
 
