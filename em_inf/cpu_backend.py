@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from em_inf import checks, counters, cpu_build
+from em_inf import checks, counters, cpu_build, reused_results
 from em_inf.config import ADAM_BETAS, ADAM_EPS, TEMPERATURE_RTOL
 
 logger = logging.getLogger(__name__)
@@ -326,13 +326,14 @@ def em_inf(
         stats: as :func:`em_inf_`.
 
     Returns:
-        A new float32 ``[N, V]`` tensor.
+        A new float32 ``[N, V]`` tensor (above 32 MiB on the memory of a result
+        freed before: :mod:`em_inf.reused_results`).
     """
     checks.readable_logits(logits)
     count = logits.shape[0]
     columns = _logits_columns(count, threshold, kl_weight, lr, steps)
     checks.stats(stats, logits)
-    out = torch.empty(logits.shape, dtype=torch.float32)
+    out = reused_results.new_float32(logits.shape, CPU)
     _call_logits(out, None, count, logits, columns, stats)
     return out
 
@@ -389,7 +390,7 @@ def adaptive_temperature(
         count, threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max
     )
     checks.stats(stats, logits)
-    out = torch.empty(logits.shape, dtype=torch.float32)
+    out = reused_results.new_float32(logits.shape, CPU)
     _call_temperature(out, None, count, logits, columns, stats, None)
     return out
 

@@ -19,14 +19,17 @@ kernel call, never at import time.
 Every row's result is bitwise independent of the other rows and of the batch size on
 the CPU paths (both modes, compiled and eager). The compiled kernels read a float32
 CPU input where it lies and write the new tensor (out of place, the bits of the
-same call in place on a copy); other inputs are copied to float32 first.
+same call in place on a copy); other inputs are copied to float32 first. On the CPU
+a result above 32 MiB takes the memory of such a result the caller has let go, when
+one of its size is free, instead of faulting in fresh pages
+(:mod:`em_inf.reused_results`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from em_inf import checks, modes
+from em_inf import checks, modes, reused_results
 from em_inf.backend import backend_for
 
 Param = float | int | torch.Tensor
@@ -102,7 +105,7 @@ def run_mode(
         # The kernels read logits where it lies and write a new tensor.
         return modes.out_of_place(mode)(logits, *values, stats=stats)
     rows, device = logits.shape[0], logits.device
-    out = torch.empty(logits.shape, dtype=torch.float32, device=device).copy_(logits)
+    out = reused_results.new_float32(logits.shape, device).copy_(logits)
     if backend == "triton":
         return _run_triton(mode, out, params, stats)
     per_row = [
