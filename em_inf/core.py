@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from em_inf import cpu_backend
 from em_inf.backend import backend_for
 from em_inf.config import MODES, EMInfConfig
 from em_inf.modes import LEFT_ALONE, PARAMS, in_place, param_dtype, rows_by_mode
@@ -68,6 +69,7 @@ class ModeRows(NamedTuple):
     code: int  # the mode's index in MODES (its row of the counters)
     index: torch.Tensor | None  # int64 [n] rows on the logits' device; None: all
     params: tuple[torch.Tensor, ...]  # PARAMS[mode], [n] columns (param_dtype)
+    kernels: cpu_backend.RowsCall | None  # the compiled kernels on them (CPU only)
 
 
 class SlotSettings:
@@ -207,7 +209,7 @@ class SlotSettings:
         0.23-0.26 ms without (8 rows of 49,152, one thread;
         ``bench/python_overhead.py``).
         """
-        key = (row_slots.dtype.str, row_slots.tobytes(), self._version, device)
+        key = (row_slots.dtype, row_slots.tobytes(), self._version, device)
         if self._mode_rows is None or self._mode_rows[0] != key:
             self._mode_rows = (key, self._make_mode_rows(row_slots, device))
         return self._mode_rows[1]
@@ -229,7 +231,12 @@ class SlotSettings:
             )
             every_row = rows.size == len(row_slots)
             index = None if every_row else torch.from_numpy(rows).to(device)
-            made.append(ModeRows(mode, MODES.index(mode), index, params))
+            kernels = (
+                cpu_backend.RowsCall(mode, index, params)
+                if device.type == "cpu"
+                else None
+            )
+            made.append(ModeRows(mode, MODES.index(mode), index, params, kernels))
         return tuple(made)
 
     # -- device tables (kernel path) ------------------------------------------------
@@ -317,7 +324,9 @@ def apply_to_rows(
         return logits  # spares the copy of the rows' slots from the device
     else:  # torch path with speculative rows (CPU, or the forced CUDA fallback)
         host_rows = row_slots.cpu().numpy()
-    device = logits.device
+    # The compiled kernels run on the CPU only: no need to ask the logits (a torch
+    # call per step, ~10 us right after the forward pass).
+    device = cpu_backend.CPU if backend == "cpu" else logits.device
     counters = None if stats is None else stats.mode_counters(device)
     for rows in settings.mode_rows(host_rows, device):
         _apply_torch(logits, rows, backend, counters)
@@ -331,15 +340,17 @@ def _apply_torch(
     counters: tuple[torch.Tensor, ...] | None,
 ) -> None:
     """The CPU paths, in place, on one mode's rows: the compiled kernels
-    (``backend == "cpu"``) process them where they lie, the eager PyTorch path
-    the whole batch or a gathered copy scattered back. ``counters``: each mode's
-    int64 ``[WIDTH]`` counters (:mod:`em_inf.counters`) or ``None``."""
+    (``backend == "cpu"``) process them where they lie, through the call made with
+    the rows (:class:`em_inf.cpu_backend.RowsCall`), the eager PyTorch path the
+    whole batch or a gathered copy scattered back. ``counters``: each mode's int64
+    ``[WIDTH]`` counters (:mod:`em_inf.counters`) or ``None``."""
     stats = None if counters is None else counters[rows.code]
+    if backend == "cpu":
+        rows.kernels(logits, stats)
+        return
     run = in_place(backend, rows.mode)
     if rows.index is None:
         run(logits, *rows.params, stats=stats)
-    elif backend == "cpu":  # the compiled kernels process rows where they lie
-        run(logits, *rows.params, rows=rows.index, stats=stats)
     else:
         sub = logits.index_select(0, rows.index)
         run(sub, *rows.params, stats=stats)

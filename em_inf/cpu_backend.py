@@ -40,9 +40,10 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,14 +53,30 @@ from em_inf.config import ADAM_BETAS, ADAM_EPS, TEMPERATURE_RTOL
 logger = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
+
+
+class Scratch(NamedTuple):
+    """The kernels' shared scratch: a uint8 tensor, with its address and size kept
+    as numbers (a call that need not grow it makes no torch call for it)."""
+
+    tensor: torch.Tensor
+    address: int
+    size: int
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Scratch:
+        return cls(tensor, tensor.data_ptr(), tensor.numel())
+
+
 _lock = threading.Lock()  # one call at a time: they share the scratch buffer
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
-_scratch = torch.empty(0, dtype=torch.uint8)
+_scratch = Scratch.of(torch.empty(0, dtype=torch.uint8))
 #: Each library's scratch bytes per (vocab, threads), asked once (a ctypes call).
 _scratch_bytes: dict[tuple[ctypes.CDLL, int, int], int] = {}
 #: The entropy bins' edges the kernels compare with (one source: counters.py).
 _EDGES = torch.tensor(counters.ENTROPY_EDGES, dtype=torch.float64)
+_EDGES_ADDRESS = _EDGES.data_ptr()
 
 #: The kernels' entry points, declared once on this side, as ``cpu_kernels.c``
 #: defines them (with the same argument names). :func:`load` checks each against the
@@ -414,7 +431,7 @@ def exp_floor(logits: torch.Tensor) -> torch.Tensor:
 def scratch_buffer() -> torch.Tensor:
     """The kernels' scratch as it stands (uint8, grown by the calls that need more),
     for benchmarks that read it to bring it into the caches."""
-    return _scratch
+    return _scratch.tensor
 
 
 def vector_lanes() -> int:
@@ -493,12 +510,15 @@ def _call_logits(
 ) -> None:
     """``em_inf_logits`` on checked arguments: ``count`` rows of ``out`` (those in
     ``index``, or all), from ``source``'s rows (``None``: in place)."""
-    sample = (
-        counters.DEFAULT_CPU_SAMPLE if stats is None else counters.logits_after_sample()
-    )
-    settings = (ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
+    rows = _Rows(_pointer(index), count, _addresses(columns))
     _launch(
-        "em_inf_logits", out, index, count, source, columns, settings, stats, sample
+        "em_inf_logits",
+        out,
+        rows,
+        source,
+        _LOGITS_SETTINGS,
+        _pointer(stats),
+        _sample(stats),
     )
 
 
@@ -512,44 +532,142 @@ def _call_temperature(
     inv_temperature: torch.Tensor | None,
 ) -> None:
     """``em_inf_temperature`` on checked arguments, as :func:`_call_logits`."""
+    rows = _Rows(_pointer(index), count, _addresses(columns))
     settings = (TEMPERATURE_RTOL, _pointer(inv_temperature))
-    _launch("em_inf_temperature", out, index, count, source, columns, settings, stats)
+    _launch("em_inf_temperature", out, rows, source, settings, _pointer(stats))
+
+
+class _Rows(NamedTuple):
+    """The rows a call processes, as the kernels take them: the address of their
+    int64 index (``None``: every row), their count, and the addresses of their
+    parameter columns in the prototype's order."""
+
+    index: int | None
+    count: int
+    columns: tuple[int, ...]
+
+
+#: The logits mode's Adam settings, as its entry point takes them.
+_LOGITS_SETTINGS = (ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
+
+
+def _sample(stats: torch.Tensor | None) -> int:
+    """The logits mode's ``sample`` argument: one in how many counted rows get their
+    entropy after measured."""
+    return (
+        counters.DEFAULT_CPU_SAMPLE if stats is None else counters.logits_after_sample()
+    )
 
 
 def _launch(
     entry: str,
     out: torch.Tensor,
-    index: torch.Tensor | None,
-    count: int,
+    rows: _Rows,
     source: torch.Tensor | None,
-    columns: list[torch.Tensor],
     settings: tuple,
-    stats: torch.Tensor | None,
+    stats: int | None,
     *last: int,
 ) -> None:
     """One mode's entry point with its arguments in the prototypes' order: the
-    rows, the parameter columns, the mode's ``settings``, the scratch, ``stats``
-    and the bins' edges, the mode's ``last`` arguments, the thread count."""
+    rows of ``out`` (from ``source``'s, or in place), their parameter columns, the
+    mode's ``settings``, the scratch, the counters' address (``stats``) and the
+    bins' edges, the mode's ``last`` arguments, the thread count."""
     library = _library_or_raise()
     threads = torch.get_num_threads()
+    vocab = out.shape[1]
     with _lock:
         getattr(library, entry)(
             out.data_ptr(),
-            _pointer(index),
-            count,
-            out.shape[1],
+            rows.index,
+            rows.count,
+            vocab,
             out.stride(0),
             _pointer(source),
             0 if source is None else source.stride(0),
-            *(column.data_ptr() for column in columns),
+            *rows.columns,
             *settings,
-            _scratch_for(library, out.shape[1], threads),
-            _pointer(stats),
-            _EDGES.data_ptr(),
-            _EDGES.numel(),
+            _scratch_for(library, vocab, threads),
+            stats,
+            _EDGES_ADDRESS,
+            len(counters.ENTROPY_EDGES),
             *last,
             threads,
         )
+
+
+class RowsCall:
+    """One mode's kernels in place on the same rows of each step's logits, with the
+    same settings: the rows' index and parameter columns (and the counters, the
+    first time they are passed) are checked and their addresses taken once, and a
+    call checks only its logits. The vLLM processor's CPU path, whose batch
+    usually repeats the last step's (:meth:`em_inf.core.SlotSettings.mode_rows`):
+    right after the model's forward pass each torch call, even reading a tensor's
+    dtype, costs about 10 us (caches refilled), and a step's arguments took dozens.
+    ``EM_INF_ENTROPY_SAMPLE`` (:func:`~em_inf.counters.logits_after_sample`) is
+    read when the call is made, not at each call.
+
+    Args:
+        mode: ``"logits"`` or ``"temperature"``.
+        index: int64 ``[n]`` CPU indices of the rows to process (ascending or
+            not), or ``None``: every row of logits with ``n`` rows.
+        columns: the mode's parameters (``modes.PARAMS[mode]`` order), ``[n]``
+            each, as :func:`em_inf_` / :func:`adaptive_temperature_` take them.
+    """
+
+    def __init__(
+        self, mode: str, index: torch.Tensor | None, columns: Sequence[torch.Tensor]
+    ) -> None:
+        count = columns[0].shape[0]
+        if mode == "logits":
+            checked = _logits_columns(count, *columns)
+        else:
+            names = ("threshold", "alpha", "t_min", "t_max")
+            checked = _float_columns(count, **dict(zip(names, columns, strict=True)))
+        if index is not None:
+            index = index.to(torch.int64).reshape(-1).contiguous()
+            if index.numel() != count or (count and int(index.min()) < 0):
+                raise ValueError(
+                    f"rows must be {count} indices >= 0, one per parameter, got {index}"
+                )
+        self._index, self._columns = index, checked  # what the addresses point to
+        self._rows = _Rows(_pointer(index), count, _addresses(checked))
+        # The logits' rows a call needs: exactly count (every row) or more than
+        # the index's largest.
+        self._every_row = index is None
+        self._rows_needed = (
+            count if index is None or not count else int(index.max()) + 1
+        )
+        self._stats: tuple[torch.Tensor | None, int | None] = (None, None)
+        # The mode's entry point, settings and last arguments; the sample is read
+        # once (the environment, read per call, took ~50 us after a forward pass).
+        if mode == "logits":
+            sample = counters.logits_after_sample()
+            self._mode = ("em_inf_logits", _LOGITS_SETTINGS, (sample,))
+        else:
+            self._mode = ("em_inf_temperature", (TEMPERATURE_RTOL, None), ())
+
+    def __call__(self, logits: torch.Tensor, stats: torch.Tensor | None = None) -> None:
+        """Process ``logits`` (float32 CPU ``[N, V]``, contiguous along the
+        vocabulary, rows may be strided) in place, counting into ``stats`` (as
+        :func:`em_inf_`'s)."""
+        checks.in_place_logits(logits, "cpu")
+        rows, vocab = logits.shape
+        if rows > 1 and logits.stride(0) < vocab:
+            raise ValueError("logits rows must not overlap")
+        if rows != self._rows_needed and (self._every_row or rows < self._rows_needed):
+            raise ValueError(
+                f"logits has {rows} rows; these settings are for "
+                f"{'exactly' if self._every_row else 'at least'} {self._rows_needed}"
+            )
+        if stats is not self._stats[0]:
+            checks.stats(stats, logits)
+            self._stats = (stats, _pointer(stats))
+        entry, settings, last = self._mode
+        _launch(entry, logits, self._rows, None, settings, self._stats[1], *last)
+
+
+def _addresses(columns: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(column.data_ptr() for column in columns)
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -588,6 +706,6 @@ def _scratch_for(library: ctypes.CDLL, vocab: int, threads: int) -> int:
         needed = _scratch_bytes[library, vocab, threads] = library.em_inf_scratch_bytes(
             vocab, threads
         )
-    if _scratch.numel() < needed:
-        _scratch = torch.empty(needed, dtype=torch.uint8)
-    return _scratch.data_ptr()
+    if _scratch.size < needed:
+        _scratch = Scratch.of(torch.empty(needed, dtype=torch.uint8))
+    return _scratch.address

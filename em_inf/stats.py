@@ -90,6 +90,7 @@ class EMInfStats:
         self._clock = clock
         self._publish = publish
         self._device_counters: torch.Tensor | None = None  # int64 [2, WIDTH]
+        self._counted_on: torch.device | None = None  # its device
         self._reported = np.zeros((len(MODES), WIDTH), dtype=np.int64)
         self._reported_at = self._ticked_at = clock()
         # A snapshot in flight: (counts, event or None, time taken).
@@ -113,9 +114,11 @@ class EMInfStats:
             )
             self._snapshot_np = self._snapshot.numpy()
             self._mode_counters = self._device_counters.unbind(0)
-        elif self._device_counters.device != device:
-            counted_on = self._device_counters.device
-            raise ValueError(f"EM-INF stats are counted on {counted_on}, not {device}")
+            self._counted_on = self._device_counters.device
+        elif device != self._counted_on:  # (a tensor's .device is a torch call)
+            raise ValueError(
+                f"EM-INF stats are counted on {self._counted_on}, not {device}"
+            )
         return self._device_counters
 
     def mode_counters(self, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -396,6 +396,75 @@ def test_row_index_processes_rows_where_they_lie(generator):
     assert torch.equal(out[others], logits[others])
 
 
+@pytest.mark.parametrize("mode", ["logits", "temperature"])
+@pytest.mark.parametrize("rows", [None, [6, 1, 4]], ids=["every-row", "index"])
+def test_a_rows_call_gives_the_entry_points_bits_and_counts_step_after_step(
+    generator, mode, rows
+):
+    """RowsCall (the vLLM step's compiled path) against em_inf_ /
+    adaptive_temperature_ with the same rows, settings and counters, over steps
+    with new logits and with the counters swapped for others between steps. Its
+    columns are given as float64 [n, 1] tensors and dropped: it keeps the
+    converted ones it points to."""
+    batch, vocab = 8, 3_001
+    index = None if rows is None else torch.tensor(rows)
+    count = batch if index is None else len(rows)
+    params = (logits_params if mode == "logits" else temperature_params)(
+        generator, count
+    )
+    kept = {k: v.clone() for k, v in params.items()}
+    call = cpu_backend.RowsCall(
+        mode,
+        index,
+        [v.double().reshape(-1, 1) if k != "steps" else v for k, v in params.items()],
+    )
+    del params
+    torch.empty(count * 64).fill_(torch.nan)  # reuse freed memory with garbage
+    first, second = (torch.zeros(counters.WIDTH, dtype=torch.int64) for _ in "ab")
+    expected = [torch.zeros(counters.WIDTH, dtype=torch.int64) for _ in "ab"]
+    entry = (
+        cpu_backend.em_inf_ if mode == "logits" else cpu_backend.adaptive_temperature_
+    )
+    columns = [v.reshape(-1, 1) for v in kept.values()]
+    for step, stats in enumerate((first, first, second)):
+        logits = draw_logits(generator, batch, vocab)
+        want, got = logits.clone(), logits.clone()
+        entry(want, *columns, rows=index, stats=expected[stats is second])
+        call(got, stats)
+        assert torch.equal(got, want), f"step {step}"
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+
+
+def test_a_rows_call_refuses_logits_it_was_not_made_for():
+    ones = torch.ones(3)
+    every_row = cpu_backend.RowsCall("logits", None, [ones, ones, ones, ones.long()])
+    some_rows = cpu_backend.RowsCall(
+        "logits", torch.tensor([4, 0, 2]), [ones, ones, ones, ones.long()]
+    )
+    logits = torch.zeros(5, 8)
+    for call, bad, message in [
+        (every_row, logits, "5 rows; these settings are for exactly 3"),
+        (every_row, logits[:2], "2 rows; these settings are for exactly 3"),
+        (some_rows, logits[:4], "4 rows; these settings are for at least 5"),
+        (every_row, logits[:3].double(), "float32"),
+        (every_row, logits[:3].t(), "contiguous along the vocabulary"),
+        (every_row, logits.as_strided((3, 8), (4, 1)), "must not overlap"),
+        (every_row, logits[:3].to("meta"), "on the cpu"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call(bad)
+    with pytest.raises(ValueError, match="stats"):
+        every_row(logits[:3], torch.zeros(counters.WIDTH))
+    every_row(logits[:3], torch.zeros(counters.WIDTH, dtype=torch.int64))
+    with pytest.raises(ValueError, match="stats"):  # checked again when it changes
+        every_row(logits[:3], torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one parameter per row"):
+        cpu_backend.RowsCall("logits", None, [ones, ones, torch.ones(2), ones.long()])
+    for rows in (torch.tensor([0, 1]), torch.tensor([0, -1, 2])):
+        with pytest.raises(ValueError, match="indices >= 0, one per parameter"):
+            cpu_backend.RowsCall("logits", rows, [ones, ones, ones, ones.long()])
+
+
 def test_bad_arguments_are_named():
     logits = torch.zeros(2, 8)
     ones = torch.ones(2, 1)
@@ -666,7 +735,9 @@ def test_where_the_logits_lie_changes_no_bit_and_no_byte_past_the_scratch(
         torch.set_num_threads(thread_count)
         needed = library.em_inf_scratch_bytes(vocab, thread_count)
         guarded = torch.full((needed + 8192,), 0xA5, dtype=torch.uint8)
-        monkeypatch.setattr(cpu_backend, "_scratch", guarded[:needed])
+        monkeypatch.setattr(
+            cpu_backend, "_scratch", cpu_backend.Scratch.of(guarded[:needed])
+        )
         for start in range(0, 4096, 64):
             out = page[start // 4 : start // 4 + rows * vocab].view(rows, vocab)
             out.copy_(logits)
