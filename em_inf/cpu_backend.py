@@ -350,7 +350,7 @@ def em_inf(
     count = logits.shape[0]
     columns = _logits_columns(count, threshold, kl_weight, lr, steps)
     checks.stats(stats, logits)
-    out = reused_results.new_float32(logits.shape, CPU)
+    out = reused_results.new_float32(logits.shape)
     _call_logits(out, None, count, logits, columns, stats)
     return out
 
@@ -407,7 +407,7 @@ def adaptive_temperature(
         count, threshold=threshold, alpha=alpha, t_min=t_min, t_max=t_max
     )
     checks.stats(stats, logits)
-    out = reused_results.new_float32(logits.shape, CPU)
+    out = reused_results.new_float32(logits.shape)
     _call_temperature(out, None, count, logits, columns, stats, None)
     return out
 
@@ -511,14 +511,11 @@ def _call_logits(
     """``em_inf_logits`` on checked arguments: ``count`` rows of ``out`` (those in
     ``index``, or all), from ``source``'s rows (``None``: in place)."""
     rows = _Rows(_pointer(index), count, _addresses(columns))
+    sample = (
+        counters.DEFAULT_CPU_SAMPLE if stats is None else counters.logits_after_sample()
+    )
     _launch(
-        "em_inf_logits",
-        out,
-        rows,
-        source,
-        _LOGITS_SETTINGS,
-        _pointer(stats),
-        _sample(stats),
+        "em_inf_logits", out, rows, source, _LOGITS_SETTINGS, _pointer(stats), sample
     )
 
 
@@ -549,14 +546,6 @@ class _Rows(NamedTuple):
 
 #: The logits mode's Adam settings, as its entry point takes them.
 _LOGITS_SETTINGS = (ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
-
-
-def _sample(stats: torch.Tensor | None) -> int:
-    """The logits mode's ``sample`` argument: one in how many counted rows get their
-    entropy after measured."""
-    return (
-        counters.DEFAULT_CPU_SAMPLE if stats is None else counters.logits_after_sample()
-    )
 
 
 def _launch(

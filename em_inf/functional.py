@@ -105,7 +105,11 @@ def run_mode(
         # The kernels read logits where it lies and write a new tensor.
         return modes.out_of_place(mode)(logits, *values, stats=stats)
     rows, device = logits.shape[0], logits.device
-    out = reused_results.new_float32(logits.shape, device).copy_(logits)
+    if device.type == "cpu":
+        out = reused_results.new_float32(logits.shape)
+    else:
+        out = torch.empty(logits.shape, dtype=torch.float32, device=device)
+    out.copy_(logits)
     if backend == "triton":
         return _run_triton(mode, out, params, stats)
     per_row = [

@@ -35,13 +35,13 @@ REUSED_ABOVE_BYTES = 32 << 20
 _free: collections.deque[torch.Tensor] = collections.deque(maxlen=1)
 
 
-def new_float32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An uninitialised float32 tensor of ``shape`` on ``device``; on the CPU, above
+def new_float32(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor of ``shape``: above
     :data:`REUSED_ABOVE_BYTES`, on the memory of a result freed before when one of
     the same size is free."""
     count = math.prod(shape)
-    if device.type != "cpu" or 4 * count <= REUSED_ABOVE_BYTES:
-        return torch.empty(shape, dtype=torch.float32, device=device)
+    if 4 * count <= REUSED_ABOVE_BYTES:
+        return torch.empty(shape, dtype=torch.float32)
     block = _take(count)
     array = block.numpy()  # the result's storage holds this array, which holds block
     weakref.finalize(array, _free.append, block).atexit = False

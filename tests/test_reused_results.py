@@ -5,6 +5,7 @@ still reachable from any tensor or array is never lent."""
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Every test runs on the compiled CPU kernels and on the eager PyTorch path;
     no block is held before or after it."""
     monkeypatch.setenv("EM_INF_BACKEND", request.param)
+    gc.collect()  # results in reference cycles elsewhere would come back mid-test
     reused_results.release()
     yield request.param
     reused_results.release()
