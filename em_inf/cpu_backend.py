@@ -510,12 +510,19 @@ def _call_logits(
 ) -> None:
     """``em_inf_logits`` on checked arguments: ``count`` rows of ``out`` (those in
     ``index``, or all), from ``source``'s rows (``None``: in place)."""
-    rows = _Rows(_pointer(index), count, _addresses(columns))
     sample = (
         counters.DEFAULT_CPU_SAMPLE if stats is None else counters.logits_after_sample()
     )
     _launch(
-        "em_inf_logits", out, rows, source, _LOGITS_SETTINGS, _pointer(stats), sample
+        "em_inf_logits",
+        out,
+        source,
+        _pointer(index),
+        count,
+        [column.data_ptr() for column in columns],
+        _LOGITS_SETTINGS,
+        _pointer(stats),
+        sample,
     )
 
 
@@ -529,19 +536,16 @@ def _call_temperature(
     inv_temperature: torch.Tensor | None,
 ) -> None:
     """``em_inf_temperature`` on checked arguments, as :func:`_call_logits`."""
-    rows = _Rows(_pointer(index), count, _addresses(columns))
-    settings = (TEMPERATURE_RTOL, _pointer(inv_temperature))
-    _launch("em_inf_temperature", out, rows, source, settings, _pointer(stats))
-
-
-class _Rows(NamedTuple):
-    """The rows a call processes, as the kernels take them: the address of their
-    int64 index (``None``: every row), their count, and the addresses of their
-    parameter columns in the prototype's order."""
-
-    index: int | None
-    count: int
-    columns: tuple[int, ...]
+    _launch(
+        "em_inf_temperature",
+        out,
+        source,
+        _pointer(index),
+        count,
+        [column.data_ptr() for column in columns],
+        (TEMPERATURE_RTOL, _pointer(inv_temperature)),
+        _pointer(stats),
+    )
 
 
 #: The logits mode's Adam settings, as its entry point takes them.
@@ -551,29 +555,33 @@ _LOGITS_SETTINGS = (ADAM_BETAS[0], ADAM_BETAS[1], ADAM_EPS)
 def _launch(
     entry: str,
     out: torch.Tensor,
-    rows: _Rows,
     source: torch.Tensor | None,
+    index: int | None,
+    count: int,
+    columns: Sequence[int],
     settings: tuple,
     stats: int | None,
     *last: int,
 ) -> None:
-    """One mode's entry point with its arguments in the prototypes' order: the
-    rows of ``out`` (from ``source``'s, or in place), their parameter columns, the
-    mode's ``settings``, the scratch, the counters' address (``stats``) and the
-    bins' edges, the mode's ``last`` arguments, the thread count."""
+    """One mode's entry point with its arguments in the prototypes' order:
+    ``count`` rows of ``out`` (at the int64 indices at address ``index``, or all;
+    from ``source``'s rows, or in place), the addresses of their parameter
+    ``columns``, the mode's ``settings``, the scratch, the counters' address
+    (``stats``) and the bins' edges, the mode's ``last`` arguments, the thread
+    count. Addresses, not tensors: :class:`RowsCall` takes them once."""
     library = _library_or_raise()
     threads = torch.get_num_threads()
     vocab = out.shape[1]
     with _lock:
         getattr(library, entry)(
             out.data_ptr(),
-            rows.index,
-            rows.count,
+            index,
+            count,
             vocab,
             out.stride(0),
             _pointer(source),
             0 if source is None else source.stride(0),
-            *rows.columns,
+            *columns,
             *settings,
             _scratch_for(library, vocab, threads),
             stats,
@@ -619,7 +627,13 @@ class RowsCall:
                     f"rows must be {count} indices >= 0, one per parameter, got {index}"
                 )
         self._index, self._columns = index, checked  # what the addresses point to
-        self._rows = _Rows(_pointer(index), count, _addresses(checked))
+        # The rows as _launch takes them: the index's address, the count, the
+        # columns' addresses.
+        self._rows = (
+            _pointer(index),
+            count,
+            tuple(column.data_ptr() for column in checked),
+        )
         # The logits' rows a call needs: exactly count (every row) or more than
         # the index's largest.
         self._every_row = index is None
@@ -652,11 +666,7 @@ class RowsCall:
             checks.stats(stats, logits)
             self._stats = (stats, _pointer(stats))
         entry, settings, last = self._mode
-        _launch(entry, logits, self._rows, None, settings, self._stats[1], *last)
-
-
-def _addresses(columns: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    return tuple(column.data_ptr() for column in columns)
+        _launch(entry, logits, None, *self._rows, settings, self._stats[1], *last)
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
