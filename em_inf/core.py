@@ -205,9 +205,10 @@ class SlotSettings:
         Made again only when the slots or any setting changed since the last call
         (a decoding step usually repeats the last batch): the dozen numpy and
         torch operations that make them were most of a step's Python, which right
-        after the model's forward pass took 0.45-0.48 ms with them and takes
-        0.23-0.26 ms without (8 rows of 49,152, one thread;
-        ``bench/python_overhead.py``).
+        after the model's forward pass took 0.45-0.48 ms with them and 0.23-0.26
+        ms without (8 rows of 49,152, one thread; ``bench/python_overhead.py``).
+        On the CPU each carries the compiled kernels' call on its rows
+        (:class:`em_inf.cpu_backend.RowsCall`), its arguments checked once.
         """
         key = (row_slots.dtype, row_slots.tobytes(), self._version, device)
         if self._mode_rows is None or self._mode_rows[0] != key:
