@@ -65,6 +65,7 @@ class Scratch(NamedTuple):
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> Scratch:
+        """``tensor`` (uint8, contiguous) as the scratch."""
         return cls(tensor, tensor.data_ptr(), tensor.numel())
 
 
@@ -645,9 +646,9 @@ class RowsCall:
         # once (the environment, read per call, took ~50 us after a forward pass).
         if mode == "logits":
             sample = counters.logits_after_sample()
-            self._mode = ("em_inf_logits", _LOGITS_SETTINGS, (sample,))
+            self._entry = ("em_inf_logits", _LOGITS_SETTINGS, (sample,))
         else:
-            self._mode = ("em_inf_temperature", (TEMPERATURE_RTOL, None), ())
+            self._entry = ("em_inf_temperature", (TEMPERATURE_RTOL, None), ())
 
     def __call__(self, logits: torch.Tensor, stats: torch.Tensor | None = None) -> None:
         """Process ``logits`` (float32 CPU ``[N, V]``, contiguous along the
@@ -665,7 +666,7 @@ class RowsCall:
         if stats is not self._stats[0]:
             checks.stats(stats, logits)
             self._stats = (stats, _pointer(stats))
-        entry, settings, last = self._mode
+        entry, settings, last = self._entry
         _launch(entry, logits, None, *self._rows, settings, self._stats[1], *last)
 
 
