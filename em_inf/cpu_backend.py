@@ -654,10 +654,7 @@ class RowsCall:
         """Process ``logits`` (float32 CPU ``[N, V]``, contiguous along the
         vocabulary, rows may be strided) in place, counting into ``stats`` (as
         :func:`em_inf_`'s)."""
-        checks.in_place_logits(logits, "cpu")
-        rows, vocab = logits.shape
-        if rows > 1 and logits.stride(0) < vocab:
-            raise ValueError("logits rows must not overlap")
+        rows, _ = _rows(logits, None)
         if rows != self._rows_needed and (self._every_row or rows < self._rows_needed):
             raise ValueError(
                 f"logits has {rows} rows; these settings are for "
