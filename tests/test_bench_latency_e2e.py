@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from bench import latency
 from bench.plots import main as plots_main
+from em_inf import backend, cpu_backend
 
 
 def test_inputs_are_reproducible_and_far_above_every_threshold():
@@ -43,6 +45,38 @@ def test_measure_times_every_implementation_on_the_same_case(mode, steps):
         )
         if mode == "logits":  # the batched paths agree with the per-row loop
             assert row["max_abs_diff_vs_reference"] < 1e-3
+
+
+@pytest.mark.parametrize("chosen", [None, "torch"])
+def test_cpu_cell_forces_the_backend_only_where_the_environment_chose_another(
+    chosen, monkeypatch
+):
+    """The cell times what a caller pays: no write of EM_INF_BACKEND around the call
+    when the compiled kernels are the default, a forced call when they are not;
+    either way the compiled kernels' output."""
+    if not cpu_backend.available():
+        pytest.skip(cpu_backend.unavailable_reason())
+    if chosen is None:
+        monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(backend.BACKEND_ENV, chosen)
+    entered = []
+    real = latency._forced_backend
+
+    def counted(name):
+        entered.append(name)
+        return real(name)
+
+    monkeypatch.setattr(latency, "_forced_backend", counted)
+    case = latency.Case("logits", batch=3, vocab=2048, steps=3)
+    logits = latency.make_logits(3, 2048, seed=5)
+    out = latency.implementations(case, logits, cuda=False)["cpu"]()
+    assert entered == ([] if chosen is None else ["cpu"])
+    assert os.environ.get(backend.BACKEND_ENV) == chosen
+    process, columns = latency.kernel_entry(case)
+    expected = logits.clone()
+    process(expected, *columns)
+    assert torch.equal(out, expected)
 
 
 def test_grid_passes_pool_their_samples_per_cell():
