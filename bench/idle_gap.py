@@ -12,11 +12,15 @@ after the gap (``--rounds`` times, median and fastest):
   mode, 3 steps, called directly (``cpu_backend.em_inf_``) on a batch copied into
   place before the gap;
 * ``kernels [1, 151936], scratch read``: the same with the batch and the kernels'
-  scratch read (summed) after the gap, untimed, just before the call.
+  scratch read (summed) after the gap, untimed, just before the call;
+* ``floor [1, 151936]``: the exp pass ``bench/latency.py`` counts floors in.
 
-Gaps: none (back to back), ``spin 2 ms``, ``spin 20 ms`` (a Python loop on the
-clock), ``sleep 20 ms``. One thread (``--threads``), as in vLLM's CPU worker.
-Writes ``bench/results/idle_gap.json`` (``--out``).
+Gaps: none (back to back), a Python loop on the clock for 2, 5, 10, 20 and 40 ms
+(``spin``), ``sleep 20 ms``, and ``48 MiB written`` (a torch fill: the caches
+emptied of the call's data with next to no time passing). One thread
+(``--threads``), as in vLLM's CPU worker; ``--batch`` rows instead of 1 (the grid's
+B = 8 with 2 threads: ``--batch 8 --threads 2``). Writes
+``bench/results/idle_gap.json`` (``--out``).
 
 Usage::
 
@@ -26,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -48,24 +53,30 @@ def spin(seconds: float) -> None:
         pass
 
 
+@functools.cache
+def _evicting() -> torch.Tensor:
+    """48 MiB of float32, made once: writing it empties the caches."""
+    return torch.empty(48 << 18)
+
+
 GAPS: dict[str, Callable[[], None]] = {
     "none": lambda: None,
-    "spin 2 ms": lambda: spin(0.002),
-    "spin 20 ms": lambda: spin(0.020),
+    **{f"spin {ms} ms": (lambda s=ms / 1e3: spin(s)) for ms in (2, 5, 10, 20, 40)},
     "sleep 20 ms": lambda: time.sleep(0.020),
+    "48 MiB written": lambda: _evicting().fill_(1.0),
 }
 
 
 Call = tuple[Callable[[], None], Callable[[], None], Callable[[], None]]
 
 
-def kernel_calls(vocab: int, read_first: bool = False) -> Call:
-    """(before the gap, after it, timed): the kernels on a ``[1, vocab]`` batch,
-    logits mode, 3 steps. The batch is copied into place before the gap; with
+def kernel_calls(batch: int, vocab: int, read_first: bool = False) -> Call:
+    """(before the gap, after it, timed): the kernels on a ``[batch, vocab]``
+    batch, logits mode, 3 steps. The batch is copied into place before the gap; with
     ``read_first``, the batch and the kernels' scratch are read (summed) after it,
     untimed, so that the timed call finds them in the caches."""
-    case = Case("logits", 1, vocab, 3)
-    logits = make_logits(1, vocab)
+    case = Case("logits", batch, vocab, 3)
+    logits = make_logits(batch, vocab)
     work = torch.empty_like(logits)
     process, columns = kernel_entry(case)
 
@@ -77,21 +88,26 @@ def kernel_calls(vocab: int, read_first: bool = False) -> Call:
     return (lambda: work.copy_(logits)), read, (lambda: process(work, *columns))
 
 
-def calls() -> dict[str, Call]:
+def calls(batch: int = 1) -> dict[str, Call]:
     small = torch.randn(64)
     nothing = lambda: None  # noqa: E731
+    large = make_logits(batch, 151_936)
+    b = f"[{batch}, "
     return {
         "torch add [64]": (nothing, nothing, lambda: small.add(1.0)),
-        "kernels [1, 8192]": kernel_calls(8192),
-        "kernels [1, 151936]": kernel_calls(151_936),
-        "kernels [1, 151936], scratch read": kernel_calls(151_936, read_first=True),
+        f"kernels {b}8192]": kernel_calls(batch, 8192),
+        f"kernels {b}151936]": kernel_calls(batch, 151_936),
+        f"kernels {b}151936], scratch read": kernel_calls(
+            batch, 151_936, read_first=True
+        ),
+        f"floor {b}151936]": (nothing, nothing, lambda: cpu_backend.exp_floor(large)),
     }
 
 
-def measure(rounds: int) -> list[dict]:
+def measure(rounds: int, batch: int = 1) -> list[dict]:
     """Every call after every gap, ``rounds`` times; gaps interleaved per round."""
     rows = []
-    for name, (before, after, call) in calls().items():
+    for name, (before, after, call) in calls(batch).items():
         before()
         call()  # first use: builds, allocations
         samples: dict[str, list[float]] = {gap: [] for gap in GAPS}
@@ -120,6 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="rows per call")
     parser.add_argument("--out", type=Path, default=RESULTS / "idle_gap.json")
     return parser.parse_args(argv)
 
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    rows = measure(args.rounds)
+    rows = measure(args.rounds, args.batch)
     back_to_back = {r["call"]: r["median_ms"] for r in rows if r["gap"] == "none"}
     for row in rows:
         ratio = row["median_ms"] / back_to_back[row["call"]]
@@ -137,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             f" (fastest {row['fastest_ms']:.3f})  x{ratio:.2f}"
         )
     result = probe_record(
-        "bench.idle_gap", argv, load_before, rows, kind="idle_gap", threads=args.threads
+        "bench.idle_gap",
+        argv,
+        load_before,
+        rows,
+        kind="idle_gap",
+        threads=args.threads,
+        batch=args.batch,
     )
     write_result(result, args.out)
     return 0

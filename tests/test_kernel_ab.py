@@ -167,10 +167,13 @@ def test_scratch_placement_puts_the_batch_where_it_says_and_times_every_start():
         assert all(math.isfinite(ms) and ms > 0 for ms in row["median_ms"])
 
 
-def test_idle_gap_times_every_call_after_every_gap():
-    rows = idle_gap.measure(rounds=1)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_idle_gap_times_every_call_after_every_gap(batch):
+    rows = idle_gap.measure(rounds=1, batch=batch)
     cells = {(row["call"], row["gap"]) for row in rows}
-    assert cells == {(call, gap) for call in idle_gap.calls() for gap in idle_gap.GAPS}
+    calls = idle_gap.calls(batch)
+    assert cells == {(call, gap) for call in calls for gap in idle_gap.GAPS}
+    assert f"floor [{batch}, 151936]" in calls
     assert all(row["median_ms"] > 0 for row in rows)
 
 
