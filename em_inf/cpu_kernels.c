@@ -1025,6 +1025,8 @@ typedef struct {
     int n_edges;
     int64_t sample; /* logits mode: measure the entropy after of one row in `sample`
                        (those whose llround(entropy before * FIXED_POINT) it divides) */
+    int ask_ahead;  /* logits mode: whether a row's last update asks for the next
+                       row's logits (see ask_ahead) */
 } Batch;
 
 /* The stats layout (em_inf/counters.py; em_inf_stats_layout reports it and
@@ -1113,13 +1115,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     const int64_t vocab = b->vocab, nc = chunk_count(vocab);
     const int64_t steps = b->steps[r];
     const float threshold = b->threshold[r];
-    /* A split row's last update asks for the thread's share of the next row, which
-     * its scan reads first: on a 2-core Intel Xeon, 2 threads, V = 151,936, 3 steps
-     * took 4-7% less time at B = 8 and 1-8% at B = 64 with the batch out of the
-     * caches, 1-5% and 3-7% with it in (bench/kernel_ab.py, five runs; the same
-     * bits). Threads given whole rows take them in no fixed order: nothing to ask
-     * for there. */
-    const float *next = split && r + 1 < b->rows ? row_in(b, r + 1) : NULL;
+    const float *next = b->ask_ahead && r + 1 < b->rows ? row_in(b, r + 1) : NULL;
     if (steps <= 0) { /* not processed, not counted */
         leave_row(z, z_in, vocab, split);
         return;
@@ -1444,6 +1440,23 @@ static int split_for_l2(int64_t vocab, int threads) {
     return threads == shares;
 }
 
+/* Whether a logits-mode row's last update asks for the thread's share of the next
+ * row (prefetcht1, a cache line per 16 logits), which that row's scan reads first:
+ * where the threads take the rows in order (every row split among them, or one
+ * thread) and each thread's share of the next row fits in its L2 beside what it
+ * streams in an update (20 bytes per logit, 24 with it). On a 2-core Intel Xeon
+ * (2 MiB of L2 per core), 3 steps, the same bits: 2 threads at V = 151,936 (rows
+ * split) took 4-7% less time at B = 8 and 1-8% at B = 64 with the batch out of the
+ * caches, 1-5% and 3-7% with it in; one thread at V = 49,152 4-9% less; one thread
+ * at V = 151,936, where a whole row does not fit, 2-5% more, hence the rule.
+ * Threads given whole rows take them in no fixed order: nothing to ask for. */
+static int ask_ahead(int64_t vocab, int threads, int split) {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* <= 0 where unknown */
+    if (l2 <= 0 || !(split || threads <= 1)) return 0;
+    const int64_t share = split ? (vocab + threads - 1) / threads : vocab;
+    return 24 * share <= l2;
+}
+
 /* Rows [0, whole) one per thread, the rest split among all threads; with
  * split_every_row, all of them split. */
 static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
@@ -1558,8 +1571,9 @@ ENTRY_POINT(void, em_inf_logits,
                .steps = steps, .beta1 = beta1, .beta2 = beta2, .eps = eps,
                .count = stats != NULL, .edges = edges, .n_edges = n_edges,
                .sample = sample};
-    run_batch(&b, rows, logits_row, scratch, stats, threads,
-              split_for_l2(vocab, threads));
+    const int split = split_for_l2(vocab, threads);
+    b.ask_ahead = ask_ahead(vocab, threads, split);
+    run_batch(&b, rows, logits_row, scratch, stats, threads, split);
 }
 
 /* The adaptive-temperature mode on rows as em_inf_logits, in place or out of
