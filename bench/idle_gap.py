@@ -24,7 +24,7 @@ B = 8 with 2 threads: ``--batch 8 --threads 2``). Writes
 
 Usage::
 
-    python -m bench.idle_gap        # about 10 seconds; nothing else should run
+    python -m bench.idle_gap        # about 20 seconds; nothing else should run
 """
 
 from __future__ import annotations

@@ -1115,6 +1115,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     const int64_t vocab = b->vocab, nc = chunk_count(vocab);
     const int64_t steps = b->steps[r];
     const float threshold = b->threshold[r];
+    /* asked for by the last update (ask_ahead) */
     const float *next = b->ask_ahead && r + 1 < b->rows ? row_in(b, r + 1) : NULL;
     if (steps <= 0) { /* not processed, not counted */
         leave_row(z, z_in, vocab, split);
@@ -1449,7 +1450,7 @@ static int split_for_l2(int64_t vocab, int threads) {
  * split) took 4-7% less time at B = 8 and 1-8% at B = 64 with the batch out of the
  * caches, 1-5% and 3-7% with it in; one thread at V = 49,152 4-9% less; one thread
  * at V = 151,936, where a whole row does not fit, 2-5% more, hence the rule.
- * Threads given whole rows take them in no fixed order: nothing to ask for. */
+ * Several threads given whole rows take them in no fixed order: nothing to ask for. */
 static int ask_ahead(int64_t vocab, int threads, int split) {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* <= 0 where unknown */
     if (l2 <= 0 || !(split || threads <= 1)) return 0;
