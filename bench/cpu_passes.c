@@ -107,7 +107,7 @@ int main(int argc, char **argv) {
     /* moments and exponentials of a second step: those the first leaves (it
      * writes m = g only; v = g^2 = m * m) */
     memcpy(r.z, r.z0, (size_t)n * sizeof(float));
-    update_chunk(r.z, r.z, r.p0, r.p0, r.m0, r.v0, 0, n, &s, 1, 0, 0, 0, &stats);
+    update_chunk(r.z, r.z, r.p0, r.p0, r.m0, r.v0, 0, n, &s, 1, 0, 0, 0, NULL, &stats);
     for (int64_t i = 0; i < n; i++) r.v0[i] = r.m0[i] * r.m0[i];
     stats_chunk(r.z, r.e0, 0, n, s.shift, &stats);
     Step s2 = s;
@@ -134,13 +134,13 @@ int main(int argc, char **argv) {
     printf("statistics_with_copy %.3f\n", t * per_vector);
     t = SECONDS(reps, stats_chunk(r.z0, r.e, 0, n, scan.max, &stats));
     printf("statistics %.3f\n", t * per_vector);
-    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.p0, r.p0, r.m, r.v, 0, n, &s, 1, 0, 0, 0, &stats));
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.p0, r.p0, r.m, r.v, 0, n, &s, 1, 0, 0, 0, NULL, &stats));
     printf("update_step_1 %.3f\n", t * per_vector);
-    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.e, r.p0, r.m, r.v, 0, n, &second, 0, 1, 0, 0, &stats));
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.e, r.p0, r.m, r.v, 0, n, &second, 0, 1, 0, 0, NULL, &stats));
     printf("update_second_step %.3f\n", t * per_vector);
-    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 0, 0, &stats));
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 0, 0, NULL, &stats));
     printf("update_further_step %.3f\n", t * per_vector);
-    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 1, 0, &stats));
+    t = SECONDS_AFTER_RESTORE(&r, reps, update_chunk(r.z, r.z, r.e, r.p0, r.m, r.v, 0, n, &s2, 0, 1, 1, 0, NULL, &stats));
     printf("update_last_step %.3f\n", t * per_vector);
     const float b = 1.3f; /* a solver pass at 1/T = 1.3, with and without e zs^3 */
     t = SECONDS(reps, temperature_chunk(r.z0, 0, n, scan.max, b, 1, &stats));
