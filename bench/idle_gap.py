@@ -92,15 +92,18 @@ def calls(batch: int = 1) -> dict[str, Call]:
     small = torch.randn(64)
     nothing = lambda: None  # noqa: E731
     large = make_logits(batch, 151_936)
-    b = f"[{batch}, "
     return {
         "torch add [64]": (nothing, nothing, lambda: small.add(1.0)),
-        f"kernels {b}8192]": kernel_calls(batch, 8192),
-        f"kernels {b}151936]": kernel_calls(batch, 151_936),
-        f"kernels {b}151936], scratch read": kernel_calls(
+        f"kernels [{batch}, 8192]": kernel_calls(batch, 8192),
+        f"kernels [{batch}, 151936]": kernel_calls(batch, 151_936),
+        f"kernels [{batch}, 151936], scratch read": kernel_calls(
             batch, 151_936, read_first=True
         ),
-        f"floor {b}151936]": (nothing, nothing, lambda: cpu_backend.exp_floor(large)),
+        f"floor [{batch}, 151936]": (
+            nothing,
+            nothing,
+            lambda: cpu_backend.exp_floor(large),
+        ),
     }
 
 
