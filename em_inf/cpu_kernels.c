@@ -1426,16 +1426,22 @@ static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
 
 typedef void (*RowFn)(const Batch *, int64_t, Slot *, int, Counts *);
 
+/* Bytes per logit an update pass streams: z, e, p0, m, v. */
+#define UPDATE_STREAM_BYTES 20
+
+/* One core's L2 in bytes; <= 0 where unknown. */
+static long l2_bytes(void) { return sysconf(_SC_LEVEL2_CACHE_SIZE); }
+
 /* Whether every logits-mode row is better split among the threads: when what an
- * update pass streams (z, e, p0, m, v: 20 bytes per logit) does not fit in one
+ * update pass streams (UPDATE_STREAM_BYTES per logit) does not fit in one
  * core's L2 but each thread's share of it does, and the threads are no more than
  * the shares that takes (more would only add barriers). On an Intel Xeon with
  * 2 MiB of L2 per core, 2 threads, V = 151,936 (3 MB): B = 8 and 64 took 20% less
  * time split, with the same bits, as a row's result never depends on how it is
  * shared out. On Zen 4 (1 MiB) half a row does not fit, and nothing changes. */
 static int split_for_l2(int64_t vocab, int threads) {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* <= 0 where unknown */
-    const int64_t streamed = 20 * vocab;
+    const long l2 = l2_bytes();
+    const int64_t streamed = UPDATE_STREAM_BYTES * vocab;
     if (threads < 2 || l2 <= 0 || streamed <= l2) return 0;
     const int64_t shares = (streamed + l2 - 1) / l2;
     return threads == shares;
@@ -1445,23 +1451,24 @@ static int split_for_l2(int64_t vocab, int threads) {
  * row (prefetcht1, a cache line per 16 logits), which that row's scan reads first:
  * where the threads take the rows in order (every row split among them, or one
  * thread) and each thread's share of the next row fits in its L2 beside what it
- * streams in an update (20 bytes per logit, 24 with it). On a 2-core Intel Xeon
+ * streams in an update (4 bytes per logit more). On a 2-core Intel Xeon
  * (2 MiB of L2 per core), 3 steps, the same bits: 2 threads at V = 151,936 (rows
  * split) took 4-7% less time at B = 8 and 1-8% at B = 64 with the batch out of the
  * caches, 1-5% and 3-7% with it in; one thread at V = 49,152 4-9% less; one thread
  * at V = 151,936, where a whole row does not fit, 2-5% more, hence the rule.
  * Several threads given whole rows take them in no fixed order: nothing to ask for. */
 static int ask_ahead(int64_t vocab, int threads, int split) {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* <= 0 where unknown */
+    const long l2 = l2_bytes();
     if (l2 <= 0 || !(split || threads <= 1)) return 0;
     const int64_t share = split ? (vocab + threads - 1) / threads : vocab;
-    return 24 * share <= l2;
+    return (UPDATE_STREAM_BYTES + (int64_t)sizeof(float)) * share <= l2;
 }
 
 /* Rows [0, whole) one per thread, the rest split among all threads; with
  * split_every_row, all of them split. */
-static void run_batch(const Batch *b, int64_t rows, RowFn fn, void *scratch,
-                      int64_t *stats, int threads, int split_every_row) {
+static void run_batch(const Batch *b, RowFn fn, void *scratch, int64_t *stats,
+                      int threads, int split_every_row) {
+    const int64_t rows = b->rows;
     if (threads < 1) threads = 1;
     const int64_t whole = split_every_row ? 0 : rows - rows % threads;
     Counts total;
@@ -1574,7 +1581,7 @@ ENTRY_POINT(void, em_inf_logits,
                .sample = sample};
     const int split = split_for_l2(vocab, threads);
     b.ask_ahead = ask_ahead(vocab, threads, split);
-    run_batch(&b, rows, logits_row, scratch, stats, threads, split);
+    run_batch(&b, logits_row, scratch, stats, threads, split);
 }
 
 /* The adaptive-temperature mode on rows as em_inf_logits, in place or out of
@@ -1595,7 +1602,7 @@ ENTRY_POINT(void, em_inf_temperature,
                .threshold = threshold, .alpha = alpha, .t_min = t_min, .t_max = t_max,
                .rtol = rtol, .inv_t = inv_t, .count = stats != NULL, .edges = edges,
                .n_edges = n_edges};
-    run_batch(&b, rows, temperature_row, scratch, stats, threads, 0);
+    run_batch(&b, temperature_row, scratch, stats, threads, 0);
 }
 
 /* The machine's floor for a batch: one pass computing exp of every logit (shifted
