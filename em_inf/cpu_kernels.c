@@ -11,7 +11,7 @@
  *
  * Layout of the work
  * ------------------
- * A row is cut into chunks of CHUNK logits (the last one shorter). Every pass over
+ * A row is cut into chunks of about CHUNK logits (chunk_length). Every pass over
  * a row runs chunk by chunk; each chunk reduces into its own Partial in a fixed
  * lane order, and a row's Partials are combined in chunk order. The chunks depend
  * on the vocabulary size alone, so a row's bits never depend on the batch, on the
@@ -93,9 +93,15 @@
 #else
 #define LANES 8
 #endif
-/* Logits per chunk: a multiple of LANES. 8,192 cuts V = 151,936 into 19 chunks,
- * enough to share one row among the threads of a larger machine. */
+/* Logits per chunk, about (chunk_length): enough chunks to share one row among
+ * the threads of a larger machine, few enough that what each costs apart from its
+ * logits (its Partial, the start of its loops) is nothing beside them. */
 #define CHUNK 8192
+/* A row of more than one chunk has a multiple of this many, so that a row split
+ * among 2, 3 or 6 threads gives each the same share (chunk_length). Not 12, which
+ * would also even out 4 threads: at V = 49,152 (6 chunks of 8,192 either way with
+ * 6) one thread took 1-2% longer over 12 chunks of 4,096. */
+#define EVEN_SHARES 6
 /* Logits at or below this are masked. */
 #define MASKED_AT (-1e37f)
 /* exp of anything below this is returned as 0 (float32's normal range ends near
@@ -308,8 +314,6 @@ typedef struct {
     int32_t bad;    /* scan: NaN or +inf seen; update: a non-finite result */
 } Partial;
 
-static inline int64_t chunk_count(int64_t vocab) { return (vocab + CHUNK - 1) / CHUNK; }
-
 static inline int64_t padded(int64_t vocab) { return (vocab + LANES - 1) / LANES * LANES; }
 
 static inline void partial_init(Partial *p) {
@@ -352,6 +356,27 @@ static Partial combine(const Partial *parts, int64_t n) {
 #define BLOCK_VECTORS 4
 #define BLOCK (BLOCK_VECTORS * LANES)
 #define EACH_VECTOR _Pragma("GCC unroll 4") for (int k = 0; k < BLOCK_VECTORS; k++)
+
+/* Logits per chunk of a row of `vocab`: ceil(vocab / CHUNK) chunks, that number
+ * rounded up to a multiple of EVEN_SHARES when above 1, all of the same length in
+ * whole blocks but the last (shorter by less than a block per chunk). At
+ * V = 151,936 (AVX-512): 24 chunks of 6,336 logits, the last 6,208, so that two
+ * threads take 76,032 and 75,904 of a split row. With chunks of 8,192 they took
+ * 73,728 and 78,208 (9 and 10 chunks), and the first waited for the second at
+ * every barrier: 3-4% of the time of three steps at B = 8 and 64 on an Intel Xeon.
+ * The chunks depend on the vocabulary (and the build's LANES) alone, as a row's
+ * bits must. */
+static inline int64_t chunk_length(int64_t vocab) {
+    int64_t n = (vocab + CHUNK - 1) / CHUNK;
+    if (n > 1) n = (n + EVEN_SHARES - 1) / EVEN_SHARES * EVEN_SHARES;
+    const int64_t length = (vocab + n - 1) / n;
+    return (length + BLOCK - 1) / BLOCK * BLOCK;
+}
+
+static inline int64_t chunk_count(int64_t vocab) {
+    const int64_t length = chunk_length(vocab);
+    return (vocab + length - 1) / length;
+}
 
 typedef struct {
     float v[BLOCK] __attribute__((aligned(64)));
@@ -904,22 +929,29 @@ static void copy_chunk(float *restrict dst, const float *restrict src, int64_t l
 
 /* -- per-row drivers --------------------------------------------------------------- */
 
-#define CHUNK_LO(c) ((c) * CHUNK)
-#define CHUNK_HI(c, vocab) ((c) * CHUNK + CHUNK < (vocab) ? (c) * CHUNK + CHUNK : (vocab))
+/* Chunk c of a row of `vocab` logits: [chunk_start, chunk_end). */
+static inline int64_t chunk_start(int64_t c, int64_t vocab) { return c * chunk_length(vocab); }
+
+static inline int64_t chunk_end(int64_t c, int64_t vocab) {
+    const int64_t end = (c + 1) * chunk_length(vocab);
+    return end < vocab ? end : vocab;
+}
 
 #ifdef _OPENMP
 /* The first chunk thread t of n runs in a split row: thread t runs chunks
  * [split_first(t), split_first(t + 1)), the chunk boundary nearest t / n of the row
- * starting each range. Balanced in logits, not in chunks (the last chunk is
- * shorter: at V = 151,936, 9 + 10 chunks are 73,728 + 78,208 logits, where OpenMP's
- * static schedule gave 10 + 9, 81,920 + 70,016, and B = 1 took 5% longer); the same
+ * starting each range: balanced in logits, not in chunks, where the thread count
+ * does not divide the chunks (with 19 chunks of 8,192 at V = 151,936, OpenMP's
+ * static schedule gave two threads 81,920 + 70,016 logits, and B = 1 took 5% longer
+ * than with 73,728 + 78,208; chunk_length now evens them out); the same
  * chunks every pass, so that a thread finds its part of the row's scratch in its
  * own cache (a dynamic schedule, which moves chunks between threads from pass to
  * pass, made B = 1 twice as slow). */
 static int64_t split_first(int64_t vocab, int t, int n) {
     const int64_t nc = chunk_count(vocab);
     if (t >= n) return nc;
-    const int64_t c = (vocab * t / n + CHUNK / 2) / CHUNK;
+    const int64_t length = chunk_length(vocab);
+    const int64_t c = (vocab * t / n + length / 2) / length;
     return c < nc ? c : nc;
 }
 
@@ -1096,14 +1128,14 @@ static const float *row_in(const Batch *b, int64_t r) {
 /* A row left as it came: nothing to do in place, its copy out of place. */
 static void leave_row(float *z, const float *z_in, int64_t vocab, int split) {
     if (z_in != z)
-        FOR_CHUNKS(split, c, vocab, copy_chunk(z, z_in, CHUNK_LO(c), CHUNK_HI(c, vocab)));
+        FOR_CHUNKS(split, c, vocab, copy_chunk(z, z_in, chunk_start(c, vocab), chunk_end(c, vocab)));
 }
 
 /* The scan every row starts with. */
 static Partial scan_row(const float *z, int64_t vocab, Slot *slot, int split,
                         int with_min) {
     int64_t nc = chunk_count(vocab);
-    FOR_CHUNKS(split, c, vocab, scan_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), with_min,
+    FOR_CHUNKS(split, c, vocab, scan_chunk(z, chunk_start(c, vocab), chunk_end(c, vocab), with_min,
                                         &slot->parts[0][c]));
     return combine(slot->parts[0], nc);
 }
@@ -1144,11 +1176,11 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
      * place the input is that copy. */
     if (z_in == z)
         FOR_CHUNKS(split, c, vocab,
-                   stats_keep_chunk(z, slot->p0, slot->keep, CHUNK_LO(c),
-                                    CHUNK_HI(c, vocab), shift, &slot->parts[set][c]));
+                   stats_keep_chunk(z, slot->p0, slot->keep, chunk_start(c, vocab),
+                                    chunk_end(c, vocab), shift, &slot->parts[set][c]));
     else
         FOR_CHUNKS(split, c, vocab,
-                   stats_chunk(z_in, slot->p0, CHUNK_LO(c), CHUNK_HI(c, vocab), shift,
+                   stats_chunk(z_in, slot->p0, chunk_start(c, vocab), chunk_end(c, vocab), shift,
                                &slot->parts[set][c]));
     total = combine(slot->parts[set], nc);
     set ^= 1;
@@ -1186,7 +1218,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         online = t == steps && b->count && sampled(b, before);
         FOR_CHUNKS(split, c, vocab,
                    update_chunk(z, t == 1 ? z_in : z, e, slot->p0, slot->m, slot->v,
-                                CHUNK_LO(c), CHUNK_HI(c, vocab), &s, t == 1, with_kl,
+                                chunk_start(c, vocab), chunk_end(c, vocab), &s, t == 1, with_kl,
                                 t == steps, online, t == steps ? next : NULL,
                                 &slot->parts[set][c]));
         total = combine(slot->parts[set], nc);
@@ -1200,7 +1232,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
                 entropy = online_entropy(slot->parts[set ^ 1], nc, total.max);
                 if (isnan(entropy)) { /* its top fell past LOST_RANGE: recompute */
                     FOR_CHUNKS(split, c, vocab,
-                               stats_chunk(z, slot->e, CHUNK_LO(c), CHUNK_HI(c, vocab),
+                               stats_chunk(z, slot->e, chunk_start(c, vocab), chunk_end(c, vocab),
                                            total.max, &slot->parts[set][c]));
                     total = combine(slot->parts[set], nc);
                     entropy = log(total.sum_e) - total.sum_ez / total.sum_e;
@@ -1210,7 +1242,7 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         }
         shift = total.max;
         FOR_CHUNKS(split, c, vocab,
-                   stats_chunk(z, slot->e, CHUNK_LO(c), CHUNK_HI(c, vocab), shift,
+                   stats_chunk(z, slot->e, chunk_start(c, vocab), chunk_end(c, vocab), shift,
                                &slot->parts[set][c]));
         total = combine(slot->parts[set], nc);
         set ^= 1;
@@ -1220,8 +1252,8 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
     }
     if (restored) { /* its steps are undone, and not counted */
         FOR_CHUNKS(split, c, vocab,
-                   copy_chunk(z, z_in == z ? slot->keep : z_in, CHUNK_LO(c),
-                              CHUNK_HI(c, vocab)));
+                   copy_chunk(z, z_in == z ? slot->keep : z_in, chunk_start(c, vocab),
+                              chunk_end(c, vocab)));
         counts->restored++;
         count_entropy(b, counts, before, before);
         return;
@@ -1244,7 +1276,7 @@ static Entropy temperature_eval(const float *z, int64_t vocab, Slot *slot, int s
                                 int set, float shift, float b, int third) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, vocab,
-               temperature_chunk(z, CHUNK_LO(c), CHUNK_HI(c, vocab), shift, b, third,
+               temperature_chunk(z, chunk_start(c, vocab), chunk_end(c, vocab), shift, b, third,
                                  &slot->parts[set][c]));
     Partial total = combine(slot->parts[set], nc); /* count: logits at the max */
     const double sum = (double)total.count + total.sum_e;
@@ -1411,7 +1443,7 @@ static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
     const Scaling scaling = temperature_solve(b, r, z_in, slot, split, counts);
     if (scaling.scale)
         FOR_CHUNKS(split, c, vocab,
-                   scale_chunk(z, z_in, CHUNK_LO(c), CHUNK_HI(c, vocab), scaling.inv_t,
+                   scale_chunk(z, z_in, chunk_start(c, vocab), chunk_end(c, vocab), scaling.inv_t,
                                scaling.t));
     else
         leave_row(z, z_in, vocab, split);
