@@ -98,9 +98,10 @@
  * logits (its Partial, the start of its loops) is nothing beside them. */
 #define CHUNK 8192
 /* A row of more than one chunk has a multiple of this many, so that a row split
- * among 2, 3 or 6 threads gives each the same share (chunk_length). Not 12, which
- * would also even out 4 threads: at V = 49,152 (6 chunks of 8,192 either way with
- * 6) one thread took 1-2% longer over 12 chunks of 4,096. */
+ * among 2, 3 or 6 threads gives each the same share (chunk_length). 12 would also
+ * even out 4 threads, but would cut V = 49,152 (SmolLM2; 6 chunks of 8,192 with 6,
+ * as before) into 12 of 4,096: one thread read -1% to +5% there over three runs
+ * (kernel_ab), inside its noise, and 6 leaves those rows as they were. */
 #define EVEN_SHARES 6
 /* Logits at or below this are masked. */
 #define MASKED_AT (-1e37f)
@@ -363,9 +364,10 @@ static Partial combine(const Partial *parts, int64_t n) {
  * V = 151,936 (AVX-512): 24 chunks of 6,336 logits, the last 6,208, so that two
  * threads take 76,032 and 75,904 of a split row. With chunks of 8,192 they took
  * 73,728 and 78,208 (9 and 10 chunks), and the first waited for the second at
- * every barrier: on an Intel Xeon, three steps at B = 8 (about 1.1 ms), 0.10 ms of
- * waiting for the first thread and 0.05 ms for the second per call; evened out,
- * 0.05 ms each, and the call about 2.5% faster (a build timing its barriers).
+ * every barrier: on an Intel Xeon, three steps at B = 8 (about 1.1 ms a call), the
+ * first thread waited 0.08-0.12 ms a call and the second 0.03-0.06; evened out,
+ * both 0.05-0.10, and the call 1.5% faster (medians of 14 runs of 300 calls each,
+ * in a build timing its barriers).
  * The chunks depend on the vocabulary (and the build's LANES) alone, as a row's
  * bits must. */
 static inline int64_t chunk_length(int64_t vocab) {
