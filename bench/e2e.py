@@ -23,7 +23,9 @@ sign test's: distribution-free, it needs at least 6 repeats; with 60 it spans th
 Each row also records the machine's floor for its ``[batch, vocab]`` logits (one
 compiled exp pass, ``floor_ms``); the environment records the CPU model, which CPU
 path em-inf takes (``cpu_backend``), the time the CPU kernels' compile adds to an
-engine's start (cold and cached) and the load average at start and end.
+engine's start (cold and cached), the ``VLLM_CPU_*`` variables set (how vLLM's CPU
+worker binds its threads, e.g. ``VLLM_CPU_OMP_THREADS_BIND=0-1`` for both cores of
+a 2-core machine) and the load average at start and end.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct, vocabulary 49,152, from
 ``em_inf.models.prepare_default_model()``), ``tiny`` (a 2-layer random Qwen2 with
@@ -359,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             **environment(device == "cuda"),
             "vllm": vllm.__version__,
+            # how vLLM's CPU worker binds its threads, where the caller set it
+            "vllm_cpu_environment": {
+                name: value
+                for name, value in os.environ.items()
+                if name.startswith("VLLM_CPU_")
+            },
             "loadavg_start": loadavg_start,
             "loadavg_end": list(os.getloadavg()),
         },
