@@ -934,7 +934,9 @@ static void copy_chunk(float *restrict dst, const float *restrict src, int64_t l
 /* -- per-row drivers --------------------------------------------------------------- */
 
 /* Chunk c of a row of `vocab` logits: [chunk_start, chunk_end). */
-static inline int64_t chunk_start(int64_t c, int64_t vocab) { return c * chunk_length(vocab); }
+static inline int64_t chunk_start(int64_t c, int64_t vocab) {
+    return c * chunk_length(vocab);
+}
 
 static inline int64_t chunk_end(int64_t c, int64_t vocab) {
     const int64_t end = (c + 1) * chunk_length(vocab);
@@ -1132,15 +1134,17 @@ static const float *row_in(const Batch *b, int64_t r) {
 /* A row left as it came: nothing to do in place, its copy out of place. */
 static void leave_row(float *z, const float *z_in, int64_t vocab, int split) {
     if (z_in != z)
-        FOR_CHUNKS(split, c, vocab, copy_chunk(z, z_in, chunk_start(c, vocab), chunk_end(c, vocab)));
+        FOR_CHUNKS(split, c, vocab,
+                   copy_chunk(z, z_in, chunk_start(c, vocab), chunk_end(c, vocab)));
 }
 
 /* The scan every row starts with. */
 static Partial scan_row(const float *z, int64_t vocab, Slot *slot, int split,
                         int with_min) {
     int64_t nc = chunk_count(vocab);
-    FOR_CHUNKS(split, c, vocab, scan_chunk(z, chunk_start(c, vocab), chunk_end(c, vocab), with_min,
-                                        &slot->parts[0][c]));
+    FOR_CHUNKS(split, c, vocab,
+               scan_chunk(z, chunk_start(c, vocab), chunk_end(c, vocab), with_min,
+                          &slot->parts[0][c]));
     return combine(slot->parts[0], nc);
 }
 
@@ -1184,8 +1188,8 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
                                     chunk_end(c, vocab), shift, &slot->parts[set][c]));
     else
         FOR_CHUNKS(split, c, vocab,
-                   stats_chunk(z_in, slot->p0, chunk_start(c, vocab), chunk_end(c, vocab), shift,
-                               &slot->parts[set][c]));
+                   stats_chunk(z_in, slot->p0, chunk_start(c, vocab),
+                               chunk_end(c, vocab), shift, &slot->parts[set][c]));
     total = combine(slot->parts[set], nc);
     set ^= 1;
     double sum = total.sum_e, mean = total.sum_ez / total.sum_e;
@@ -1222,8 +1226,8 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         online = t == steps && b->count && sampled(b, before);
         FOR_CHUNKS(split, c, vocab,
                    update_chunk(z, t == 1 ? z_in : z, e, slot->p0, slot->m, slot->v,
-                                chunk_start(c, vocab), chunk_end(c, vocab), &s, t == 1, with_kl,
-                                t == steps, online, t == steps ? next : NULL,
+                                chunk_start(c, vocab), chunk_end(c, vocab), &s, t == 1,
+                                with_kl, t == steps, online, t == steps ? next : NULL,
                                 &slot->parts[set][c]));
         total = combine(slot->parts[set], nc);
         set ^= 1;
@@ -1236,8 +1240,9 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
                 entropy = online_entropy(slot->parts[set ^ 1], nc, total.max);
                 if (isnan(entropy)) { /* its top fell past LOST_RANGE: recompute */
                     FOR_CHUNKS(split, c, vocab,
-                               stats_chunk(z, slot->e, chunk_start(c, vocab), chunk_end(c, vocab),
-                                           total.max, &slot->parts[set][c]));
+                               stats_chunk(z, slot->e, chunk_start(c, vocab),
+                                           chunk_end(c, vocab), total.max,
+                                           &slot->parts[set][c]));
                     total = combine(slot->parts[set], nc);
                     entropy = log(total.sum_e) - total.sum_ez / total.sum_e;
                 }
@@ -1246,8 +1251,8 @@ static void logits_row(const Batch *b, int64_t r, Slot *slot, int split,
         }
         shift = total.max;
         FOR_CHUNKS(split, c, vocab,
-                   stats_chunk(z, slot->e, chunk_start(c, vocab), chunk_end(c, vocab), shift,
-                               &slot->parts[set][c]));
+                   stats_chunk(z, slot->e, chunk_start(c, vocab), chunk_end(c, vocab),
+                               shift, &slot->parts[set][c]));
         total = combine(slot->parts[set], nc);
         set ^= 1;
         sum = total.sum_e;
@@ -1280,8 +1285,8 @@ static Entropy temperature_eval(const float *z, int64_t vocab, Slot *slot, int s
                                 int set, float shift, float b, int third) {
     const int64_t nc = chunk_count(vocab);
     FOR_CHUNKS(split, c, vocab,
-               temperature_chunk(z, chunk_start(c, vocab), chunk_end(c, vocab), shift, b, third,
-                                 &slot->parts[set][c]));
+               temperature_chunk(z, chunk_start(c, vocab), chunk_end(c, vocab), shift, b,
+                                 third, &slot->parts[set][c]));
     Partial total = combine(slot->parts[set], nc); /* count: logits at the max */
     const double sum = (double)total.count + total.sum_e;
     double mean = total.sum_ez / sum;
@@ -1447,8 +1452,8 @@ static void temperature_row(const Batch *b, int64_t r, Slot *slot, int split,
     const Scaling scaling = temperature_solve(b, r, z_in, slot, split, counts);
     if (scaling.scale)
         FOR_CHUNKS(split, c, vocab,
-                   scale_chunk(z, z_in, chunk_start(c, vocab), chunk_end(c, vocab), scaling.inv_t,
-                               scaling.t));
+                   scale_chunk(z, z_in, chunk_start(c, vocab), chunk_end(c, vocab),
+                               scaling.inv_t, scaling.t));
     else
         leave_row(z, z_in, vocab, split);
     int lead = 1;
