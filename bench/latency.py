@@ -40,7 +40,10 @@ cell pools its samples, so a burst of load from other processes hits only part o
 them. Reported per cell: median, 20th and 80th percentile
 of the call time, the speed-up over ``reference`` from the same run, the achieved
 bandwidth against the floor of one read and one write of the logits
-(``2 * B * V * 4`` bytes), and the largest difference from the reference output.
+(``2 * B * V * 4`` bytes), the largest difference from the reference output, and
+the median number of minor page faults the process took during a call (fresh pages
+faulted in: a new result whose memory malloc gave back to the system; printed where
+it is not 0).
 
 Usage::
 
@@ -62,6 +65,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -228,8 +232,9 @@ def _time_case(
     max_repeats: int,
     counting: bool = False,
     only: list[str] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
-    """Seconds per call of every implementation on ``case``, and their outputs.
+) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Seconds per call of every implementation on ``case``, the minor page faults
+    the process took during each call, and the implementations' outputs.
 
     Rounds (one call of each implementation, in rotating order) run until there
     are ``repeats`` of them and the round time has added up to ``min_seconds``, or
@@ -246,19 +251,31 @@ def _time_case(
     for name in names:  # warm-up (and Triton compilation)
         _, outputs[name] = time_call(impls[name], cuda)
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     rep, spent = 0, 0.0
     while rep < max_repeats and (rep < repeats or spent < min_seconds):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
+            faults_before = _minor_faults()
             seconds, _ = time_call(impls[name], cuda)
+            faults[name].append(_minor_faults() - faults_before)
             times[name].append(seconds)
             spent += seconds
         rep += 1
-    return times, outputs
+    return times, faults, outputs
+
+
+def _minor_faults() -> int:
+    """Minor page faults this process (all its threads) has taken so far: a fresh
+    page faulted in and zeroed by the kernel, about 0.6 us each on the Xeon."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _rows(
-    case: Case, times: dict[str, list[float]], outputs: dict[str, torch.Tensor]
+    case: Case,
+    times: dict[str, list[float]],
+    faults: dict[str, list[int]],
+    outputs: dict[str, torch.Tensor],
 ) -> list[dict]:
     """One result row per implementation of ``case``."""
     ref_median = statistics.median(times["reference"]) if "reference" in times else None
@@ -288,6 +305,7 @@ def _rows(
                 "p20_ms": 1e3 * q20,
                 "p80_ms": 1e3 * q80,
                 "repeats": len(samples),
+                "minor_faults_median": statistics.median(faults[name]),
                 "speedup_vs_reference": ref_median / median if ref_median else None,
                 "floor_ms": 1e3 * floor if floor else None,
                 "x_floor": median / floor if floor else None,
@@ -316,10 +334,11 @@ def measure_grid(
     cell's samples instead of all of them. Each pass takes ``repeats / passes`` (at
     least 1) rounds and ``min_seconds / passes`` per cell."""
     times: dict[Case, dict[str, list[float]]] = {}
+    faults: dict[Case, dict[str, list[int]]] = {}
     outputs: dict[Case, dict[str, torch.Tensor]] = {}
     for _ in range(passes):
         for case in cases:
-            case_times, case_outputs = _time_case(
+            case_times, case_faults, case_outputs = _time_case(
                 case,
                 max(1, -(-repeats // passes)),
                 cuda,
@@ -332,9 +351,12 @@ def measure_grid(
             outputs.setdefault(case, case_outputs)
             for name, samples in case_times.items():
                 times.setdefault(case, {}).setdefault(name, []).extend(samples)
+                faults.setdefault(case, {}).setdefault(name, []).extend(
+                    case_faults[name]
+                )
     rows = []
     for case in cases:
-        case_rows = _rows(case, times[case], outputs[case])
+        case_rows = _rows(case, times[case], faults[case], outputs[case])
         rows += case_rows
         if log:
             log(
@@ -345,6 +367,11 @@ def measure_grid(
                         f" ({r['speedup_vs_reference']:.1f}x)"
                         if r["impl"] not in ("reference", "floor")
                         and r["speedup_vs_reference"]
+                        else ""
+                    )
+                    + (
+                        f" [{r['minor_faults_median']:g} page faults]"
+                        if r["minor_faults_median"]
                         else ""
                     )
                     for r in case_rows
@@ -362,10 +389,10 @@ def measure(
     max_repeats: int = 200,
 ) -> list[dict]:
     """Time every implementation on one case; one row per implementation."""
-    times, outputs = _time_case(
+    times, faults, outputs = _time_case(
         case, repeats, cuda, skip_reference, min_seconds, max_repeats
     )
-    return _rows(case, times, outputs)
+    return _rows(case, times, faults, outputs)
 
 
 def breakdown(batch: int, vocab: int, repeats: int = 30) -> dict:

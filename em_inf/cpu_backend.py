@@ -344,7 +344,7 @@ def em_inf(
         stats: as :func:`em_inf_`.
 
     Returns:
-        A new float32 ``[N, V]`` tensor (above 32 MiB on the memory of a result
+        A new float32 ``[N, V]`` tensor (above 1 MiB on the memory of a result
         freed before: :mod:`em_inf.reused_results`).
     """
     checks.readable_logits(logits)

@@ -20,7 +20,7 @@ Every row's result is bitwise independent of the other rows and of the batch siz
 the CPU paths (both modes, compiled and eager). The compiled kernels read a float32
 CPU input where it lies and write the new tensor (out of place, the bits of the
 same call in place on a copy); other inputs are copied to float32 first. On the CPU
-a result above 32 MiB takes the memory of such a result the caller has let go, when
+a result above 1 MiB takes the memory of such a result the caller has let go, when
 one of its size is free, instead of faulting in fresh pages
 (:mod:`em_inf.reused_results`).
 """

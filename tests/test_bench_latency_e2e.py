@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import statistics
 
@@ -38,6 +39,7 @@ def test_measure_times_every_implementation_on_the_same_case(mode, steps):
         assert row["achieved_GBps"] > 0
         assert row["floor_ms"] == pytest.approx(floor["median_ms"])
         assert row["x_floor"] == pytest.approx(row["median_ms"] / floor["median_ms"])
+        assert row["minor_faults_median"] >= 0
     assert ref["speedup_vs_reference"] == pytest.approx(1.0)
     for row in fast:
         assert row["speedup_vs_reference"] == pytest.approx(
@@ -45,6 +47,17 @@ def test_measure_times_every_implementation_on_the_same_case(mode, steps):
         )
         if mode == "logits":  # the batched paths agree with the per-row loop
             assert row["max_abs_diff_vs_reference"] < 1e-3
+
+
+def test_page_faults_counted_are_the_fresh_pages_touched():
+    pages = 512
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as fresh:
+        fresh.madvise(mmap.MADV_NOHUGEPAGE)  # one 4 KiB fault per page
+        before = latency._minor_faults()
+        for page in range(pages):
+            fresh[page * mmap.PAGESIZE] = 1
+        taken = latency._minor_faults() - before
+    assert pages <= taken < pages + 64, f"{taken} faults for {pages} fresh pages"
 
 
 @pytest.mark.parametrize("chosen", [None, "torch"])
